@@ -1,0 +1,1 @@
+"""Contracts shared by every tokenbus process: the bus messages (MessagePack) and the gRPC service."""

@@ -1,0 +1,56 @@
+"""Writes the golden vectors: `python -m schemas.golden.make_golden`. Run only when a contract changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from schemas.messages import (
+    Heartbeat,
+    Message,
+    Register,
+    ReplicaLoad,
+    ReplicaState,
+    ReplicaStatus,
+    Snapshot,
+    SnapshotReplica,
+    StartReplica,
+    StopReplica,
+)
+
+HERE = Path(__file__).parent
+
+GOLDEN: dict[str, Message] = {
+    "snapshot": Snapshot(
+        epoch=3,
+        version=(3 << 32) | 17,
+        deployments={
+            "demo": (
+                SnapshotReplica("demo-r1", "node-a", "127.0.0.1:40001", ReplicaState.READY, 256,
+                                ReplicaLoad(5, 2, 0.25), True),
+                SnapshotReplica("demo-r2", "node-b", "127.0.0.1:40002", ReplicaState.DRAINING, 64,
+                                ReplicaLoad(0, 0, 0.0), False),
+            ),
+            "empty": (),
+        },
+    ),
+    "snapshot_empty": Snapshot(epoch=1, version=1 << 32, deployments={}),
+    "register": Register("node-a", "127.0.0.1", 4, 0, 8 << 30),
+    "heartbeat": Heartbeat(
+        "node-a",
+        (ReplicaStatus("demo-r1", "demo", ReplicaState.READY, "127.0.0.1:40001", ReplicaLoad(3, 0, 0.5)),),
+    ),
+    "start_replica": StartReplica("demo-r1", "demo", "sim", {"token_delay_ms": 20, "seed": 7}, 256),
+    "stop_replica": StopReplica("demo-r1", drain=True),
+}
+
+
+def main() -> None:
+    for name, msg in GOLDEN.items():
+        kind, payload = msg.encode()
+        (HERE / f"{name}.msgpack").write_bytes(payload)
+    lines = [f"{name}.msgpack\t{msg.KIND.name}" for name, msg in GOLDEN.items()]
+    (HERE / "README").write_text("One payload (frame 2) per file; its kind:\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
