@@ -19,8 +19,14 @@ def main() -> int:
     OUT.mkdir(exist_ok=True)
     (OUT / "__init__.py").write_text("")
     rc = protoc.main(
-        ["protoc", f"--proto_path={HERE}", f"--python_out={OUT}", f"--pyi_out={OUT}", f"--grpc_python_out={OUT}",
-         str(proto)]
+        [
+            "protoc",
+            f"--proto_path={HERE}",
+            f"--python_out={OUT}",
+            f"--pyi_out={OUT}",
+            f"--grpc_python_out={OUT}",
+            str(proto),
+        ]
     )
     if rc != 0:
         return rc

@@ -409,7 +409,7 @@ def decode(frames: list[bytes]) -> Message:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise MessageError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
-        d = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_buffer_size=MAX_PAYLOAD_BYTES)
+        d = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types for bad input
         raise MessageError(f"payload is not MessagePack: {e}") from None
     if not isinstance(d, dict):

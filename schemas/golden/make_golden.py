@@ -25,10 +25,12 @@ GOLDEN: dict[str, Message] = {
         version=(3 << 32) | 17,
         deployments={
             "demo": (
-                SnapshotReplica("demo-r1", "node-a", "127.0.0.1:40001", ReplicaState.READY, 256,
-                                ReplicaLoad(5, 2, 0.25), True),
-                SnapshotReplica("demo-r2", "node-b", "127.0.0.1:40002", ReplicaState.DRAINING, 64,
-                                ReplicaLoad(0, 0, 0.0), False),
+                SnapshotReplica(
+                    "demo-r1", "node-a", "127.0.0.1:40001", ReplicaState.READY, 256, ReplicaLoad(5, 2, 0.25), True
+                ),
+                SnapshotReplica(
+                    "demo-r2", "node-b", "127.0.0.1:40002", ReplicaState.DRAINING, 64, ReplicaLoad(0, 0, 0.0), False
+                ),
             ),
             "empty": (),
         },
