@@ -1,0 +1,8 @@
+"""Default endpoints and timing of the bus (schemas/README.md section 2, DESIGN.md "Heartbeats")."""
+
+from __future__ import annotations
+
+DEFAULT_ROUTER = "tcp://127.0.0.1:5555"  # the head's ROUTER: agents, the admin CLI, snapshot requests
+DEFAULT_PUB = "tcp://127.0.0.1:5556"  # the head's PUB: routing snapshots
+DEFAULT_HEARTBEAT_S = 1.0  # heartbeat interval H, both ways between head and agents
+DEFAULT_LIVENESS = 3  # a peer silent for this many intervals is lost

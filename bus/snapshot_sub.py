@@ -1,0 +1,180 @@
+"""A routing-snapshot subscriber (zguide clone pattern): SUB for published snapshots, DEALER to ask the head
+for the full snapshot at start and whenever a gap shows that one was missed.
+
+Versions are `epoch << 32 | seq`. A snapshot is applied only when its version is above the one held, so a
+stale or reordered message never rolls the view back. A gap is a version other than held + 1 within the same
+epoch; a new epoch (head restart) starts a new sequence and is not a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import zmq
+import zmq.asyncio
+
+from schemas.messages import Kind, MessageError, Snapshot, SnapshotRequest, decode
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REQUEST_INTERVAL_S = 1.0
+
+
+def epoch_of(version: int) -> int:
+    return version >> 32
+
+
+class SnapshotSubscriber:
+    def __init__(
+        self,
+        router: str,
+        pub: str,
+        *,
+        request_interval_s: float = DEFAULT_REQUEST_INTERVAL_S,
+        ctx: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self._router = router
+        self._pub = pub
+        self._request_interval = request_interval_s
+        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._sub: zmq.asyncio.Socket | None = None
+        self._dealer: zmq.asyncio.Socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._snapshot: Snapshot | None = None
+        self._last_heard: float | None = None  # monotonic time of the last message confirming the held version
+        self._request_pending = False  # a SnapshotRequest is unanswered: re-sent every request interval
+        self._changed = asyncio.Condition()
+        self._error: BaseException | None = None
+        self.requests_sent = 0  # SnapshotRequests sent in all (start, gaps, retries)
+
+    # --- the view ----------------------------------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    @property
+    def version(self) -> int:
+        return self._snapshot.version if self._snapshot is not None else 0
+
+    def staleness_s(self) -> float:
+        """Seconds since the head last confirmed the held snapshot (infinite before the first one)."""
+        if self._last_heard is None:
+            return float("inf")
+        return time.monotonic() - self._last_heard
+
+    async def wait_for(self, predicate: Callable[[Snapshot], bool], timeout: float) -> Snapshot:
+        """The first held snapshot (the current one included) for which `predicate` is true.
+
+        Raises TimeoutError after `timeout` seconds, or the subscriber task's error if it died.
+        """
+
+        def ready() -> bool:
+            return self._error is not None or (self._snapshot is not None and predicate(self._snapshot))
+
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(ready), timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"no matching snapshot in {timeout} s (holding version {self.version})") from None
+        if self._error is not None:
+            raise self._error
+        assert self._snapshot is not None
+        return self._snapshot
+
+    async def wait_for_version(self, above: int, timeout: float) -> Snapshot:
+        """The first snapshot whose version is greater than `above`."""
+        return await self.wait_for(lambda s: s.version > above, timeout)
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.SUBSCRIBE, bytes([Kind.SNAPSHOT]))
+        self._sub.setsockopt(zmq.MAXMSGSIZE, 8 * 1024 * 1024)
+        self._sub.connect(self._pub)
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._dealer.setsockopt(zmq.LINGER, 0)
+        self._dealer.setsockopt(zmq.MAXMSGSIZE, 8 * 1024 * 1024)
+        self._dealer.connect(self._router)
+        self._task = asyncio.create_task(self._run(), name="snapshot-subscriber")
+        log.info("snapshot subscriber connected to %s (snapshots) and %s (requests)", self._pub, self._router)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for sock in (self._sub, self._dealer):
+            if sock is not None:
+                sock.close(linger=0)
+
+    # --- the task --------------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._sub is not None and self._dealer is not None
+        try:
+            poller = zmq.asyncio.Poller()
+            poller.register(self._sub, zmq.POLLIN)
+            poller.register(self._dealer, zmq.POLLIN)
+            await self._request()  # the full snapshot first: PUB only carries what happens from now on
+            next_request = time.monotonic() + self._request_interval
+            while True:
+                timeout_ms = max(0.0, next_request - time.monotonic()) * 1000 if self._request_pending else None
+                events = dict(await poller.poll(timeout_ms))
+                if self._sub in events:
+                    await self._on_frames(await self._sub.recv_multipart(), source="pub", answers_request=False)
+                if self._dealer in events:
+                    await self._on_frames(await self._dealer.recv_multipart(), source="router", answers_request=True)
+                if self._request_pending and time.monotonic() >= next_request:
+                    await self._request()
+                    next_request = time.monotonic() + self._request_interval
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # surfaced to waiters instead of dying silently
+            log.exception("snapshot subscriber failed")
+            self._error = e
+            async with self._changed:
+                self._changed.notify_all()
+            raise
+
+    async def _request(self) -> None:
+        assert self._dealer is not None
+        self._request_pending = True
+        self.requests_sent += 1
+        # NOBLOCK: with the head away the request is dropped, not queued; it is re-sent every interval
+        try:
+            await self._dealer.send_multipart(SnapshotRequest(self.version).encode(), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("snapshot request not sent: %s not reachable yet", self._router)
+
+    async def _on_frames(self, frames: list[bytes], *, source: str, answers_request: bool) -> None:
+        try:
+            msg = decode(frames)
+        except MessageError as e:
+            log.warning("dropped a bad message from the head's %s (%s): %s", source, self._router, e)
+            return
+        if not isinstance(msg, Snapshot):
+            log.warning("dropped an unexpected %s from the head's %s", type(msg).__name__, source)
+            return
+        if answers_request:
+            self._request_pending = False
+        held = self.version
+        if held and not self._request_pending and epoch_of(msg.version) == epoch_of(held) and msg.version > held + 1:
+            log.info("snapshot gap: holding %#x, got %#x; asking for the full snapshot", held, msg.version)
+            await self._request()
+        if msg.version < held:
+            return  # stale or reordered: never roll back
+        self._last_heard = time.monotonic()  # held or newer: the view is confirmed current
+        if msg.version == held:
+            return
+        self._snapshot = msg
+        async with self._changed:
+            self._changed.notify_all()

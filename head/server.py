@@ -1,0 +1,236 @@
+"""The head: one ROUTER for agents, the admin CLI and snapshot requests; one PUB for routing snapshots.
+
+One task (`run`) owns the cluster state: it reads the ROUTER, folds each message into the state, sends the
+agents their heartbeats, ticks their liveness, reconciles, and publishes a new snapshot version whenever the
+routing table changed. The publisher's own task only re-sends the latest snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from bus.endpoints import DEFAULT_HEARTBEAT_S, DEFAULT_LIVENESS
+from bus.snapshot_pub import DEFAULT_REPUBLISH_S, SnapshotPublisher
+from head.admin_ops import handle_admin
+from head.reconcile import Command, reconcile
+from head.state import ClusterState
+from head.store import Store
+from schemas.messages import (
+    MAX_PAYLOAD_BYTES,
+    AdminRequest,
+    Heartbeat,
+    Message,
+    MessageError,
+    Register,
+    RegisterAck,
+    ReplicaEvent,
+    Snapshot,
+    SnapshotReplica,
+    SnapshotRequest,
+    decode,
+)
+
+log = logging.getLogger("head")
+
+RECONCILE_INTERVAL_S = 0.5
+MAX_BATCH = 256  # messages handled before the timers get a turn
+
+
+def _peer(identity: bytes) -> str:
+    return identity.hex()
+
+
+class Head:
+    def __init__(
+        self,
+        router: str,
+        pub: str,
+        db_path: Path,
+        *,
+        heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+        liveness: int = DEFAULT_LIVENESS,
+        republish_interval_s: float = DEFAULT_REPUBLISH_S,
+        ctx: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self._router_addr = router
+        self._pub_addr = pub
+        self._heartbeat_s = heartbeat_s
+        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._store = Store(db_path)
+        self.epoch = self._store.next_epoch()
+        self._seq = 0
+        self._state = ClusterState(self._store.load_deployments(), heartbeat_s, liveness)
+        self._republish_s = republish_interval_s
+        self._router: zmq.asyncio.Socket | None = None
+        self._publisher: SnapshotPublisher | None = None
+        self._table: dict[str, tuple[SnapshotReplica, ...]] | None = None  # the routing table last published
+        self.router_endpoint = ""
+        self.pub_endpoint = ""
+
+    @property
+    def version(self) -> int:
+        return self.epoch << 32 | self._seq
+
+    def bind(self) -> None:
+        """Binds both sockets; the resolved endpoints (a "*" port becomes the real one) are then set."""
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer fails instead of vanishing
+        router.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD_BYTES + 4096)  # zmq drops a peer sending more
+        router.bind(self._router_addr)
+        self._router = router
+        self.router_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._publisher = SnapshotPublisher(self._pub_addr, republish_interval_s=self._republish_s, ctx=self._ctx)
+        self.pub_endpoint = self._publisher.endpoint
+        log.info(
+            "head started: epoch %d, %d deployments from %s; router bound on %s, snapshots published on %s",
+            self.epoch,
+            len(self._state.deployments),
+            self._store.path,
+            self.router_endpoint,
+            self.pub_endpoint,
+        )
+
+    async def run(self) -> None:
+        """Serves until cancelled, then closes its sockets and the store."""
+        if self._router is None:
+            self.bind()
+        assert self._router is not None and self._publisher is not None
+        republisher = asyncio.create_task(self._publisher.run(), name="snapshot-republish")
+        try:
+            await self._publish_if_changed()  # version epoch<<32 | 1: every deployment, no replica yet
+            await self._loop()
+        finally:
+            republisher.cancel()
+            self._router.close(linger=0)
+            self._publisher.close()
+            self._store.close()
+            log.info("head stopped at version %#x", self.version)
+
+    async def _loop(self) -> None:
+        assert self._router is not None
+        now = time.monotonic()
+        next_heartbeat = now + self._heartbeat_s
+        next_reconcile = now
+        while True:
+            timeout = max(0.0, min(next_heartbeat, next_reconcile) - time.monotonic())
+            changed = False
+            if await self._router.poll(timeout * 1000, zmq.POLLIN):
+                for _ in range(MAX_BATCH):
+                    try:
+                        frames = await self._router.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    changed |= await self._on_frames(frames)
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                next_heartbeat = now + self._heartbeat_s
+                changed |= await self._heartbeat(now)
+            if changed or now >= next_reconcile:
+                next_reconcile = now + RECONCILE_INTERVAL_S
+                try:
+                    commands = reconcile(self._state, now)
+                except Exception:  # a control loop logs and continues
+                    log.exception("reconcile failed; retrying in %.1f s", RECONCILE_INTERVAL_S)
+                    commands = []
+                for cmd in commands:
+                    await self._send_to_node(cmd)
+            await self._publish_if_changed()
+
+    # --- messages --------------------------------------------------------------------------------------------
+
+    async def _on_frames(self, frames: list[bytes]) -> bool:
+        """Handles one ROUTER message; returns whether the state changed. Never raises."""
+        identity, body = frames[0], frames[1:]
+        envelope: list[bytes] = []
+        if body and body[0] == b"":  # a REQ-style empty delimiter: kept for the reply
+            envelope, body = [b""], body[1:]
+        try:
+            msg = decode(body)
+        except MessageError as e:
+            log.warning("dropped a bad message from peer %s: %s", _peer(identity), e)
+            return False
+        try:
+            return await self._on_message(identity, envelope, msg)
+        except Exception:  # a bug in one handler must not take the head down
+            log.exception("handling %s from peer %s failed", type(msg).__name__, _peer(identity))
+            return False
+
+    async def _on_message(self, identity: bytes, envelope: list[bytes], msg: Message) -> bool:
+        now = time.monotonic()
+        state = self._state
+        if isinstance(msg, SnapshotRequest):
+            await self._send(identity, envelope, self._current_snapshot())
+            return False
+        if isinstance(msg, AdminRequest):
+            extra = {"epoch": self.epoch, "version": self.version}
+            reply, changed = handle_admin(msg, state, self._store, extra, now)
+            if not reply.ok:
+                log.warning("admin %s from peer %s refused: %s", msg.op, _peer(identity), reply.error)
+            await self._send(identity, envelope, reply)
+            return changed
+        if isinstance(msg, Register):
+            state.register(identity, msg, now)
+            await self._send(identity, envelope, RegisterAck(msg.node_id, self._heartbeat_s))
+            return True
+        if isinstance(msg, (Heartbeat, ReplicaEvent)):
+            node = state.node_for(identity, msg.node_id)
+            if node is None:
+                # no reply: the agent hears no heartbeat from us, loses the head and re-registers
+                kind = type(msg).__name__
+                log.info(
+                    "%s from unknown node %s (peer %s): ignored until it registers", kind, msg.node_id, _peer(identity)
+                )
+                return False
+            state.heard(node, now)
+            if isinstance(msg, Heartbeat):
+                state.sync_replicas(node, msg.replicas, now)
+            else:
+                state.observe(node, msg.replica, now)
+            return True
+        log.warning("dropped a %s from peer %s: not a message the head accepts", type(msg).__name__, _peer(identity))
+        return False
+
+    # --- timers ---------------------------------------------------------------------------------------------
+
+    async def _heartbeat(self, now: float) -> bool:
+        """Sends every alive node its heartbeat and ticks its liveness; returns whether a node was lost."""
+        for node in list(self._state.nodes.values()):
+            if node.alive:
+                await self._send(node.identity, [], Heartbeat(node.node_id))
+        return bool(self._state.tick_liveness(now))
+
+    # --- output --------------------------------------------------------------------------------------------
+
+    def _current_snapshot(self) -> Snapshot:
+        assert self._table is not None
+        return Snapshot(self.epoch, self.version, self._table)
+
+    async def _publish_if_changed(self) -> None:
+        assert self._publisher is not None
+        table = self._state.routing_table()
+        if table == self._table:
+            return
+        self._table = table
+        self._seq += 1
+        await self._publisher.publish(self._current_snapshot())
+
+    async def _send_to_node(self, cmd: Command) -> None:
+        node = self._state.nodes.get(cmd.node_id)
+        if node is None or not node.alive:
+            log.warning("cannot send %s to node %s: not registered", type(cmd.message).__name__, cmd.node_id)
+            return
+        await self._send(node.identity, [], cmd.message)
+
+    async def _send(self, identity: bytes, envelope: list[bytes], msg: Message) -> None:
+        assert self._router is not None
+        try:
+            await self._router.send_multipart([identity, *envelope, *msg.encode()], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # EHOSTUNREACH (peer gone) or EAGAIN (its queue is full): the peer recovers
+            log.warning("could not send %s to peer %s: %s", type(msg).__name__, _peer(identity), e)

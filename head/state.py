@@ -1,0 +1,289 @@
+"""The head's cluster state: desired deployments, registered nodes, replicas. Owned by the head's one task.
+
+Agents are the truth about what runs: every report (Register, Heartbeat, ReplicaEvent) is folded in here, and
+the reconcile loop (reconcile.py) turns the difference between desired and actual into commands.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from bus.liveness import Liveness
+from head.store import Deployment
+from schemas.messages import Register, ReplicaLoad, ReplicaState, ReplicaStatus, SnapshotReplica
+
+log = logging.getLogger("head")
+
+# a replica the head started but no agent report has mentioned after this long is taken as never started
+# (its StartReplica was lost); several heartbeat intervals, so a report in flight is never overtaken
+UNCONFIRMED_GRACE_INTERVALS = 5
+FORGET_LOST_NODE_S = 300.0  # a lost node stays listed (alive=false) in status this long
+RESTART_BACKOFF_FIRST_S = 1.0  # a deployment whose replica crashed waits this long before the next start...
+RESTART_BACKOFF_MAX_S = 30.0  # ...doubling per crash up to this, until one of its replicas is READY
+
+
+@dataclass
+class Node:
+    node_id: str
+    identity: bytes  # the agent DEALER's routing id on the head's ROUTER (new on every reconnect)
+    host: str
+    cpu_slots: int
+    gpus: int
+    memory_bytes: int
+    liveness: Liveness
+    last_seen: float
+    alive: bool = True
+    lost_at: float = 0.0
+
+
+@dataclass
+class Replica:
+    replica_id: str
+    deployment: str
+    node_id: str
+    state: ReplicaState
+    created: float  # monotonic; "newest" for scale-down
+    grpc_address: str = ""
+    load: ReplicaLoad = field(default_factory=ReplicaLoad)
+    confirmed: bool = False  # an agent report has mentioned it
+    stopping: bool = False  # the head asked for it to stop
+    stop_sent_at: float = 0.0
+
+
+@dataclass
+class RestartBackoff:
+    delay_s: float = 0.0
+    not_before: float = 0.0
+
+
+class ClusterState:
+    def __init__(self, deployments: list[Deployment], heartbeat_s: float, liveness: int) -> None:
+        self.deployments: dict[str, Deployment] = {d.name: d for d in deployments}
+        self.nodes: dict[str, Node] = {}
+        self.replicas: dict[str, Replica] = {}
+        self.backoff: dict[str, RestartBackoff] = {}
+        self.unplaced: set[str] = set()  # deployments short of replicas for want of a free slot (logged once)
+        self.heartbeat_s = heartbeat_s
+        self.liveness = liveness
+
+    # --- nodes ---------------------------------------------------------------------------------------------
+
+    def node_for(self, identity: bytes, node_id: str) -> Node | None:
+        """The registered, alive node that this peer is, or None (an unknown peer must re-register)."""
+        node = self.nodes.get(node_id)
+        if node is None or not node.alive or node.identity != identity:
+            return None
+        return node
+
+    def register(self, identity: bytes, msg: Register, now: float) -> None:
+        """A (re-)registering agent: its capacity, and the replicas it still runs, which are adopted."""
+        previous = self.nodes.get(msg.node_id)
+        node = Node(
+            node_id=msg.node_id,
+            identity=identity,
+            host=msg.host,
+            cpu_slots=msg.cpu_slots,
+            gpus=msg.gpus,
+            memory_bytes=msg.memory_bytes,
+            liveness=Liveness(self.liveness),
+            last_seen=now,
+        )
+        self.nodes[msg.node_id] = node
+        log.info(
+            "node %s %s: host %s, %d cpu slots, %d gpus, %d MiB, %d running replicas",
+            msg.node_id,
+            "re-registered" if previous is not None else "registered",
+            msg.host,
+            msg.cpu_slots,
+            msg.gpus,
+            msg.memory_bytes >> 20,
+            len(msg.replicas),
+        )
+        self.sync_replicas(node, msg.replicas, now)
+
+    def heard(self, node: Node, now: float) -> None:
+        node.liveness.heard()
+        node.last_seen = now
+
+    def tick_liveness(self, now: float) -> list[Node]:
+        """One heartbeat interval passed: returns the nodes lost by it (their replicas are removed)."""
+        lost = []
+        for node in list(self.nodes.values()):
+            if not node.alive:
+                if now - node.lost_at > FORGET_LOST_NODE_S:
+                    del self.nodes[node.node_id]
+                continue
+            if node.liveness.tick():
+                node.alive = False
+                node.lost_at = now
+                gone = [r for r in self.replicas.values() if r.node_id == node.node_id]
+                for r in gone:
+                    del self.replicas[r.replica_id]
+                log.warning(
+                    "node %s lost (silent for %d heartbeat intervals); its replicas removed: %s",
+                    node.node_id,
+                    self.liveness,
+                    ", ".join(r.replica_id for r in gone) or "none",
+                )
+                lost.append(node)
+        return lost
+
+    def used_slots(self, node_id: str) -> int:
+        return sum(1 for r in self.replicas.values() if r.node_id == node_id)
+
+    # --- replica reports -------------------------------------------------------------------------------------
+
+    def sync_replicas(self, node: Node, statuses: tuple[ReplicaStatus, ...], now: float) -> None:
+        """A full list from an agent (Register, Heartbeat): apply each, and drop this node's replicas that the
+        agent no longer has (confirmed ones at once, unconfirmed ones after the grace for a lost StartReplica)."""
+        listed = {s.replica_id for s in statuses}
+        for status in statuses:
+            self.observe(node, status, now)
+        grace = UNCONFIRMED_GRACE_INTERVALS * self.heartbeat_s
+        for r in list(self.replicas.values()):
+            if r.node_id != node.node_id or r.replica_id in listed:
+                continue
+            if r.confirmed or now - r.created > grace:
+                del self.replicas[r.replica_id]
+                log.warning("replica %s of %s is no longer on node %s: removed", r.replica_id, r.deployment, r.node_id)
+
+    def observe(self, node: Node, status: ReplicaStatus, now: float) -> None:
+        """One replica's status as its agent reports it."""
+        r = self.replicas.get(status.replica_id)
+        if r is not None and r.node_id != node.node_id:
+            log.warning(
+                "node %s reports replica %s that the head places on %s: ignored",
+                node.node_id,
+                status.replica_id,
+                r.node_id,
+            )
+            return
+        if status.state is ReplicaState.EXITED:
+            if r is not None:
+                del self.replicas[r.replica_id]
+                self._exited(r, status, now)
+            return
+        if r is None:  # a replica the head does not know: adopted (after a head restart, the agent's list is truth)
+            r = Replica(status.replica_id, status.deployment, node.node_id, status.state, created=now)
+            self.replicas[r.replica_id] = r
+            log.info(
+                "replica %s of %s on node %s adopted (%s)", r.replica_id, r.deployment, node.node_id, r.state.value
+            )
+        if status.state is not r.state:
+            self._state_change(r, status)
+        r.state = status.state
+        r.confirmed = True
+        r.grpc_address = status.grpc_address or r.grpc_address
+        r.load = status.load
+        if r.state is ReplicaState.DRAINING:
+            r.stopping = True  # draining is on its way out whoever asked for it
+
+    def _state_change(self, r: Replica, status: ReplicaStatus) -> None:
+        if status.state is ReplicaState.READY:
+            log.info(
+                "replica %s of %s ready at %s on node %s", r.replica_id, r.deployment, status.grpc_address, r.node_id
+            )
+            self.backoff.pop(r.deployment, None)
+        elif status.state is ReplicaState.STARTING:
+            log.info("replica %s of %s starting on node %s", r.replica_id, r.deployment, r.node_id)
+        else:
+            log.info(
+                "replica %s of %s %s on node %s", r.replica_id, r.deployment, status.state.value.lower(), r.node_id
+            )
+
+    def _exited(self, r: Replica, status: ReplicaStatus, now: float) -> None:
+        detail = f" ({status.detail})" if status.detail else ""
+        if r.stopping:
+            log.info(
+                "replica %s of %s exited on node %s, code %s%s",
+                r.replica_id,
+                r.deployment,
+                r.node_id,
+                status.exit_code,
+                detail,
+            )
+            return
+        # an exit nobody asked for: the replacement waits, so a replica that cannot start does not spin
+        b = self.backoff.setdefault(r.deployment, RestartBackoff())
+        b.delay_s = min(RESTART_BACKOFF_MAX_S, max(RESTART_BACKOFF_FIRST_S, b.delay_s * 2))
+        b.not_before = now + b.delay_s
+        log.warning(
+            "replica %s of %s exited unexpectedly on node %s, code %s%s; next start in %.1f s",
+            r.replica_id,
+            r.deployment,
+            r.node_id,
+            status.exit_code,
+            detail,
+            b.delay_s,
+        )
+
+    # --- views ---------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def shown_state(r: Replica) -> ReplicaState:
+        """A READY replica the head is stopping is shown (and routed) as DRAINING from the moment it decides."""
+        return ReplicaState.DRAINING if r.stopping and r.state is ReplicaState.READY else r.state
+
+    def routing_table(self) -> dict[str, tuple[SnapshotReplica, ...]]:
+        """Every deployment (even with no replica) with its routable replicas: READY, or DRAINING (kept so the
+        proxy sees them leave and sends them nothing new)."""
+        table: dict[str, tuple[SnapshotReplica, ...]] = {}
+        for name, d in sorted(self.deployments.items()):
+            reps = []
+            for r in sorted(self.replicas.values(), key=lambda r: r.replica_id):
+                if r.deployment != name or r.state not in (ReplicaState.READY, ReplicaState.DRAINING):
+                    continue
+                state = self.shown_state(r)
+                reps.append(
+                    SnapshotReplica(
+                        replica_id=r.replica_id,
+                        node=r.node_id,
+                        grpc_address=r.grpc_address,
+                        state=state,
+                        max_concurrency=d.max_concurrency,
+                        load=r.load,
+                        healthy=state is ReplicaState.READY,
+                    )
+                )
+            table[name] = tuple(reps)
+        return table
+
+    def status(self, now: float) -> dict[str, Any]:
+        """The admin `status` data, less epoch and version (the head adds those)."""
+        nodes = [
+            {
+                "node_id": n.node_id,
+                "host": n.host,
+                "cpu_slots": n.cpu_slots,
+                "used_slots": self.used_slots(n.node_id),
+                "alive": n.alive,
+                "last_seen_s": round(now - n.last_seen, 3),
+            }
+            for n in sorted(self.nodes.values(), key=lambda n: n.node_id)
+        ]
+        deployments = []
+        for name, d in sorted(self.deployments.items()):
+            reps = sorted((r for r in self.replicas.values() if r.deployment == name), key=lambda r: r.created)
+            deployments.append(
+                {
+                    "name": name,
+                    "engine": d.engine,
+                    "engine_args": d.engine_args,
+                    "replicas": d.replicas,
+                    "max_concurrency": d.max_concurrency,
+                    "ready": sum(1 for r in reps if r.state is ReplicaState.READY and not r.stopping),
+                    "replicas_list": [
+                        {
+                            "id": r.replica_id,
+                            "node": r.node_id,
+                            "state": self.shown_state(r).value,
+                            "addr": r.grpc_address,
+                            "load": r.load.to_wire(),
+                        }
+                        for r in reps
+                    ],
+                }
+            )
+        return {"nodes": nodes, "deployments": deployments}

@@ -1,0 +1,84 @@
+"""The head's persistent state in SQLite: the desired deployments and the epoch (incremented at every start).
+
+Every write is its own committed transaction, so a head killed at any point restarts from what it acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Deployment:
+    """A deployment's desired state."""
+
+    name: str
+    engine: str
+    engine_args: dict[str, Any]
+    replicas: int
+    max_concurrency: int
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS deployments (
+    name TEXT PRIMARY KEY,
+    engine TEXT NOT NULL,
+    engine_args TEXT NOT NULL,
+    replicas INTEGER NOT NULL,
+    max_concurrency INTEGER NOT NULL
+);
+"""
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None)  # autocommit; transactions are explicit
+        self._db.executescript(_SCHEMA)
+
+    def next_epoch(self) -> int:
+        """Increments and returns the persisted epoch: called once per head start."""
+        with self._transaction():
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+            epoch = (row[0] if row else 0) + 1
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
+        return epoch
+
+    def load_deployments(self) -> list[Deployment]:
+        rows = self._db.execute(
+            "SELECT name, engine, engine_args, replicas, max_concurrency FROM deployments ORDER BY name"
+        ).fetchall()
+        return [Deployment(name, engine, json.loads(args), replicas, mc) for name, engine, args, replicas, mc in rows]
+
+    def put_deployment(self, d: Deployment) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO deployments (name, engine, engine_args, replicas, max_concurrency) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (d.name, d.engine, json.dumps(d.engine_args, sort_keys=True), d.replicas, d.max_concurrency),
+        )
+
+    def delete_deployment(self, name: str) -> None:
+        self._db.execute("DELETE FROM deployments WHERE name = ?", (name,))
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")

@@ -1,0 +1,1 @@
+"""The model worker: the engine side of a replica, joined to its C++ replica by shared-memory rings."""

@@ -1,0 +1,99 @@
+"""What the worker drives: an engine that takes requests and reports their outputs to a sink.
+
+Outputs are pushed through an `OutputSink` (callbacks) rather than pulled from one async iterator per
+request: the sim engine then emits a token straight from its timer callback to the response ring, with no
+task wake-up per token, which keeps one process cheap at hundreds of streams. An engine whose backend yields
+a stream per request (vLLM's `AsyncLLM.generate`) runs one task per request that iterates the stream and
+calls the sink, so both kinds fit the same protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypedDict
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class DuplicateRequestError(ValueError):
+    """A submitted request id that is already open."""
+
+
+class EngineInfo(TypedDict):
+    """Sent in the READY record."""
+
+    engine: str
+    model: str
+    max_model_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int = 0  # 0: the engine's default
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: int  # chosen by the replica, unique among its open requests
+    prompt: str
+    messages: tuple[tuple[str, str], ...] | None  # (role, content) pairs for chat, else None
+    params: SamplingParams
+
+    def prompt_text(self) -> str:
+        """The prompt as one text: the prompt itself, or the chat messages' contents joined."""
+        if self.messages is None:
+            return self.prompt
+        return "\n".join(content for _, content in self.messages)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_usage: float  # 0..1
+
+
+class OutputSink(Protocol):
+    """Where an engine reports, synchronously, from its own event-loop callbacks or tasks."""
+
+    def tokens(self, request_id: int, text: str, n_tokens: int) -> None:
+        """New text of a request, holding `n_tokens` tokens."""
+
+    def finish(
+        self,
+        request_id: int,
+        reason: FinishReason,
+        prompt_tokens: int,
+        completion_tokens: int,
+        error_code: int = 0,
+        error_message: str = "",
+    ) -> None:
+        """The last output of a request; no output for that id follows."""
+
+    def load_changed(self) -> None:
+        """`stats()` may now return something else (the sink decides when to read it)."""
+
+
+class Engine(Protocol):
+    async def start(self) -> EngineInfo:
+        """Load the engine; requests may be submitted once this returns."""
+
+    def submit(self, request: Request) -> None:
+        """Start (or queue) a request. Every accepted request ends with exactly one `sink.finish`.
+
+        Raises DuplicateRequestError, and changes nothing, when the id is already open."""
+
+    def abort(self, request_id: int) -> None:
+        """Drop a request at once and report it finished with "abort"; an unknown id is ignored."""
+
+    def stats(self) -> EngineStats: ...
+
+    async def shutdown(self) -> None:
+        """Abort every open request (each gets its "abort" finish) and release the engine."""

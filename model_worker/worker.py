@@ -1,0 +1,209 @@
+"""The model worker: consumes the request ring, drives an engine, produces the response ring.
+
+One event loop, no thread: the receive task turns SUBMIT/CANCEL records into engine calls, and the engine
+reports through this worker (it is the engine's OutputSink), which packs TOKENS/FINISH records straight onto
+the response ring. Load goes out as STATS when it changes, coalesced to at most one record per 100 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+from typing import Any
+
+from model_worker import records
+from model_worker.engine import DuplicateRequestError, Engine, EngineInfo, EngineStats, FinishReason
+from model_worker.ring import PeerGone, RingReceiver, RingSender, parse_ring_fds
+from model_worker.sim_engine import SimEngine
+
+log = logging.getLogger("model_worker")
+
+STATS_INTERVAL_S = 0.1
+DRAIN_TIMEOUT_S = 2.0
+ENGINES = ("sim", "vllm")
+
+
+class Worker:
+    """The engine's OutputSink over the response ring, and the dispatcher of request-ring records."""
+
+    def __init__(self, replica_id: str, sender: RingSender, loop: asyncio.AbstractEventLoop) -> None:
+        self._replica_id = replica_id
+        self._sender = sender
+        self._loop = loop
+        self.engine: Engine | None = None  # set once built: the engine needs this sink to be built
+        self._stats_timer: asyncio.TimerHandle | None = None
+        self._stats_sent: EngineStats | None = None
+        self._stats_sent_at = float("-inf")
+        self.replica_gone = asyncio.Event()  # set when the response ring's consumer is found gone
+
+    def _send(self, record: list[Any]) -> None:
+        # called from engine callbacks: a failure here must not escape into the engine's bookkeeping
+        try:
+            self._sender.send(record)
+        except PeerGone:
+            self.replica_gone.set()
+        except ValueError as e:  # larger than the ring's largest record: drop it, loudly
+            log.error("worker %s dropping a record of kind %s for the replica: %s", self._replica_id, record[0], e)
+
+    def ready(self, info: EngineInfo) -> None:
+        """READY, then a first STATS, so the replica knows the load from the start."""
+        self._send([records.READY, dict(info)])
+        self.load_changed()
+
+    # --- OutputSink -------------------------------------------------------------------------------------
+    def tokens(self, request_id: int, text: str, n_tokens: int) -> None:
+        self._send([records.TOKENS, request_id, text, n_tokens])
+
+    def finish(
+        self,
+        request_id: int,
+        reason: FinishReason,
+        prompt_tokens: int,
+        completion_tokens: int,
+        error_code: int = 0,
+        error_message: str = "",
+    ) -> None:
+        self._send([records.FINISH, request_id, reason, prompt_tokens, completion_tokens, error_code, error_message])
+
+    def load_changed(self) -> None:
+        if self._stats_timer is None:
+            when = max(self._loop.time(), self._stats_sent_at + STATS_INTERVAL_S)
+            self._stats_timer = self._loop.call_at(when, self._send_stats)
+
+    def _send_stats(self) -> None:
+        self._stats_timer = None
+        assert self.engine is not None
+        stats = self.engine.stats()
+        if stats != self._stats_sent:
+            self._send([records.STATS, stats.running, stats.waiting, float(stats.kv_usage)])
+            self._stats_sent, self._stats_sent_at = stats, self._loop.time()
+
+    # --- request ring -----------------------------------------------------------------------------------
+    async def receive(self, receiver: RingReceiver) -> None:
+        """Dispatch request-ring records until the replica is gone (PeerGone propagates)."""
+        while True:
+            for record in await receiver.next_batch():
+                self.handle(record)
+
+    def handle(self, record: Any) -> None:
+        assert self.engine is not None
+        kind = record[0] if isinstance(record, list) and record else None
+        try:
+            if kind == records.SUBMIT:
+                self.engine.submit(records.decode_submit(record))
+            elif kind == records.CANCEL:
+                self.engine.abort(records.decode_cancel(record))
+            else:
+                raise records.RecordError(f"unknown record kind {kind!r}", records.request_id_of(record))
+        except records.RecordError as e:
+            log.warning("worker %s bad record from replica (kind %r): %s", self._replica_id, kind, e)
+            if kind == records.SUBMIT and e.request_id is not None:
+                self.finish(e.request_id, "error", 0, 0, 400, str(e))
+        except DuplicateRequestError as e:
+            log.warning("worker %s ignoring SUBMIT from replica: %s", self._replica_id, e)
+
+
+def build_engine(name: str, args: dict[str, Any], sink: Worker, loop: asyncio.AbstractEventLoop) -> Engine:
+    if name == "sim":
+        return SimEngine(args, sink, loop)
+    raise ValueError(f"engine {name!r} is not available in this build (known: sim)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m model_worker", description="tokenbus model worker")
+    p.add_argument("--replica-id", required=True)
+    p.add_argument("--engine", required=True, choices=ENGINES)
+    p.add_argument("--engine-args", default="{}", help="JSON object of engine arguments")
+    p.add_argument("--req-ring", required=True, type=parse_ring_fds, help="MEM,DATA,SPACE of the request ring")
+    p.add_argument("--resp-ring", required=True, type=parse_ring_fds, help="MEM,DATA,SPACE of the response ring")
+    opts = p.parse_args(argv)
+    try:
+        opts.engine_args = json.loads(opts.engine_args)
+    except json.JSONDecodeError as e:
+        p.error(f"--engine-args is not JSON: {e}")
+    if not isinstance(opts.engine_args, dict):
+        p.error("--engine-args must be a JSON object")
+    return opts
+
+
+async def serve(opts: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT or until the replica is gone; the exit code."""
+    rid = opts.replica_id
+    try:
+        receiver = RingReceiver(opts.req_ring)
+    except Exception as e:
+        log.error("worker %s cannot attach to its request ring %s: %s", rid, opts.req_ring, e)
+        return 2
+    try:
+        sender = RingSender(opts.resp_ring)
+    except Exception as e:
+        receiver.close()
+        log.error("worker %s cannot attach to its response ring %s: %s", rid, opts.resp_ring, e)
+        return 2
+    log.info(
+        "worker %s attached to its rings (request %s, response %s)",
+        rid,
+        ",".join(map(str, opts.req_ring)),
+        ",".join(map(str, opts.resp_ring)),
+    )
+    try:
+        return await _run(opts, receiver, sender)
+    except Exception:
+        log.exception("worker %s failed", rid)
+        return 1
+    finally:
+        sender.close()
+        receiver.close()
+
+
+async def _run(opts: argparse.Namespace, receiver: RingReceiver, sender: RingSender) -> int:
+    loop = asyncio.get_running_loop()
+    rid = opts.replica_id
+    worker = Worker(rid, sender, loop)
+    try:
+        worker.engine = build_engine(opts.engine, opts.engine_args, worker, loop)
+    except ValueError as e:
+        log.error("worker %s bad engine configuration: %s", rid, e)
+        return 2
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    stop_wait = asyncio.create_task(stopping.wait(), name="stop-signal")
+    gone_wait = asyncio.create_task(worker.replica_gone.wait(), name="replica-gone")
+    try:
+        log.info("worker %s starting engine %s", rid, opts.engine)
+        start = asyncio.create_task(worker.engine.start(), name="engine-start")
+        await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():
+            start.cancel()
+            log.info("worker %s stopped (signal) while its engine was starting", rid)
+            return 0
+        info = start.result()
+        worker.ready(info)
+        log.info(
+            "worker %s ready: engine %s model %s max_model_len %d",
+            rid,
+            info["engine"],
+            info["model"],
+            info["max_model_len"],
+        )
+        receive = asyncio.create_task(worker.receive(receiver), name="receive")
+        await asyncio.wait({receive, stop_wait, gone_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if receive.done() and not isinstance(receive.exception(), PeerGone):
+            receive.result()  # an unexpected failure: raise it, logged by serve()
+        peer_gone = receive.done() or worker.replica_gone.is_set()
+        receive.cancel()
+        await worker.engine.shutdown()  # every open request gets its FINISH "abort"
+        if not peer_gone:
+            try:
+                await asyncio.wait_for(sender.drain(), DRAIN_TIMEOUT_S)
+            except (TimeoutError, PeerGone):
+                log.warning("worker %s replica did not take the last %d records", rid, sender.queued)
+        log.info("worker %s stopped (%s)", rid, "replica gone" if peer_gone else "signal")
+        return 0
+    finally:
+        stop_wait.cancel()
+        gone_wait.cancel()

@@ -1,0 +1,191 @@
+"""The agent's link to the head (zguide Paranoid Pirate): a DEALER that registers, heartbeats every interval,
+counts the head's liveness, and on losing the head starts over on a new socket after a capped backoff,
+re-registering with the replicas it still runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from bus.liveness import Liveness
+from schemas.messages import (
+    Heartbeat,
+    Message,
+    MessageError,
+    Register,
+    RegisterAck,
+    ReplicaStatus,
+    StartReplica,
+    StopReplica,
+    decode,
+)
+
+log = logging.getLogger("node_agent")
+
+BACKOFF_FIRST_S = 0.25
+BACKOFF_MAX_S = 8.0
+
+
+@dataclass(frozen=True)
+class Capacity:
+    node_id: str
+    host: str
+    cpu_slots: int
+    gpus: int
+    memory_bytes: int
+
+
+def _log_send_failure(future: asyncio.Future[None], name: str) -> None:
+    if future.cancelled():
+        return
+    e = future.exception()
+    if isinstance(e, zmq.Again):  # not connected (IMMEDIATE) or the queue is full: the next interval retries
+        log.debug("head not reachable: %s not sent", name)
+    elif e is not None:
+        log.warning("could not send %s to the head: %s", name, e)
+
+
+class HeadLink:
+    def __init__(
+        self,
+        endpoint: str,
+        capacity: Capacity,
+        *,
+        heartbeat_s: float,
+        liveness: int,
+        statuses: Callable[[], tuple[ReplicaStatus, ...]],
+        on_command: Callable[[StartReplica | StopReplica], None],
+        ctx: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self._endpoint = endpoint
+        self._capacity = capacity
+        self.heartbeat_s = heartbeat_s
+        self._liveness = liveness
+        self._statuses = statuses
+        self._on_command = on_command
+        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self.registered = False
+        self.registrations = 0  # RegisterAcks received in all (1 + reconnections that succeeded)
+
+    async def run(self) -> None:
+        """Keeps the link up until cancelled. The socket stays open on cancel: `close()` ends it."""
+        backoff = BACKOFF_FIRST_S
+        while True:
+            self._connect()
+            if await self._session():
+                backoff = BACKOFF_FIRST_S  # this session had registered: the head was fine, retry soon
+            log.warning(
+                "head at %s lost (silent for %d heartbeats); reconnecting in %.2f s",
+                self._endpoint,
+                self._liveness,
+                backoff,
+            )
+            self._close_socket()
+            await asyncio.sleep(backoff)  # the backoff itself, not a synchronisation
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def send(self, msg: Message) -> None:
+        """Sends now if registered; otherwise drops it (registration carries the full state anyway)."""
+        if not self.registered:
+            log.debug("not registered: %s not sent", type(msg).__name__)
+            return
+        self._post(msg)
+
+    def close(self, linger_s: float = 0.5) -> None:
+        """Closes the socket, giving queued messages (last replica events) `linger_s` to leave."""
+        if self._sock is not None:
+            self._sock.close(linger=int(linger_s * 1000))
+            self._sock = None
+
+    # --- one connection ---------------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing to a head that is not connected: stale beats are useless
+        sock.setsockopt(zmq.MAXMSGSIZE, 8 * 1024 * 1024)
+        sock.connect(self._endpoint)
+        self._sock = sock
+        self.registered = False
+        log.info("connecting to the head at %s as node %s", self._endpoint, self._capacity.node_id)
+
+    def _close_socket(self) -> None:
+        self.registered = False
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    async def _session(self) -> bool:
+        """Registers and heartbeats until the head is lost; returns whether it registered."""
+        assert self._sock is not None
+        liveness = Liveness(self._liveness)
+        registered_once = False
+        next_beat = time.monotonic()
+        first = True
+        while True:
+            timeout = max(0.0, next_beat - time.monotonic())
+            if await self._sock.poll(timeout * 1000, zmq.POLLIN):
+                while True:
+                    try:
+                        frames = await self._sock.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    liveness.heard()  # any message from the head counts
+                    registered_once |= self._on_frames(frames)
+            if time.monotonic() < next_beat:
+                continue
+            if not first and liveness.tick():
+                return registered_once
+            first = False
+            next_beat = time.monotonic() + self.heartbeat_s
+            self._beat()
+
+    def _beat(self) -> None:
+        """Register until acknowledged, then a heartbeat, once per interval."""
+        assert self._sock is not None
+        statuses = self._statuses()
+        if self.registered:
+            msg: Message = Heartbeat(self._capacity.node_id, statuses)
+        else:
+            c = self._capacity
+            msg = Register(c.node_id, c.host, c.cpu_slots, c.gpus, c.memory_bytes, statuses)
+        self._post(msg)
+
+    def _post(self, msg: Message) -> None:
+        """Sends without waiting: the attempt happens now, its failure is logged when the future settles."""
+        if self._sock is None:
+            return
+        name = type(msg).__name__
+        future = self._sock.send_multipart(msg.encode(), flags=zmq.NOBLOCK)
+        future.add_done_callback(lambda f: _log_send_failure(f, name))
+
+    def _on_frames(self, frames: list[bytes]) -> bool:
+        """Handles one message from the head; returns True when it is the RegisterAck."""
+        try:
+            msg = decode(frames)
+        except MessageError as e:
+            log.warning("dropped a bad message from the head at %s: %s", self._endpoint, e)
+            return False
+        if isinstance(msg, RegisterAck):
+            if not self.registered:
+                self.registered = True
+                self.registrations += 1
+                log.info("registered with the head at %s as node %s", self._endpoint, msg.node_id)
+            if msg.heartbeat_interval_s > 0 and msg.heartbeat_interval_s != self.heartbeat_s:
+                # the head's interval wins: its liveness counts in its own intervals
+                log.info("heartbeat interval set to the head's %.3f s", msg.heartbeat_interval_s)
+                self.heartbeat_s = msg.heartbeat_interval_s
+            return True
+        if isinstance(msg, (StartReplica, StopReplica)):
+            self._on_command(msg)
+        elif not isinstance(msg, Heartbeat):
+            log.warning("dropped an unexpected %s from the head", type(msg).__name__)
+        return False

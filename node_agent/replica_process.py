@@ -1,0 +1,307 @@
+"""One replica: the `tokenbus-replica` binary (gRPC face) and its `model_worker` process, joined by two
+shared-memory rings, started, watched and stopped together.
+
+Lifecycle (one task, `run`): spawn both → STARTING → the binary's "LISTENING host:port" → gRPC Health until
+serving → READY → Stats every interval (the load for heartbeats) → on a stop: DRAINING until no call is in
+flight (bounded), then SIGTERM, SIGKILL after a grace → EXITED. Either process exiting on its own ends the
+other and the replica (EXITED with that exit code). Every state change is reported through `on_change`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from schemas.messages import ReplicaLoad, ReplicaState, ReplicaStatus, StartReplica
+
+log = logging.getLogger("node_agent")
+
+REPLICA_BINARY = "tokenbus-replica"
+LISTEN_DEADLINE_S = 30.0  # the binary prints LISTENING within this, or the replica fails
+DEFAULT_READY_TIMEOUT_S = 120.0  # Health must turn serving within this (vLLM loads slowly)
+READY_TIMEOUT_ARG = "ready_timeout_s"  # engine arg read by the agent (and not passed to the worker) to change it
+DRAIN_TIMEOUT_S = 30.0
+TERM_GRACE_S = 10.0  # after SIGTERM, this long before SIGKILL
+RPC_TIMEOUT_S = 2.0
+PIPE_CLOSE_S = 2.0
+HEALTH_POLL_S = 0.2
+MAX_LINE = 64 * 1024  # a longer output line is dropped (with a note) rather than buffered
+LISTENING_RE = re.compile(r"LISTENING (\S+:\d+)")
+
+T = TypeVar("T")
+
+
+class ReplicaFailed(Exception):
+    """The replica could not start or serve; the message says why."""
+
+
+class _Interrupted(Exception):
+    """A wait ended because a process exited or a stop was requested."""
+
+
+class ReplicaProcess:
+    def __init__(
+        self,
+        spec: StartReplica,
+        *,
+        host: str,
+        bin_dir: Path,
+        stats_interval_s: float,
+        on_change: Callable[[ReplicaProcess], None],
+    ) -> None:
+        self.replica_id = spec.replica_id
+        self.deployment = spec.deployment
+        self._spec = spec
+        self._host = host
+        self._bin_dir = bin_dir
+        self._stats_interval = stats_interval_s
+        self._on_change = on_change
+        self.state = ReplicaState.STARTING
+        self.address = ""
+        self.load = ReplicaLoad()
+        self.exit_code: int | None = None
+        self.detail = ""
+        self._procs: dict[str, asyncio.subprocess.Process] = {}  # "replica", "worker"
+        self._pipes: list[asyncio.Task[None]] = []
+        self._listening: asyncio.Future[str] | None = None
+        self._first_exit: asyncio.Task[tuple[str, int]] | None = None
+        self._stop = asyncio.Event()
+        self._drain = True
+
+    def status(self) -> ReplicaStatus:
+        return ReplicaStatus(
+            self.replica_id, self.deployment, self.state, self.address, self.load, self.exit_code, self.detail
+        )
+
+    def stop(self, drain: bool) -> None:
+        """Asks the replica to stop; a later stop without drain cuts a drain short."""
+        if not self._stop.is_set():
+            self._drain = drain
+            self._stop.set()
+        elif not drain:
+            self._drain = False
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        rid = self.replica_id
+        channel: grpc.aio.Channel | None = None
+        try:
+            await self._spawn()
+            self._report(ReplicaState.STARTING)
+            assert self._listening is not None
+            self.address = await self._until(self._listening, LISTEN_DEADLINE_S, "LISTENING from the binary")
+            log.info("replica %s listening on %s", rid, self.address)
+            channel = grpc.aio.insecure_channel(self.address)
+            from schemas.rpc import pb_grpc  # generated code: imported where used (codegen runs at build)
+
+            stub = pb_grpc.ReplicaStub(channel)
+            await self._until(self._wait_serving(stub), self._ready_timeout(), "gRPC Health serving")
+            self._report(ReplicaState.READY)
+            await self._until(self._poll_stats(stub), None, "")
+        except _Interrupted:
+            pass
+        except ReplicaFailed as e:
+            self.detail = str(e)
+            log.error("replica %s failed: %s", rid, e)
+        except Exception as e:  # whatever went wrong, the processes are still ended below
+            self.detail = f"agent error: {e!r}"
+            log.exception("replica %s: unexpected error", rid)
+        try:
+            if self._stop.is_set() and self._drain and self.state is ReplicaState.READY and channel is not None:
+                await self._drain_calls(channel)
+        finally:
+            await self._terminate()
+            if channel is not None:
+                await channel.close()
+            self._report(ReplicaState.EXITED)
+
+    async def _spawn(self) -> None:
+        binary = self._bin_dir / REPLICA_BINARY
+        if not os.access(binary, os.X_OK):
+            raise ReplicaFailed(f"{binary} not found (build with `make build`, or set TOKENBUS_BIN_DIR)")
+        try:
+            from model_worker.ring import create_ring_fds
+        except ImportError as e:
+            raise ReplicaFailed(f"the ring binding is not available (build with `make build`): {e}") from None
+        engine_args = {k: v for k, v in self._spec.engine_args.items() if k != READY_TIMEOUT_ARG}
+        fds: list[int] = []
+        try:
+            req, resp = create_ring_fds(), create_ring_fds()
+            fds = [*req, *resp]
+            rings = ["--req-ring", ",".join(map(str, req)), "--resp-ring", ",".join(map(str, resp))]
+            rid = self.replica_id
+            replica_cmd = [str(binary), "--listen", f"{self._host}:0", "--replica-id", rid, *rings]
+            worker_cmd = [sys.executable, "-m", "model_worker", "--replica-id", rid, "--engine", self._spec.engine]
+            worker_cmd += ["--engine-args", json.dumps(engine_args), *rings]
+            for name, cmd in (("replica", replica_cmd), ("worker", worker_cmd)):
+                # its own session: a Ctrl-C on the agent's terminal does not reach it (the agent stops it),
+                # and the whole group (vLLM's engine processes too) is signalled on stop
+                proc = await asyncio.create_subprocess_exec(
+                    *cmd,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    pass_fds=fds,
+                    start_new_session=True,
+                    limit=MAX_LINE,
+                )
+                self._procs[name] = proc
+                log.info("replica %s: %s started, pid %d", rid, name, proc.pid)
+        except OSError as e:
+            raise ReplicaFailed(f"cannot start the replica's processes: {e}") from None
+        finally:
+            for fd in fds:  # the children hold their own copies
+                os.close(fd)
+        self._listening = asyncio.get_running_loop().create_future()
+        for name, proc in self._procs.items():
+            assert proc.stdout is not None and proc.stderr is not None
+            self._pipes.append(asyncio.create_task(self._forward(name, proc.stdout, watch_listening=name == "replica")))
+            self._pipes.append(asyncio.create_task(self._forward(name, proc.stderr, watch_listening=False)))
+        self._first_exit = asyncio.create_task(self._wait_first_exit())
+
+    async def _forward(self, name: str, stream: asyncio.StreamReader, *, watch_listening: bool) -> None:
+        """Forwards a child's output lines to the agent's log; the binary's stdout also yields LISTENING."""
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # longer than MAX_LINE: the buffer was dropped
+                log.info("[%s %s] (a line over %d bytes, dropped)", self.replica_id, name, MAX_LINE)
+                continue
+            if not raw:
+                return
+            line = raw.decode(errors="replace").rstrip()
+            if watch_listening and self._listening is not None and not self._listening.done():
+                m = LISTENING_RE.fullmatch(line.strip())
+                if m:
+                    self._listening.set_result(m.group(1))
+                    continue
+            log.info("[%s %s] %s", self.replica_id, name, line)
+
+    async def _wait_first_exit(self) -> tuple[str, int]:
+        waits = {asyncio.create_task(p.wait()): name for name, p in self._procs.items()}
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for t in pending:
+            t.cancel()
+        task = next(iter(done))
+        return waits[task], task.result()
+
+    async def _until(self, aw: Awaitable[T], timeout: float | None, what: str) -> T:
+        """Awaits `aw`, unless a process exits or a stop is requested first (_Interrupted) or the timeout passes."""
+        assert self._first_exit is not None
+        work = asyncio.ensure_future(aw)
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            waits = {work, stop, self._first_exit}
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if work in done:
+            return work.result()
+        work.cancel()
+        if self._first_exit in done:
+            name, code = self._first_exit.result()
+            raise ReplicaFailed(f"its {name} process exited with code {code}")
+        if stop in done:
+            raise _Interrupted
+        raise ReplicaFailed(f"no {what} within {timeout} s")
+
+    def _ready_timeout(self) -> float:
+        value = self._spec.engine_args.get(READY_TIMEOUT_ARG, DEFAULT_READY_TIMEOUT_S)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ReplicaFailed(f"engine arg {READY_TIMEOUT_ARG} must be a positive number, got {value!r}")
+        return float(value)
+
+    async def _wait_serving(self, stub: Any) -> None:
+        from schemas.rpc import pb
+
+        while True:
+            try:
+                reply = await stub.Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S)
+                if reply.serving:
+                    return
+            except grpc.aio.AioRpcError as e:
+                log.debug("replica %s health: %s", self.replica_id, e.code())
+            await asyncio.sleep(HEALTH_POLL_S)  # the poll period, not synchronisation
+
+    async def _poll_stats(self, stub: Any) -> None:
+        """Refreshes `load` every stats interval until cancelled."""
+        from schemas.rpc import pb
+
+        while True:
+            try:
+                s = await stub.Stats(pb.StatsRequest(), timeout=RPC_TIMEOUT_S)
+                self.load = ReplicaLoad(s.running, s.waiting, float(s.kv_usage))
+            except grpc.aio.AioRpcError as e:
+                log.warning("replica %s stats failed: %s", self.replica_id, e.code())
+            await asyncio.sleep(self._stats_interval)
+
+    async def _drain_calls(self, channel: grpc.aio.Channel) -> None:
+        from schemas.rpc import pb, pb_grpc
+
+        self._report(ReplicaState.DRAINING)
+        stub = pb_grpc.ReplicaStub(channel)
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while self._drain and time.monotonic() < deadline:
+            assert self._first_exit is not None
+            if self._first_exit.done():
+                return
+            try:
+                s = await stub.Stats(pb.StatsRequest(), timeout=RPC_TIMEOUT_S)
+                if s.in_flight == 0:
+                    log.info("replica %s drained", self.replica_id)
+                    return
+            except grpc.aio.AioRpcError as e:
+                log.warning("replica %s stats while draining failed: %s", self.replica_id, e.code())
+            await asyncio.sleep(HEALTH_POLL_S)
+        log.warning("replica %s: drain ended with calls still open", self.replica_id)
+
+    async def _terminate(self) -> None:
+        """SIGTERM to both process groups, SIGKILL after the grace; records the exit code."""
+        first: tuple[str, int] | None = None
+        if self._first_exit is not None and self._first_exit.done() and not self._first_exit.cancelled():
+            first = self._first_exit.result()
+        self._signal(signal.SIGTERM)
+        waits = [p.wait() for p in self._procs.values()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), TERM_GRACE_S)
+        except asyncio.TimeoutError:
+            log.warning("replica %s: still running %.0f s after SIGTERM, killing", self.replica_id, TERM_GRACE_S)
+            self._signal(signal.SIGKILL)
+            await asyncio.gather(*(p.wait() for p in self._procs.values()))
+        self._signal(signal.SIGKILL)  # whatever is left in the groups (an engine's own children)
+        if self._first_exit is not None:
+            self._first_exit.cancel()
+        # the pipes close with the last process holding them; one that left the group must not hang the stop
+        _, pending = await asyncio.wait(self._pipes, timeout=PIPE_CLOSE_S) if self._pipes else (set(), set())
+        for t in pending:
+            t.cancel()
+        if first is not None:
+            self.exit_code = first[1]
+        elif "replica" in self._procs:
+            self.exit_code = self._procs["replica"].returncode
+        codes = ", ".join(f"{n} {p.returncode}" for n, p in self._procs.items())
+        if codes:
+            log.info("replica %s: processes exited (%s)", self.replica_id, codes)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        for proc in self._procs.values():
+            try:
+                os.killpg(proc.pid, sig)  # the group this agent created for the child (start_new_session)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _report(self, state: ReplicaState) -> None:
+        self.state = state
+        self._on_change(self)

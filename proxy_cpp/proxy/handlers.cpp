@@ -1,0 +1,439 @@
+#include "proxy/handlers.hpp"
+
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+#include <boost/beast/http/write.hpp>
+#include <simdjson.h>
+
+#include <atomic>
+#include <charconv>
+#include <optional>
+
+#include "common/log.hpp"
+#include "proxy/metrics.hpp"
+#include "proxy/openai_request.hpp"
+#include "proxy/openai_response.hpp"
+#include "proxy/replica_stream.hpp"
+#include "proxy/router.hpp"
+
+namespace tokenbus::proxy {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using boost::system::error_code;
+
+constexpr std::uint32_t kPlainDefaultMaxTokens = 64;
+constexpr std::size_t kWatchBytes = 4096;
+
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+std::string_view path_of(std::string_view target) { return target.substr(0, target.find('?')); }
+
+// The value of `name` in the target's query string, if present.
+std::optional<std::string_view> query_param(std::string_view target, std::string_view name) {
+  const std::size_t q = target.find('?');
+  if (q == std::string_view::npos) return std::nullopt;
+  std::string_view query = target.substr(q + 1);
+  while (!query.empty()) {
+    const std::size_t amp = query.find('&');
+    const std::string_view pair = query.substr(0, amp);
+    const std::size_t eq = pair.find('=');
+    if (pair.substr(0, eq) == name) return eq == std::string_view::npos ? std::string_view() : pair.substr(eq + 1);
+    if (amp == std::string_view::npos) break;
+    query.remove_prefix(amp + 1);
+  }
+  return std::nullopt;
+}
+
+std::string next_request_id() {
+  static std::atomic<std::uint64_t> counter{0};
+  return "tb-" + std::to_string(counter.fetch_add(1, std::memory_order_relaxed) + 1);
+}
+
+// The HTTP status for a gRPC status code of a failed call.
+int http_status_for(int grpc_code) {
+  switch (grpc_code) {
+    case 3: return 400;   // INVALID_ARGUMENT
+    case 4: return 504;   // DEADLINE_EXCEEDED
+    case 8: return 429;   // RESOURCE_EXHAUSTED
+    case 14: return 503;  // UNAVAILABLE: the replica is unreachable
+    default: return 502;
+  }
+}
+
+// Writes a complete (non-streamed) response; returns whether the connection may carry another request.
+net::awaitable<bool> write_response(Connection& c, const Request& req, Metrics& metrics, Endpoint endpoint,
+                                    int status, std::string body, std::string_view content_type,
+                                    std::string_view allow = {}) {
+  http::response<http::string_body> res;
+  res.version(req.version());
+  res.result(static_cast<unsigned>(status));
+  res.set(http::field::content_type, content_type);
+  if (status == 429 || status == 503) res.set(http::field::retry_after, "1");
+  if (!allow.empty()) res.set(http::field::allow, allow);
+  res.keep_alive(req.keep_alive());
+  res.body() = std::move(body);
+  res.prepare_payload();
+  c.stream.expires_after(kIoTimeout);
+  error_code ec;
+  co_await http::async_write(c.stream, res, net::redirect_error(net::use_awaitable, ec));
+  metrics.count_request(endpoint, status);
+  co_return !ec && res.keep_alive();
+}
+
+net::awaitable<bool> write_error(Connection& c, const Request& req, Metrics& metrics, Endpoint endpoint, int status,
+                                 std::string_view message, std::string_view param = {}, std::string_view allow = {}) {
+  return write_response(c, req, metrics, endpoint, status, error_json(status, message, param), "application/json",
+                        allow);
+}
+
+// Chunked transfer coding written in place: the constructor reserves room for the size line, close()
+// fills it in. Without chunking (an HTTP/1.0 client) the bytes go out as they are.
+class ChunkFrame {
+ public:
+  ChunkFrame(std::string& out, bool chunked) : out_(out), chunked_(chunked), start_(out.size()) {
+    if (chunked_) out_.append(kReserve, '\0');
+  }
+
+  // Ends the frame. An empty one is dropped: a zero-size chunk would end the body.
+  void close() {
+    if (!chunked_) return;
+    const std::size_t size = out_.size() - start_ - kReserve;
+    if (size == 0) {
+      out_.resize(start_);
+      return;
+    }
+    char line[kReserve];
+    char* end = std::to_chars(line, line + kReserve - 2, size, 16).ptr;
+    *end++ = '\r';
+    *end++ = '\n';
+    out_.replace(start_, kReserve, line, static_cast<std::size_t>(end - line));
+    out_ += "\r\n";
+  }
+
+ private:
+  static constexpr std::size_t kReserve = 18;  // 16 hex digits and CRLF
+  std::string& out_;
+  const bool chunked_;
+  const std::size_t start_;
+};
+
+void append_last_chunk(std::string& out, bool chunked) {
+  if (chunked) out += "0\r\n\r\n";
+}
+
+// Watches the client's socket while a response streams. A read ending in an error means the client went
+// away, so its generation must be cancelled; bytes that arrive are a pipelined next request, kept in the
+// connection's buffer.
+class ClientWatch {
+ public:
+  ClientWatch(Connection& c, GenerateCall& call)
+      : c_(c), call_(call), signal_(c.stream.get_executor(), net::steady_timer::time_point::max()) {
+    pending_ = true;
+    c_.stream.socket().async_read_some(c_.buffer.prepare(kWatchBytes), [this](error_code ec, std::size_t n) {
+      pending_ = false;
+      if (n > 0) {
+        c_.buffer.commit(n);
+      } else if (ec != net::error::operation_aborted) {
+        gone_ = true;
+        call_.wake();
+      }
+      signal_.cancel();
+    });
+  }
+
+  bool gone() const { return gone_; }
+
+  // Stops watching; returns once the read has completed. Await before destruction.
+  net::awaitable<void> stop() {
+    error_code ec;
+    if (pending_) c_.stream.socket().cancel(ec);
+    while (pending_) co_await signal_.async_wait(net::redirect_error(net::use_awaitable, ec));
+  }
+
+ private:
+  Connection& c_;
+  GenerateCall& call_;
+  net::steady_timer signal_;  // cancelled when the read completes
+  bool pending_ = false;
+  bool gone_ = false;
+};
+
+}  // namespace
+
+enum class Output { kPlain, kSse, kJson };
+
+struct Handlers::GenerateJob {
+  Endpoint endpoint;
+  Output output;
+  ApiFlavor flavor;
+  bool include_usage;
+  std::string model;  // the deployment
+  v1::GenerateRequest request;
+  Clock::time_point start;
+};
+
+net::awaitable<bool> Handlers::handle(Connection& c, Request& req) {
+  const Clock::time_point start = Clock::now();
+  const std::string_view target(req.target().data(), req.target().size());
+  const std::string_view path = path_of(target);
+  const bool post = req.method() == http::verb::post;
+  const bool get = req.method() == http::verb::get;
+
+  if (path == "/v1/chat/completions" || path == "/v1/completions") {
+    const bool chat = path == "/v1/chat/completions";
+    const Endpoint endpoint = chat ? Endpoint::kChatCompletions : Endpoint::kCompletions;
+    if (!post) co_return co_await write_error(c, req, metrics_, endpoint, 405, "use POST", {}, "POST");
+    OpenAiRequest parsed;
+    const ApiFlavor flavor = chat ? ApiFlavor::kChat : ApiFlavor::kCompletion;
+    if (auto error = parse_openai_request(req.body(), flavor, parsed)) {
+      log(LogLevel::kWarn, "proxy", "400 to %s on %s: %s", c.peer.c_str(), std::string(path).c_str(),
+          error->message.c_str());
+      co_return co_await write_error(c, req, metrics_, endpoint, 400, error->message, error->param);
+    }
+    GenerateJob job{endpoint,
+                    parsed.stream ? Output::kSse : Output::kJson,
+                    flavor,
+                    parsed.include_usage,
+                    std::move(parsed.model),
+                    std::move(parsed.generate),
+                    start};
+    co_return co_await generate(c, req, std::move(job));
+  }
+
+  constexpr std::string_view kPlainPrefix = "/v1/chat/";
+  if (path.starts_with(kPlainPrefix)) {
+    const std::string_view deployment = path.substr(kPlainPrefix.size());
+    if (deployment.empty() || deployment.find('/') != std::string_view::npos) {
+      co_return co_await write_error(c, req, metrics_, Endpoint::kOther, 404, "no such endpoint");
+    }
+    if (!post) co_return co_await write_error(c, req, metrics_, Endpoint::kChatPlain, 405, "use POST", {}, "POST");
+    GenerateJob job{Endpoint::kChatPlain, Output::kPlain, ApiFlavor::kCompletion, false, std::string(deployment), {},
+                    start};
+    v1::SamplingParams& params = *job.request.mutable_params();
+    set_default_params(params);
+    params.set_max_tokens(kPlainDefaultMaxTokens);
+    if (const auto value = query_param(target, "max_tokens")) {
+      std::uint32_t max_tokens = 0;
+      const auto [end, ec] = std::from_chars(value->data(), value->data() + value->size(), max_tokens);
+      if (ec != std::errc() || end != value->data() + value->size()) {
+        log(LogLevel::kWarn, "proxy", "400 to %s: bad max_tokens", c.peer.c_str());
+        co_return co_await write_error(c, req, metrics_, Endpoint::kChatPlain, 400,
+                                       "max_tokens must be a non-negative integer", "max_tokens");
+      }
+      params.set_max_tokens(max_tokens);
+    }
+    if (!simdjson::validate_utf8(req.body())) {
+      log(LogLevel::kWarn, "proxy", "400 to %s: prompt is not UTF-8", c.peer.c_str());
+      co_return co_await write_error(c, req, metrics_, Endpoint::kChatPlain, 400, "the prompt must be UTF-8 text");
+    }
+    job.request.set_prompt(std::move(req.body()));
+    co_return co_await generate(c, req, std::move(job));
+  }
+
+  struct Simple {
+    std::string_view path;
+    Endpoint endpoint;
+  };
+  static constexpr Simple kSimple[] = {{"/v1/models", Endpoint::kModels},
+                                       {"/healthz", Endpoint::kHealthz},
+                                       {"/readyz", Endpoint::kReadyz},
+                                       {"/metrics", Endpoint::kMetrics}};
+  for (const Simple& s : kSimple) {
+    if (path != s.path) continue;
+    if (!get) co_return co_await write_error(c, req, metrics_, s.endpoint, 405, "use GET", {}, "GET");
+    switch (s.endpoint) {
+      case Endpoint::kModels: {
+        co_return co_await write_response(c, req, metrics_, s.endpoint, 200, models_json(router_.snapshot().get()),
+                                          "application/json");
+      }
+      case Endpoint::kHealthz: co_return co_await write_response(c, req, metrics_, s.endpoint, 200, "ok\n", "text/plain");
+      case Endpoint::kReadyz: {
+        const bool ready = router_.ready();
+        co_return co_await write_response(c, req, metrics_, s.endpoint, ready ? 200 : 503,
+                                          ready ? "ready\n" : "no routing snapshot with a READY replica\n",
+                                          "text/plain");
+      }
+      default: {
+        co_return co_await write_response(c, req, metrics_, s.endpoint, 200, metrics_.render(router_),
+                                          "text/plain; version=0.0.4");
+      }
+    }
+  }
+  co_return co_await write_error(c, req, metrics_, Endpoint::kOther, 404, "no such endpoint");
+}
+
+net::awaitable<void> Handlers::reject(Connection& c, int status, std::string_view message) {
+  Request req;  // what could be read of the request is unusable; answer as HTTP/1.1 and close
+  req.keep_alive(false);
+  co_await write_error(c, req, metrics_, Endpoint::kOther, status, message);
+}
+
+net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, GenerateJob job) {
+  RouteResult route = router_.route(job.model);
+  switch (route.outcome) {
+    case RouteOutcome::kRouted: break;
+    case RouteOutcome::kNoSnapshot:
+      co_return co_await write_error(c, req, metrics_, job.endpoint, 503, "no routing snapshot yet");
+    case RouteOutcome::kUnknownDeployment:
+      co_return co_await write_error(c, req, metrics_, job.endpoint, 404,
+                                     "the model '" + job.model + "' does not exist", "model");
+    case RouteOutcome::kNoReplica:
+      co_return co_await write_error(c, req, metrics_, job.endpoint, 503,
+                                     "the model '" + job.model + "' has no ready replica");
+    case RouteOutcome::kOverloaded:
+      co_return co_await write_error(c, req, metrics_, job.endpoint, 429,
+                                     "the model '" + job.model + "' is at capacity; retry later");
+  }
+
+  const std::string request_id = next_request_id();
+  job.request.set_request_id(request_id);
+  const bool chunked = req.version() >= 11;
+  const bool keep_alive = req.keep_alive() && chunked;  // an HTTP/1.0 stream ends by closing
+  std::optional<CompletionFormatter> formatter;
+  if (job.output != Output::kPlain) {
+    const char* prefix = job.flavor == ApiFlavor::kChat ? "chatcmpl-" : "cmpl-";
+    const std::int64_t created =
+        std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+    formatter.emplace(job.flavor, prefix + request_id, job.model, created);
+  }
+  auto append_head = [&](std::string& out) {
+    out += chunked ? "HTTP/1.1 200 OK\r\n" : "HTTP/1.0 200 OK\r\n";
+    out += job.output == Output::kSse ? "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                                      : "Content-Type: text/plain; charset=utf-8\r\n";
+    out += "X-Request-Id: ";
+    out += request_id;
+    out += chunked ? "\r\nTransfer-Encoding: chunked\r\n" : "\r\n";
+    if (!keep_alive) out += "Connection: close\r\n";
+    out += "\r\n";
+  };
+
+  metrics_.stream_started();
+  GenerateCall call(*route.lease.replica(), std::move(job.request), c.stream.get_executor());
+  ClientWatch watch(c, call);
+
+  std::string text;  // the whole text of a non-streamed response
+  bool headers_sent = false;
+  bool finish_sent = false;  // the SSE event carrying finish_reason went out
+  bool final_seen = false;
+  bool client_gone = false;
+  bool ttft_seen = false;
+  std::string finish_reason;
+  Usage usage;
+  std::uint32_t engine_error = 0;
+  std::string engine_message;
+  std::uint64_t tokens = 0;
+  error_code ec;
+
+  for (;;) {
+    const GenerateCall::Event event = co_await call.next();
+    if (event == GenerateCall::Event::kWoken) {
+      if (!watch.gone()) continue;
+      client_gone = true;
+      break;
+    }
+    if (event == GenerateCall::Event::kEnd) break;
+
+    const v1::GenerateChunk& chunk = call.chunk();
+    tokens += chunk.tokens();
+    if (!ttft_seen && !chunk.text().empty()) {
+      ttft_seen = true;
+      metrics_.observe_ttft(seconds_since(job.start));
+    }
+    if (!chunk.finish_reason().empty()) {
+      final_seen = true;
+      finish_reason = chunk.finish_reason();
+      usage = Usage{chunk.prompt_tokens(), chunk.completion_tokens()};
+      engine_error = chunk.error_code();
+      engine_message = chunk.error_message();
+    }
+    const bool failed = final_seen && finish_reason == "error";
+    c.out.clear();
+    if (job.output == Output::kJson) {
+      text.append(chunk.text());
+    } else if (!chunk.text().empty() || (final_seen && !failed)) {
+      if (!headers_sent) {
+        append_head(c.out);
+        headers_sent = true;
+      }
+      ChunkFrame frame(c.out, chunked);
+      if (job.output == Output::kPlain) {
+        c.out.append(chunk.text());
+      } else {
+        const bool finishing = final_seen && !failed;
+        formatter->append_event(c.out, chunk.text(), finishing ? openai_finish_reason(finish_reason) : "");
+        finish_sent = finishing;
+      }
+      frame.close();
+    }
+    call.read_next();  // the replica sends the next message while this one is written
+    if (!c.out.empty()) {
+      c.stream.expires_after(kIoTimeout);
+      co_await net::async_write(c.stream, net::buffer(c.out), net::redirect_error(net::use_awaitable, ec));
+      if (ec) {
+        client_gone = true;
+        break;
+      }
+    }
+  }
+
+  const CallStatus status = co_await call.finish();
+  co_await watch.stop();
+  metrics_.stream_ended();
+  metrics_.count_tokens(tokens);
+  if (client_gone) {
+    log(LogLevel::kDebug, "proxy", "%s: client %s went away; generation cancelled", request_id.c_str(),
+        c.peer.c_str());
+    metrics_.count_request(job.endpoint, headers_sent ? 200 : 499);
+    co_return false;
+  }
+
+  // A failure: the engine's final chunk said so, or the call ended without a final chunk.
+  std::optional<std::pair<int, std::string>> failure;
+  if (final_seen && finish_reason == "error") {
+    const int code = engine_error >= 400 && engine_error <= 599 ? static_cast<int>(engine_error) : 500;
+    failure.emplace(code, engine_message.empty() ? "the engine failed" : engine_message);
+  } else if (!final_seen && !status.ok()) {
+    failure.emplace(http_status_for(status.code), "replica call failed: " + status.message);
+  }
+  if (failure && !headers_sent) {
+    log(LogLevel::kWarn, "proxy", "%s: %d: %s", request_id.c_str(), failure->first, failure->second.c_str());
+    co_return co_await write_error(c, req, metrics_, job.endpoint, failure->first, failure->second);
+  }
+  metrics_.observe_e2e(seconds_since(job.start));
+  if (failure) log(LogLevel::kWarn, "proxy", "%s: failed mid-stream: %s", request_id.c_str(), failure->second.c_str());
+  if (job.output == Output::kJson) {
+    co_return co_await write_response(c, req, metrics_, job.endpoint, 200,
+                                      formatter->body(text, openai_finish_reason(finish_reason), usage),
+                                      "application/json");
+  }
+  if (failure && job.output == Output::kPlain) {
+    // Plain text has no way to say "failed": the body ends without its last chunk, and the client sees a
+    // truncated response.
+    metrics_.count_request(job.endpoint, 200);
+    co_return false;
+  }
+
+  c.out.clear();
+  if (!headers_sent) append_head(c.out);
+  if (job.output == Output::kSse) {
+    ChunkFrame frame(c.out, chunked);
+    if (failure) {
+      CompletionFormatter::append_error_event(c.out, failure->first, failure->second);
+    } else {
+      if (!finish_sent) formatter->append_event(c.out, "", openai_finish_reason(finish_reason));
+      if (job.include_usage) formatter->append_usage_event(c.out, usage);
+    }
+    CompletionFormatter::append_done(c.out);
+    frame.close();
+  }
+  append_last_chunk(c.out, chunked);
+  c.stream.expires_after(kIoTimeout);
+  co_await net::async_write(c.stream, net::buffer(c.out), net::redirect_error(net::use_awaitable, ec));
+  metrics_.count_request(job.endpoint, 200);
+  co_return !ec && keep_alive;
+}
+
+}  // namespace tokenbus::proxy

@@ -1,0 +1,116 @@
+// tokenbus-proxy: the HTTP data plane. Command line (schemas/README.md section 4):
+//   tokenbus-proxy --listen 127.0.0.1:8000 --head-router tcp://127.0.0.1:5555 --head-pub tcp://127.0.0.1:5556
+//                  [--threads N]
+// Prints "LISTENING host:port" on stdout once bound; logs go to stderr.
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "common/log.hpp"
+#include "proxy/http_server.hpp"
+#include "proxy/metrics.hpp"
+#include "proxy/router.hpp"
+#include "proxy/snapshot_subscriber.hpp"
+
+namespace {
+
+constexpr auto kShutdownGrace = std::chrono::seconds(5);
+
+struct Options {
+  std::string host = "127.0.0.1";
+  std::uint16_t port = 8000;
+  std::string head_router = "tcp://127.0.0.1:5555";
+  std::string head_pub = "tcp://127.0.0.1:5556";
+  int threads = 2;
+};
+
+[[noreturn]] void usage(const char* problem) {
+  std::fprintf(stderr,
+               "tokenbus-proxy: %s\nusage: tokenbus-proxy [--listen HOST:PORT] [--head-router ENDPOINT] "
+               "[--head-pub ENDPOINT] [--threads N]\n",
+               problem);
+  std::exit(2);
+}
+
+bool parse_int(const std::string& s, long lo, long hi, long& out) {
+  char* end = nullptr;
+  errno = 0;
+  out = std::strtol(s.c_str(), &end, 10);
+  return !s.empty() && errno == 0 && *end == '\0' && out >= lo && out <= hi;
+}
+
+Options parse_args(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    if (i + 1 >= argc) usage(("missing value for " + flag).c_str());
+    const std::string value = argv[++i];
+    long n = 0;
+    if (flag == "--listen") {
+      const std::size_t colon = value.rfind(':');
+      if (colon == std::string::npos || !parse_int(value.substr(colon + 1), 0, 65535, n)) {
+        usage("--listen wants HOST:PORT");
+      }
+      o.host = value.substr(0, colon);
+      o.port = static_cast<std::uint16_t>(n);
+    } else if (flag == "--head-router") {
+      o.head_router = value;
+    } else if (flag == "--head-pub") {
+      o.head_pub = value;
+    } else if (flag == "--threads") {
+      if (!parse_int(value, 1, 256, n)) usage("--threads wants a number from 1 to 256");
+      o.threads = static_cast<int>(n);
+    } else {
+      usage(("unknown option " + flag).c_str());
+    }
+  }
+  return o;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace tokenbus;
+  const Options options = parse_args(argc, argv);
+
+  // Signals are taken synchronously by this thread (sigwait), so every thread started below inherits a
+  // mask that blocks them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+
+  log(LogLevel::kInfo, "proxy", "starting: listen %s:%u, head router %s, head pub %s, %d I/O threads",
+      options.host.c_str(), options.port, options.head_router.c_str(), options.head_pub.c_str(), options.threads);
+  proxy::Router router;
+  proxy::Metrics metrics;
+  proxy::HttpServer server(router, metrics, options.threads);
+  std::string error;
+  const std::uint16_t port = server.listen(options.host, options.port, error);
+  if (port == 0) {
+    log(LogLevel::kError, "proxy", "%s", error.c_str());
+    return 1;
+  }
+  proxy::SnapshotSubscriber subscriber(router, options.head_pub, options.head_router);
+  subscriber.start();
+  server.start();
+  std::printf("LISTENING %s:%u\n", options.host.c_str(), port);
+  std::fflush(stdout);
+
+  int signal = 0;
+  sigwait(&signals, &signal);
+  log(LogLevel::kInfo, "proxy", "%s received: stopping", signal == SIGINT ? "SIGINT" : "SIGTERM");
+  const bool drained = server.stop(kShutdownGrace);
+  subscriber.stop();
+  log(LogLevel::kInfo, "proxy", "stopped");
+  if (!drained) {
+    // Abandoned connections still have gRPC calls whose callbacks would reach destroyed I/O contexts.
+    std::fflush(stderr);
+    std::_Exit(0);
+  }
+  return 0;
+}

@@ -1,0 +1,101 @@
+#include "proxy/metrics.hpp"
+
+#include <prometheus/counter.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+#include <prometheus/text_serializer.h>
+
+#include <array>
+
+#include "proxy/router.hpp"
+
+namespace tokenbus::proxy {
+namespace {
+
+constexpr std::array kEndpointNames = {"chat_completions", "completions", "chat_plain", "models",
+                                       "healthz",          "readyz",      "metrics",    "other"};
+// Statuses the proxy answers with; their counters are made up front so that counting is lock-free.
+constexpr std::array kStatuses = {200, 400, 404, 405, 413, 429, 431, 499, 500, 502, 503, 504};
+
+prometheus::Histogram::BucketBoundaries latency_buckets() {
+  return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
+}
+
+}  // namespace
+
+struct Metrics::Impl {
+  prometheus::Registry registry;
+  prometheus::Family<prometheus::Counter>& requests = prometheus::BuildCounter()
+                                                          .Name("tokenbus_proxy_requests_total")
+                                                          .Help("HTTP requests answered, by endpoint and status")
+                                                          .Register(registry);
+  prometheus::Gauge& in_flight = prometheus::BuildGauge()
+                                     .Name("tokenbus_proxy_in_flight_streams")
+                                     .Help("Generate calls open to replicas")
+                                     .Register(registry)
+                                     .Add({});
+  prometheus::Histogram& ttft = prometheus::BuildHistogram()
+                                    .Name("tokenbus_proxy_ttft_seconds")
+                                    .Help("Time from a request's arrival to its first generated text")
+                                    .Register(registry)
+                                    .Add({}, latency_buckets());
+  prometheus::Histogram& e2e = prometheus::BuildHistogram()
+                                   .Name("tokenbus_proxy_request_duration_seconds")
+                                   .Help("Time from a generate request's arrival to the end of its response")
+                                   .Register(registry)
+                                   .Add({}, latency_buckets());
+  prometheus::Counter& tokens = prometheus::BuildCounter()
+                                    .Name("tokenbus_proxy_tokens_total")
+                                    .Help("Generated tokens streamed to clients")
+                                    .Register(registry)
+                                    .Add({});
+  prometheus::Gauge& snapshot_version = prometheus::BuildGauge()
+                                            .Name("tokenbus_proxy_snapshot_version")
+                                            .Help("Version of the routing snapshot held (0: none yet)")
+                                            .Register(registry)
+                                            .Add({});
+  prometheus::Gauge& snapshot_staleness = prometheus::BuildGauge()
+                                              .Name("tokenbus_proxy_snapshot_staleness_seconds")
+                                              .Help("Seconds since the last routing snapshot arrived (-1: none yet)")
+                                              .Register(registry)
+                                              .Add({});
+  std::array<std::array<prometheus::Counter*, kStatuses.size()>, kEndpointNames.size()> by_status{};
+
+  Impl() {
+    for (std::size_t e = 0; e < kEndpointNames.size(); ++e) {
+      for (std::size_t s = 0; s < kStatuses.size(); ++s) {
+        by_status[e][s] = &requests.Add({{"endpoint", kEndpointNames[e]}, {"status", std::to_string(kStatuses[s])}});
+      }
+    }
+  }
+};
+
+Metrics::Metrics() : impl_(std::make_unique<Impl>()) {}
+Metrics::~Metrics() = default;
+
+void Metrics::count_request(Endpoint endpoint, int status) {
+  const auto e = static_cast<std::size_t>(endpoint);
+  for (std::size_t s = 0; s < kStatuses.size(); ++s) {
+    if (kStatuses[s] == status) {
+      impl_->by_status[e][s]->Increment();
+      return;
+    }
+  }
+  impl_->requests.Add({{"endpoint", kEndpointNames[e]}, {"status", std::to_string(status)}}).Increment();
+}
+
+void Metrics::stream_started() { impl_->in_flight.Increment(); }
+void Metrics::stream_ended() { impl_->in_flight.Decrement(); }
+void Metrics::observe_ttft(double seconds) { impl_->ttft.Observe(seconds); }
+void Metrics::observe_e2e(double seconds) { impl_->e2e.Observe(seconds); }
+void Metrics::count_tokens(std::uint64_t tokens) { impl_->tokens.Increment(static_cast<double>(tokens)); }
+
+std::string Metrics::render(const Router& router) {
+  const std::shared_ptr<const Snapshot> snapshot = router.snapshot();
+  impl_->snapshot_version.Set(snapshot ? static_cast<double>(snapshot->version) : 0.0);
+  impl_->snapshot_staleness.Set(router.staleness_seconds());
+  return prometheus::TextSerializer().Serialize(impl_->registry.Collect());
+}
+
+}  // namespace tokenbus::proxy

@@ -1,0 +1,161 @@
+#include "proxy/replica_stream.hpp"
+
+#include <grpcpp/grpcpp.h>
+
+#include <boost/asio/post.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <mutex>
+
+#include "common/log.hpp"
+#include "proxy/router.hpp"
+#include "tokenbus.grpc.pb.h"
+
+namespace tokenbus::proxy {
+
+namespace net = boost::asio;
+
+struct ReplicaChannel {
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<v1::Replica::Stub> stub;
+};
+
+ReplicaChannel& ReplicaHandle::channel() {
+  std::call_once(channel_once_, [this] {
+    grpc::ChannelArguments args;
+    // Each replica gets its own HTTP/2 connection rather than one shared through gRPC's global pool.
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+    auto channel = grpc::CreateCustomChannel(address_, grpc::InsecureChannelCredentials(), args);
+    channel_ = std::make_unique<ReplicaChannel>(ReplicaChannel{channel, v1::Replica::NewStub(channel)});
+    log(LogLevel::kInfo, "proxy", "replica channel to %s created", address_.c_str());
+  });
+  return *channel_;
+}
+
+ReplicaHandle::~ReplicaHandle() {
+  if (channel_) log(LogLevel::kInfo, "proxy", "replica channel to %s closed", address_.c_str());
+}
+
+// State shared by the reactor (gRPC threads) and the coroutine (its executor's thread).
+struct GenerateCall::Shared {
+  explicit Shared(net::any_io_executor executor) : timer(executor, net::steady_timer::time_point::max()) {}
+
+  std::mutex mutex;
+  bool chunk_ready = false;  // a read completed with a message
+  bool reads_done = false;   // a read completed without one: the stream is over
+  bool done = false;         // OnDone ran; `status` is set
+  bool parked = false;       // the coroutine is (about to be) waiting on `timer`
+  CallStatus status;
+  net::steady_timer timer;  // used only on the executor's thread
+};
+
+class GenerateCall::Reactor final : public grpc::ClientReadReactor<v1::GenerateChunk> {
+ public:
+  Reactor(std::shared_ptr<Shared> shared, v1::GenerateRequest request)
+      : shared_(std::move(shared)), request_(std::move(request)) {}
+
+  void start(v1::Replica::Stub& stub) {
+    stub.async()->Generate(&context_, &request_, this);
+    // Reads are started from the coroutine, outside reactions: the hold keeps OnDone away until then.
+    AddHold();
+    StartRead(&chunk_);
+    StartCall();
+  }
+
+  void OnReadDone(bool ok) override {
+    notify([ok](Shared& s) { (ok ? s.chunk_ready : s.reads_done) = true; });
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    notify([&status](Shared& s) {
+      s.done = true;
+      s.status = CallStatus{static_cast<int>(status.error_code()), status.error_message()};
+    });
+    delete this;
+  }
+
+  grpc::ClientContext& context() { return context_; }
+  const v1::GenerateChunk& chunk() const { return chunk_; }
+  void read_next() { StartRead(&chunk_); }
+
+ private:
+  template <typename Update>
+  void notify(Update update) {
+    bool wake = false;
+    {
+      std::lock_guard lock(shared_->mutex);
+      update(*shared_);
+      wake = std::exchange(shared_->parked, false);
+    }
+    // Only a parked coroutine needs a wake-up; a busy one sees the new state at its next look.
+    if (wake) net::post(shared_->timer.get_executor(), [shared = shared_] { shared->timer.cancel(); });
+  }
+
+  std::shared_ptr<Shared> shared_;
+  grpc::ClientContext context_;
+  v1::GenerateRequest request_;
+  v1::GenerateChunk chunk_;  // reused for every message: no allocation per token once warm
+};
+
+GenerateCall::GenerateCall(ReplicaHandle& replica, v1::GenerateRequest request, net::any_io_executor executor)
+    : shared_(std::make_shared<Shared>(std::move(executor))),
+      reactor_(new Reactor(shared_, std::move(request))) {
+  reactor_->start(*replica.channel().stub);
+}
+
+GenerateCall::~GenerateCall() {
+  if (reactor_ != nullptr) {
+    reactor_->context().TryCancel();
+    std::exchange(reactor_, nullptr)->RemoveHold();
+  }
+}
+
+net::awaitable<void> GenerateCall::park() {
+  boost::system::error_code ec;  // operation_aborted is the wake-up itself
+  co_await shared_->timer.async_wait(net::redirect_error(net::use_awaitable, ec));
+}
+
+net::awaitable<GenerateCall::Event> GenerateCall::next() {
+  for (;;) {
+    if (std::exchange(woken_, false)) co_return Event::kWoken;
+    std::optional<Event> event;
+    {
+      std::lock_guard lock(shared_->mutex);
+      if (std::exchange(shared_->chunk_ready, false)) {
+        event = Event::kChunk;
+      } else if (shared_->reads_done) {
+        event = Event::kEnd;
+        ended_ = true;
+      }
+      shared_->parked = !event;
+    }
+    if (event) co_return *event;
+    co_await park();
+  }
+}
+
+const v1::GenerateChunk& GenerateCall::chunk() const { return reactor_->chunk(); }
+
+void GenerateCall::read_next() { reactor_->read_next(); }
+
+void GenerateCall::wake() {
+  woken_ = true;
+  shared_->timer.cancel();
+}
+
+net::awaitable<CallStatus> GenerateCall::finish() {
+  if (!ended_) reactor_->context().TryCancel();
+  // After RemoveHold the reactor may run OnDone (and delete itself) at any moment, even inline.
+  std::exchange(reactor_, nullptr)->RemoveHold();
+  for (;;) {
+    {
+      std::lock_guard lock(shared_->mutex);
+      if (shared_->done) co_return shared_->status;
+      shared_->parked = true;
+    }
+    co_await park();
+  }
+}
+
+}  // namespace tokenbus::proxy

@@ -1,0 +1,215 @@
+#include "replica/replica_server.hpp"
+
+#include <grpcpp/grpcpp.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <mutex>
+#include <thread>
+#include <variant>
+
+#include "common/log.hpp"
+#include "replica/generate_call.hpp"
+#include "replica/request_writer.hpp"
+#include "replica/ring_records.hpp"
+#include "tokenbus.grpc.pb.h"
+
+namespace tokenbus::replica {
+struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService {
+  explicit Impl(ReplicaOptions options)
+      : options_(std::move(options)), writer_(options_.request_ring), responses_(options_.response_ring) {
+    worker_gone_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (worker_gone_fd_ < 0) throw ring::RingError("eventfd for the worker-gone signal failed");
+    log(LogLevel::kInfo, "replica", "replica %s attached: request ring %zu bytes, response ring %zu bytes",
+        id(), writer_.capacity(), responses_.region().capacity());
+  }
+
+  ~Impl() override { ::close(worker_gone_fd_); }
+
+  const char* id() const { return options_.replica_id.c_str(); }
+
+  // --- gRPC ---
+
+  grpc::ServerWriteReactor<tokenbus::v1::GenerateChunk>* Generate(
+      grpc::CallbackServerContext* context, const tokenbus::v1::GenerateRequest* request) override {
+    const std::uint64_t request_id = next_id_.fetch_add(1, std::memory_order_relaxed);
+    auto* call = new GenerateCall(calls_, writer_, request_id);  // deletes itself in OnDone
+    // Registered before SUBMIT is written, so no TOKENS can arrive for an unknown id.
+    if (!calls_.add(request_id, call)) {
+      call->fail(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model worker is gone"));
+      return call;
+    }
+    switch (writer_.submit(request_id, *request)) {
+      case RequestWriter::SubmitResult::kWritten:
+        break;
+      case RequestWriter::SubmitResult::kTooBig:
+        log(LogLevel::kWarn, "replica", "replica %s: request %.64s from %s too large for the request ring", id(),
+            request->request_id().c_str(), context->peer().c_str());
+        call->fail(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                "request too large: its encoding exceeds " + std::to_string(writer_.max_payload()) +
+                                    " bytes"));
+        break;
+      case RequestWriter::SubmitResult::kRingFull:
+        call->fail(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "replica busy: its request ring is full"));
+        break;
+    }
+    return call;
+  }
+
+  grpc::ServerUnaryReactor* Health(grpc::CallbackServerContext* context, const tokenbus::v1::HealthRequest*,
+                                   tokenbus::v1::HealthResponse* response) override {
+    {
+      std::lock_guard lock(health_mutex_);
+      response->set_serving(serving_);
+      response->set_engine(engine_);
+      response->set_model(model_);
+      response->set_max_model_len(max_model_len_);
+    }
+    auto* reactor = context->DefaultReactor();
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* context, const tokenbus::v1::StatsRequest*,
+                                  tokenbus::v1::StatsResponse* response) override {
+    response->set_running(running_.load(std::memory_order_relaxed));
+    response->set_waiting(waiting_.load(std::memory_order_relaxed));
+    response->set_kv_usage(kv_usage_.load(std::memory_order_relaxed));
+    response->set_in_flight(static_cast<std::uint32_t>(calls_.size()));
+    auto* reactor = context->DefaultReactor();
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+
+  // --- response ring ---
+
+  void read_responses() {
+    while (!stopping_.load(std::memory_order_acquire)) {
+      const auto record = responses_.peek();
+      if (record) {
+        dispatch(decode_response(*record));
+        responses_.release();
+        continue;
+      }
+      if (!responses_.broken().empty()) return worker_gone("response ring broken: " + responses_.broken());
+      if (responses_.wait_for_data(options_.peer_check_interval) == ring::WaitResult::kPeerGone) {
+        return worker_gone("its process exited");
+      }
+    }
+  }
+
+  void dispatch(const ResponseRecord& record) {
+    std::visit([this](const auto& decoded) { handle(decoded); }, record);
+  }
+
+  void handle(const TokensRecord& tokens) {
+    calls_.with_call(tokens.id, [&](GenerateCall& call) { call.on_tokens(tokens.text, tokens.tokens); });
+  }
+
+  void handle(const FinishRecord& finish) {
+    calls_.with_call(finish.id, [&](GenerateCall& call) { call.on_finish(finish); });
+  }
+
+  void handle(const StatsRecord& stats) {
+    running_.store(stats.running, std::memory_order_relaxed);
+    waiting_.store(stats.waiting, std::memory_order_relaxed);
+    kv_usage_.store(stats.kv_usage, std::memory_order_relaxed);
+  }
+
+  void handle(const ReadyRecord& ready) {
+    {
+      std::lock_guard lock(health_mutex_);
+      serving_ = true;
+      engine_ = ready.engine;
+      model_ = ready.model;
+      max_model_len_ = ready.max_model_len;
+    }
+    log(LogLevel::kInfo, "replica", "replica %s: model worker ready (engine %.*s, model %.*s, %u tokens)", id(),
+        static_cast<int>(ready.engine.size()), ready.engine.data(), static_cast<int>(ready.model.size()),
+        ready.model.data(), ready.max_model_len);
+  }
+
+  void handle(const DecodeError& error) {
+    log(LogLevel::kWarn, "replica", "replica %s: dropping a malformed record from the model worker: %s", id(),
+        error.message.c_str());
+  }
+
+  // Fails every open stream (the worker cannot answer them any more) and tells main through worker_gone_fd_.
+  void worker_gone(const std::string& why) {
+    {
+      std::lock_guard lock(health_mutex_);
+      serving_ = false;
+    }
+    const FinishRecord failure{0, "error", 0, 0, 500, "the model worker exited"};
+    const std::size_t failed = calls_.close([&](GenerateCall& call) { call.on_finish(failure); });
+    log(LogLevel::kError, "replica", "replica %s: model worker gone (%s): failed %zu open streams", id(), why.c_str(),
+        failed);
+    ring::signal_eventfd(worker_gone_fd_);
+  }
+
+  ReplicaOptions options_;
+  RequestWriter writer_;
+  ring::Consumer responses_;  // only the reader thread touches it after start()
+  CallRegistry calls_;
+  std::atomic<std::uint64_t> next_id_{1};
+  std::atomic<std::uint32_t> running_{0};
+  std::atomic<std::uint32_t> waiting_{0};
+  std::atomic<float> kv_usage_{0};
+  std::mutex health_mutex_;
+  bool serving_ = false;
+  std::string engine_;
+  std::string model_;
+  std::uint32_t max_model_len_ = 0;
+  int worker_gone_fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stopping_{false};
+  std::thread reader_;
+  std::unique_ptr<grpc::Server> server_;  // declared last: destroyed first, before the service it serves
+  bool shut_down_ = false;
+};
+
+ReplicaServer::ReplicaServer(ReplicaOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
+
+ReplicaServer::~ReplicaServer() { shutdown(std::chrono::milliseconds(0)); }
+
+bool ReplicaServer::start(std::string& error) {
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(impl_->options_.listen, grpc::InsecureServerCredentials(), &impl_->port_);
+  builder.RegisterService(impl_.get());
+  impl_->server_ = builder.BuildAndStart();
+  if (!impl_->server_ || impl_->port_ == 0) {
+    impl_->server_.reset();
+    error = "cannot listen on " + impl_->options_.listen;
+    return false;
+  }
+  impl_->reader_ = std::thread([impl = impl_.get()] { impl->read_responses(); });
+  log(LogLevel::kInfo, "replica", "replica %s serving gRPC on port %d (asked for %s)", impl_->id(), impl_->port_,
+      impl_->options_.listen.c_str());
+  return true;
+}
+
+int ReplicaServer::port() const { return impl_->port_; }
+
+int ReplicaServer::worker_gone_fd() const { return impl_->worker_gone_fd_; }
+
+void ReplicaServer::shutdown(std::chrono::milliseconds grace) {
+  Impl& impl = *impl_;
+  if (impl.shut_down_) return;
+  impl.shut_down_ = true;
+  const bool was_serving = impl.server_ != nullptr;
+  if (was_serving) {
+    log(LogLevel::kInfo, "replica", "replica %s stopping: %zu open streams get up to %lld ms to finish", impl.id(),
+        impl.calls_.size(), static_cast<long long>(grace.count()));
+    impl.server_->Shutdown(std::chrono::system_clock::now() + grace);  // then cancels what is left
+    impl.server_->Wait();
+  }
+  impl.stopping_.store(true, std::memory_order_release);
+  if (impl.reader_.joinable()) {
+    ring::signal_eventfd(impl.responses_.data_fd());  // our own copy: ends the reader's wait at once
+    impl.reader_.join();
+  }
+  if (was_serving) log(LogLevel::kInfo, "replica", "replica %s stopped", impl.id());
+}
+
+}  // namespace tokenbus::replica

@@ -1,0 +1,45 @@
+#pragma once
+// tokenbus-replica's service: a gRPC server (callback API) in front of the model worker's two rings. It is
+// the producer of the request ring and the consumer of the response ring. main.cpp only parses arguments,
+// handles signals and runs it; the tests run it in-process.
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "ring/shm_ring.hpp"
+
+namespace tokenbus::replica {
+
+struct ReplicaOptions {
+  std::string listen = "127.0.0.1:0";
+  std::string replica_id;
+  ring::RingFds request_ring;
+  ring::RingFds response_ring;
+  // How long the response reader sleeps before checking that the worker's process still exists.
+  std::chrono::milliseconds peer_check_interval{500};
+};
+
+class ReplicaServer {
+ public:
+  // Attaches both rings (throws ring::RingError with a message naming the problem).
+  explicit ReplicaServer(ReplicaOptions options);
+  ~ReplicaServer();  // shutdown(0) if still running
+  ReplicaServer(const ReplicaServer&) = delete;
+  ReplicaServer& operator=(const ReplicaServer&) = delete;
+
+  // Binds and starts serving, and starts the response reader; false with `error` set if it cannot bind.
+  bool start(std::string& error);
+  // The bound port (after start()).
+  int port() const;
+  // Readable (an eventfd) once the model worker is gone; every open stream has then been failed.
+  int worker_gone_fd() const;
+  // Stops accepting calls, lets open streams finish for up to `grace` (then cancels them), stops the
+  // reader. Safe to call once; the destructor calls it if nobody did.
+  void shutdown(std::chrono::milliseconds grace);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tokenbus::replica

@@ -1,0 +1,314 @@
+#include "replica/ring_records.hpp"
+
+#include <cstring>
+#include <msgpack.hpp>
+
+#include "tokenbus.pb.h"
+
+namespace tokenbus::replica {
+namespace {
+
+// msgpack::packer's buffer: appends to a std::string the caller reuses.
+struct StringSink {
+  std::string& out;
+  void write(const char* data, std::size_t size) { out.append(data, size); }
+};
+
+void pack_str(msgpack::packer<StringSink>& pk, std::string_view text) {
+  pk.pack_str(static_cast<std::uint32_t>(text.size()));
+  pk.pack_str_body(text.data(), static_cast<std::uint32_t>(text.size()));
+}
+
+// A cursor over one MessagePack value tree that reports malformed input by returning false.
+class Reader {
+ public:
+  explicit Reader(std::span<const std::byte> bytes)
+      : at_(reinterpret_cast<const std::uint8_t*>(bytes.data())), end_(at_ + bytes.size()) {}
+
+  bool at_end() const { return at_ == end_; }
+
+  bool array(std::uint32_t& size) { return header(size, 0x90, 0xdc, 0xdd); }
+  bool map(std::uint32_t& size) { return header(size, 0x80, 0xde, 0xdf); }
+
+  bool uint(std::uint64_t& value) {
+    std::uint8_t tag;
+    if (!byte(tag)) return false;
+    if (tag <= 0x7f) {
+      value = tag;
+      return true;
+    }
+    switch (tag) {
+      case 0xcc: return be(value, 1);
+      case 0xcd: return be(value, 2);
+      case 0xce: return be(value, 4);
+      case 0xcf: return be(value, 8);
+      // signed encodings of non-negative values (other encoders may use them)
+      case 0xd0: return be(value, 1) && value < 0x80;
+      case 0xd1: return be(value, 2) && value < 0x8000;
+      case 0xd2: return be(value, 4) && value < 0x80000000u;
+      case 0xd3: return be(value, 8) && value < (std::uint64_t{1} << 63);
+      default: return false;
+    }
+  }
+
+  bool uint32(std::uint32_t& value) {
+    std::uint64_t wide;
+    if (!uint(wide) || wide > UINT32_MAX) return false;
+    value = static_cast<std::uint32_t>(wide);
+    return true;
+  }
+
+  bool number(double& value) {
+    if (at_ == end_) return false;
+    if (*at_ == 0xca || *at_ == 0xcb) {
+      const bool single = *at_++ == 0xca;
+      std::uint64_t bits;
+      if (!be(bits, single ? 4 : 8)) return false;
+      if (single) {
+        float f;
+        const auto narrow = static_cast<std::uint32_t>(bits);
+        std::memcpy(&f, &narrow, sizeof(f));
+        value = f;
+      } else {
+        std::memcpy(&value, &bits, sizeof(value));
+      }
+      return true;
+    }
+    std::uint64_t integer;
+    if (!uint(integer)) return false;
+    value = static_cast<double>(integer);
+    return true;
+  }
+
+  bool str(std::string_view& text) {
+    std::uint8_t tag;
+    if (!byte(tag)) return false;
+    std::uint64_t size;
+    if ((tag & 0xe0) == 0xa0) {
+      size = tag & 0x1f;
+    } else if (tag == 0xd9 || tag == 0xda || tag == 0xdb) {
+      if (!be(size, std::size_t{1} << (tag - 0xd9))) return false;
+    } else {
+      return false;
+    }
+    if (size > static_cast<std::uint64_t>(end_ - at_)) return false;
+    text = std::string_view(reinterpret_cast<const char*>(at_), size);
+    at_ += size;
+    return true;
+  }
+
+  bool str_or_nil(std::string_view& text) {
+    if (at_ != end_ && *at_ == 0xc0) {
+      ++at_;
+      text = {};
+      return true;
+    }
+    return str(text);
+  }
+
+  // Skips one value of any type, nesting at most `depth` containers.
+  bool skip(int depth = 8) {
+    if (at_ == end_) return false;
+    const std::uint8_t tag = *at_;
+    std::uint32_t count;
+    if ((tag & 0xf0) == 0x90 || tag == 0xdc || tag == 0xdd || (tag & 0xf0) == 0x80 || tag == 0xde || tag == 0xdf) {
+      const bool is_map = (tag & 0xf0) == 0x80 || tag == 0xde || tag == 0xdf;
+      if (depth == 0 || !(is_map ? map(count) : array(count))) return false;
+      for (std::uint64_t i = 0; i < (is_map ? 2ull : 1ull) * count; ++i) {
+        if (!skip(depth - 1)) return false;
+      }
+      return true;
+    }
+    ++at_;
+    if (tag <= 0x7f || tag >= 0xe0 || tag == 0xc0 || tag == 0xc2 || tag == 0xc3) return true;
+    if ((tag & 0xe0) == 0xa0) return advance(tag & 0x1f);
+    std::uint64_t size;
+    switch (tag) {
+      case 0xcc: case 0xd0: return advance(1);
+      case 0xcd: case 0xd1: return advance(2);
+      case 0xce: case 0xd2: case 0xca: return advance(4);
+      case 0xcf: case 0xd3: case 0xcb: return advance(8);
+      case 0xd9: case 0xc4: return be(size, 1) && advance(size);
+      case 0xda: case 0xc5: return be(size, 2) && advance(size);
+      case 0xdb: case 0xc6: return be(size, 4) && advance(size);
+      case 0xd4: return advance(2);
+      case 0xd5: return advance(3);
+      case 0xd6: return advance(5);
+      case 0xd7: return advance(9);
+      case 0xd8: return advance(17);
+      case 0xc7: return be(size, 1) && advance(size + 1);
+      case 0xc8: return be(size, 2) && advance(size + 1);
+      case 0xc9: return be(size, 4) && advance(size + 1);
+      default: return false;  // 0xc1 is never used
+    }
+  }
+
+ private:
+  bool byte(std::uint8_t& value) {
+    if (at_ == end_) return false;
+    value = *at_++;
+    return true;
+  }
+
+  bool advance(std::uint64_t size) {
+    if (size > static_cast<std::uint64_t>(end_ - at_)) return false;
+    at_ += size;
+    return true;
+  }
+
+  // A big-endian unsigned integer of `size` bytes.
+  bool be(std::uint64_t& value, std::size_t size) {
+    if (size > static_cast<std::size_t>(end_ - at_)) return false;
+    value = 0;
+    for (std::size_t i = 0; i < size; ++i) value = value << 8 | *at_++;
+    return true;
+  }
+
+  bool header(std::uint32_t& size, std::uint8_t fix, std::uint8_t tag16, std::uint8_t tag32) {
+    std::uint8_t tag;
+    if (!byte(tag)) return false;
+    std::uint64_t wide;
+    if ((tag & 0xf0) == fix) {
+      wide = tag & 0x0f;
+    } else if (tag == tag16 || tag == tag32) {
+      if (!be(wide, tag == tag16 ? 2 : 4)) return false;
+    } else {
+      return false;
+    }
+    // Each element takes at least one byte: a larger count cannot be real.
+    if (wide > static_cast<std::uint64_t>(end_ - at_)) return false;
+    size = static_cast<std::uint32_t>(wide);
+    return true;
+  }
+
+  const std::uint8_t* at_;
+  const std::uint8_t* end_;
+};
+
+ResponseRecord decode_ready(Reader& r) {
+  ReadyRecord ready{};
+  std::uint32_t fields;
+  if (!r.map(fields)) return DecodeError{"READY: the second element must be a map"};
+  for (std::uint32_t i = 0; i < fields; ++i) {
+    std::string_view key;
+    if (!r.str(key)) return DecodeError{"READY: map keys must be strings"};
+    bool ok;
+    if (key == "engine") {
+      ok = r.str(ready.engine);
+    } else if (key == "model") {
+      ok = r.str(ready.model);
+    } else if (key == "max_model_len") {
+      ok = r.uint32(ready.max_model_len);
+    } else {
+      ok = r.skip();  // a newer worker's extra field
+    }
+    if (!ok) return DecodeError{"READY: bad value for '" + std::string(key) + "'"};
+  }
+  return ready;
+}
+
+}  // namespace
+
+void encode_submit(std::string& out, std::uint64_t id, const tokenbus::v1::GenerateRequest& request) {
+  StringSink sink{out};
+  msgpack::packer<StringSink> pk(sink);
+  pk.pack_array(5);
+  pk.pack_uint8(kSubmit);
+  pk.pack_uint64(id);
+  pack_str(pk, request.prompt());
+  if (request.messages_size() == 0) {
+    pk.pack_nil();
+  } else {
+    pk.pack_array(static_cast<std::uint32_t>(request.messages_size()));
+    for (const auto& message : request.messages()) {
+      pk.pack_array(2);
+      pack_str(pk, message.role());
+      pack_str(pk, message.content());
+    }
+  }
+  const auto& params = request.params();
+  pk.pack_map(8);
+  pack_str(pk, "max_tokens");
+  pk.pack_uint32(params.max_tokens());
+  pack_str(pk, "temperature");
+  pk.pack_double(params.temperature());
+  pack_str(pk, "top_p");
+  // proto3 cannot tell an unset top_p from 0, and 0 would leave nucleus sampling nothing: read it as "off"
+  pk.pack_double(params.top_p() > 0 ? params.top_p() : 1.0);
+  pack_str(pk, "seed");
+  if (params.has_seed()) {
+    pk.pack_uint64(params.seed());
+  } else {
+    pk.pack_nil();
+  }
+  pack_str(pk, "stop");
+  pk.pack_array(static_cast<std::uint32_t>(params.stop_size()));
+  for (const auto& stop : params.stop()) pack_str(pk, stop);
+  pack_str(pk, "presence_penalty");
+  pk.pack_double(params.presence_penalty());
+  pack_str(pk, "frequency_penalty");
+  pk.pack_double(params.frequency_penalty());
+  pack_str(pk, "ignore_eos");
+  if (params.ignore_eos()) {
+    pk.pack_true();
+  } else {
+    pk.pack_false();
+  }
+}
+
+void encode_cancel(std::string& out, std::uint64_t id) {
+  StringSink sink{out};
+  msgpack::packer<StringSink> pk(sink);
+  pk.pack_array(2);
+  pk.pack_uint8(kCancel);
+  pk.pack_uint64(id);
+}
+
+ResponseRecord decode_response(std::span<const std::byte> payload) {
+  Reader r(payload);
+  std::uint32_t size;
+  std::uint64_t kind;
+  if (!r.array(size) || size == 0 || !r.uint(kind)) return DecodeError{"not an array starting with a record kind"};
+  ResponseRecord record;
+  switch (kind) {
+    case kTokens: {
+      TokensRecord tokens{};
+      if (size != 4 || !r.uint(tokens.id) || !r.str(tokens.text) || !r.uint32(tokens.tokens)) {
+        return DecodeError{"TOKENS must be [1, id, text, n_tokens]"};
+      }
+      record = tokens;
+      break;
+    }
+    case kFinish: {
+      FinishRecord finish{};
+      if (size != 7 || !r.uint(finish.id) || !r.str(finish.finish_reason) || !r.uint32(finish.prompt_tokens) ||
+          !r.uint32(finish.completion_tokens) || !r.uint32(finish.error_code) || !r.str_or_nil(finish.error_message)) {
+        return DecodeError{
+            "FINISH must be [2, id, reason, prompt_tokens, completion_tokens, error_code, error_message]"};
+      }
+      record = finish;
+      break;
+    }
+    case kStats: {
+      StatsRecord stats{};
+      double kv_usage;
+      if (size != 4 || !r.uint32(stats.running) || !r.uint32(stats.waiting) || !r.number(kv_usage)) {
+        return DecodeError{"STATS must be [3, running, waiting, kv_usage]"};
+      }
+      stats.kv_usage = static_cast<float>(kv_usage);
+      record = stats;
+      break;
+    }
+    case kReady:
+      if (size != 2) return DecodeError{"READY must be [4, {engine, model, max_model_len}]"};
+      record = decode_ready(r);
+      if (std::holds_alternative<DecodeError>(record)) return record;
+      break;
+    default:
+      return DecodeError{"unknown record kind " + std::to_string(kind)};
+  }
+  if (!r.at_end()) return DecodeError{"trailing bytes after the record"};
+  return record;
+}
+
+}  // namespace tokenbus::replica

@@ -1,0 +1,296 @@
+"""`tokenbus bench`: percentile/summary math, SSE parsing, and whole runs against a real aiohttp SSE server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tools.bench import BenchConfig, run_bench
+from tools.bench_client import DONE, RequestResult, TokenCounter, openai_stream, parse_sse_line, plain_stream
+from tools.bench_report import percentile, push_summary, summarize
+
+# --- math --------------------------------------------------------------------------------------------------
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert percentile(values, 0.5) == 3.0
+    assert percentile(values, 0.0) == 1.0
+    assert percentile(values, 1.0) == 5.0
+    assert percentile(values, 0.95) == pytest.approx(4.8)
+    assert percentile([7.0], 0.99) == 7.0
+    assert percentile([], 0.5) is None
+
+
+def test_summary_counts_failures_and_uses_successes_for_latency() -> None:
+    results = [RequestResult(True, e2e_s=0.1 * i, ttft_s=0.01 * i, tokens=10) for i in range(1, 11)]
+    results.append(RequestResult(False, e2e_s=9.0, ttft_s=5.0, tokens=3, error="HTTP 500"))
+    s = summarize(results, concurrency=4, duration_s=2.0)
+    assert s["concurrency"] == 4 and s["duration_s"] == 2.0
+    assert s["requests"] == 11 and s["failures"] == 1
+    assert s["tokens_per_s"] == 50.0  # 100 tokens of successful requests / 2 s
+    assert s["requests_per_s"] == 5.0
+    assert s["e2e_ms"]["p50"] == pytest.approx(550.0)
+    assert s["e2e_ms"]["p99"] == pytest.approx(991.0)
+    assert s["ttft_ms"]["p95"] == pytest.approx(95.5)
+    assert set(s) == {
+        "concurrency",
+        "duration_s",
+        "requests",
+        "failures",
+        "ttft_ms",
+        "e2e_ms",
+        "tokens_per_s",
+        "requests_per_s",
+    }
+
+
+def test_summary_of_nothing() -> None:
+    s = summarize([], concurrency=1, duration_s=1.0)
+    assert s["requests"] == 0 and s["ttft_ms"] == {"p50": None, "p95": None, "p99": None}
+    json.dumps(s)  # still one valid JSON line
+
+
+def test_parse_sse_line() -> None:
+    assert parse_sse_line(b'data: {"a": 1}\n') == {"a": 1}
+    assert parse_sse_line(b'data:{"a":2}\r\n') == {"a": 2}
+    assert parse_sse_line(b"data: [DONE]\n") is DONE
+    assert parse_sse_line(b": keep-alive\n") is None
+    assert parse_sse_line(b"\n") is None
+    assert parse_sse_line(b"event: message\n") is None
+    with pytest.raises(ValueError):
+        parse_sse_line(b"data: {not json\n")
+
+
+# --- a tiny real SSE server --------------------------------------------------------------------------------
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+class FakeProxy:
+    """Streams like the proxy; the prompt picks the behaviour."""
+
+    def __init__(self) -> None:
+        self.payloads: list[dict[str, Any]] = []
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.payloads.append(body)
+        mode = body["messages"][0]["content"]
+        if mode == "http-500":
+            return web.json_response({"error": {"message": "engine failed"}}, status=500)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b": hello\n\n")
+        await resp.write(_event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}))
+        n = body["max_tokens"]
+        for i in range(n):
+            await resp.write(_event({"choices": [{"index": 0, "delta": {"content": f" w{i}"}}]}))
+            if mode == "error-event":
+                await resp.write(_event({"error": {"message": "replica lost"}}))
+                return resp
+            if mode == "incomplete":
+                return resp
+        await resp.write(_event({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}))
+        if mode != "no-usage":
+            usage = {"prompt_tokens": 2, "completion_tokens": n + 100, "total_tokens": n + 102}
+            await resp.write(_event({"choices": [], "usage": usage}))
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def plain(self, request: web.Request) -> web.StreamResponse:
+        prompt = await request.text()
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await resp.prepare(request)
+        for word in (" alpha", " beta", " gamma"):
+            await resp.write(word.encode())
+        await resp.write(f" ({len(prompt.split())})".encode())
+        return resp
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[str, FakeProxy]]:
+    fake = FakeProxy()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", fake.chat)
+    app.router.add_post("/v1/chat/{model}", fake.plain)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}", fake
+    await runner.cleanup()
+
+
+async def _openai(url: str, prompt: str, max_tokens: int = 4) -> RequestResult:
+    async with aiohttp.ClientSession() as session:
+        return await openai_stream(session, url, "demo", prompt, max_tokens, TokenCounter())
+
+
+async def test_openai_stream_ok_uses_usage_tokens(server: tuple[str, FakeProxy]) -> None:
+    url, fake = server
+    r = await _openai(url, "ok")
+    assert r.ok and r.error == ""
+    assert r.tokens == 104  # from usage, not the 4 chunks
+    assert r.ttft_s is not None and 0 < r.ttft_s <= r.e2e_s
+    sent = fake.payloads[0]
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    assert sent["ignore_eos"] is True and sent["max_tokens"] == 4 and sent["model"] == "demo"
+
+
+async def test_openai_stream_counts_chunks_without_usage(server: tuple[str, FakeProxy]) -> None:
+    r = await _openai(server[0], "no-usage", max_tokens=6)
+    assert r.ok and r.tokens == 6
+
+
+@pytest.mark.parametrize(
+    ("mode", "error"),
+    [("http-500", "HTTP 500: "), ("error-event", "error event: "), ("incomplete", "incomplete stream")],
+)
+async def test_openai_stream_failures(server: tuple[str, FakeProxy], mode: str, error: str) -> None:
+    r = await _openai(server[0], mode)
+    assert not r.ok
+    assert r.error.startswith(error)
+
+
+async def test_openai_stream_connection_refused() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    r = await _openai(f"http://127.0.0.1:{port}", "ok")
+    assert not r.ok and "ClientConnectorError" in r.error
+
+
+async def test_plain_stream(server: tuple[str, FakeProxy]) -> None:
+    counter = TokenCounter()
+    async with aiohttp.ClientSession() as session:
+        r = await plain_stream(session, server[0], "demo", "what is it", counter)
+    assert r.ok and r.tokens == 4 and r.ttft_s is not None
+    assert counter.chunks >= 1
+
+
+async def test_run_bench_closed_loop(server: tuple[str, FakeProxy]) -> None:
+    url, fake = server
+    cfg = BenchConfig(url=url, model="demo", concurrency=3, duration_s=0.2, max_tokens=2, prompt="ok")
+    counter = TokenCounter()
+    results, duration = await run_bench(cfg, counter)
+    assert len(results) >= 3  # every client starts at least one request
+    assert all(r.ok and r.tokens == 102 for r in results)
+    assert counter.chunks == 2 * len(results)
+    assert len(fake.payloads) == len(results)
+    assert duration >= 0.2
+
+
+async def _run_cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tools", "bench", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_bench_cli_json_line_and_plot(server: tuple[str, FakeProxy], tmp_path: Path) -> None:
+    plot = tmp_path / "lat.png"
+    code, out, err = await _run_cli(
+        "--url",
+        server[0],
+        "--concurrency",
+        "2",
+        "--duration",
+        "0.3",
+        "--max-tokens",
+        "3",
+        "--prompt",
+        "ok",
+        "--plot",
+        str(plot),
+    )
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["concurrency"] == 2 and summary["failures"] == 0 and summary["requests"] >= 2
+    assert summary["ttft_ms"]["p50"] is not None and summary["tokens_per_s"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "TTFT" in err  # the table goes to stderr, stdout stays one JSON line
+    assert len(out.strip().splitlines()) == 1
+
+
+async def test_bench_cli_exit_code_on_failures(server: tuple[str, FakeProxy]) -> None:
+    code, out, err = await _run_cli(
+        "--url", server[0], "--concurrency", "1", "--duration", "0.1", "--prompt", "error-event"
+    )
+    assert code == 1
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["failures"] == summary["requests"] >= 1
+    assert "replica lost" in err
+
+
+async def test_bench_cli_plain_endpoint(server: tuple[str, FakeProxy]) -> None:
+    code, out, err = await _run_cli("--url", server[0], "--endpoint", "plain", "-c", "2", "-d", "0.1")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["requests"] >= 2
+
+
+@pytest.fixture
+def pushgateway() -> Any:
+    binary = shutil.which("prometheus-pushgateway")
+    if binary is None:
+        pytest.skip("prometheus-pushgateway is not installed (Debian package prometheus-pushgateway)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [binary, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def _wait_http_ok(url: str, deadline_s: float) -> None:
+    deadline = time.monotonic() + deadline_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.05)
+
+
+async def test_push_summary_to_a_real_pushgateway(pushgateway: tuple[str, subprocess.Popen[bytes]]) -> None:
+    url, _ = pushgateway
+    await _wait_http_ok(f"{url}/-/ready", 20.0)
+    results = [RequestResult(True, e2e_s=0.5, ttft_s=0.05, tokens=32)]
+    summary = summarize(results, concurrency=8, duration_s=1.0)
+    await asyncio.to_thread(push_summary, summary, url, "demo")
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    lines = [line for line in text.splitlines() if line.startswith("tokenbus_bench_")]
+    assert any(line.startswith("tokenbus_bench_tokens_per_s{") and line.endswith(" 32") for line in lines), lines
+    assert any('job="tokenbus_bench"' in line and 'model="demo"' in line for line in lines)
+    assert any(
+        line.startswith("tokenbus_bench_ttft_ms{") and 'quantile="0.5"' in line and line.endswith(" 50")
+        for line in lines
+    ), lines

@@ -1,0 +1,379 @@
+"""The `tokenbus` CLI: argument parsing, pass-through, admin commands against a real ZeroMQ ROUTER, and the
+process supervision `tokenbus up` relies on (real child processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from schemas.messages import AdminReply, AdminRequest, decode
+from tools import cli
+from tools.procs import Children
+from tools.up import curl_commands, demo_deployment
+
+# --- parsing -------------------------------------------------------------------------------------------------
+
+
+def parse(*argv: str) -> Any:
+    return cli.build_parser().parse_args(list(argv))
+
+
+def test_deploy_engine_args_are_json_when_they_parse() -> None:
+    opts = parse(
+        "deploy",
+        "chat",
+        "--replicas",
+        "3",
+        "--max-concurrency",
+        "64",
+        "--engine-arg",
+        "token_delay_ms=5",
+        "--engine-arg",
+        "model=tiny-llama",
+        "--engine-arg",
+        'stop=["x"]',
+        "--engine-arg",
+        "warm=true",
+        "--engine-arg",
+        "ratio=0.5",
+    )
+    assert opts.name == "chat" and opts.engine == "sim" and opts.replicas == 3 and opts.max_concurrency == 64
+    assert dict(opts.engine_arg) == {
+        "token_delay_ms": 5,
+        "model": "tiny-llama",
+        "stop": ["x"],
+        "warm": True,
+        "ratio": 0.5,
+    }
+    assert opts.head == "tcp://127.0.0.1:5555"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["deploy", "x", "--engine-arg", "no-equals-sign"],
+        ["deploy", "x", "--engine-arg", "=5"],
+        ["deploy", "x", "--engine", "gpt"],
+        ["deploy", "x", "--replicas", "-1"],
+        ["scale", "x", "many"],
+        ["scale", "x"],
+        ["bench", "--concurrency", "0"],
+        ["bench", "--duration", "-3"],
+        ["bench", "--endpoint", "grpc"],
+        [],
+    ],
+)
+def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse(*argv)
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_other_commands_parse() -> None:
+    assert parse("scale", "demo", "4").replicas == 4
+    assert parse("delete", "demo", "--head", "tcp://10.0.0.1:6000").head == "tcp://10.0.0.1:6000"
+    up = parse("up")
+    assert (up.engine, up.replicas, up.port, up.state_dir) == ("sim", 2, 8000, ".tokenbus")
+    bench = parse("bench", "-c", "256", "-d", "30", "--plot", "x.png", "--pushgateway", "http://127.0.0.1:9091")
+    assert (bench.concurrency, bench.duration, bench.max_tokens, bench.endpoint) == (256, 30.0, 32, "chat")
+    assert (bench.url, bench.model, bench.plot) == ("http://127.0.0.1:8000", "demo", "x.png")
+
+
+def test_head_and_agent_get_the_rest_of_argv_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, list[str]] = {}
+    for name in ("head", "node_agent"):
+        fake = types.ModuleType(name)
+        fake.main = lambda argv, name=name: seen.setdefault(name, argv) and 7  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, name, fake)
+    assert cli.main(["head", "--router", "tcp://127.0.0.1:1", "--help"]) == 7
+    assert cli.main(["agent", "--node-id", "n1"]) == 7
+    assert seen == {"head": ["--router", "tcp://127.0.0.1:1", "--help"], "node_agent": ["--node-id", "n1"]}
+
+
+def test_up_deploys_demo_and_prints_both_curls() -> None:
+    assert demo_deployment("sim", 2) == {
+        "name": "demo",
+        "engine": "sim",
+        "engine_args": {"token_delay_ms": 20},
+        "replicas": 2,
+        "max_concurrency": 256,
+    }
+    plain, sse = curl_commands(8123)
+    assert plain == (
+        "curl -N -X POST http://127.0.0.1:8123/v1/chat/demo -H 'Content-Type: text/plain' "
+        "--data 'What is machine learning?'"
+    )
+    assert sse.startswith("curl -N http://127.0.0.1:8123/v1/chat/completions ") and '"stream":true' in sse
+
+
+# --- admin commands against a real ROUTER ----------------------------------------------------------------------
+
+STATUS = {
+    "epoch": 3,
+    "version": (3 << 32) | 17,
+    "nodes": [
+        {"node_id": "n1", "host": "127.0.0.1", "cpu_slots": 4, "used_slots": 2, "alive": True, "last_seen_s": 0.4}
+    ],
+    "deployments": [
+        {
+            "name": "demo",
+            "engine": "sim",
+            "engine_args": {"token_delay_ms": 20},
+            "replicas": 2,
+            "max_concurrency": 256,
+            "ready": 1,
+            "replicas_list": [
+                {
+                    "id": "demo-1",
+                    "node": "n1",
+                    "state": "READY",
+                    "addr": "127.0.0.1:40001",
+                    "load": {"running": 12, "waiting": 3, "kv_usage": 0.25},
+                },
+                {
+                    "id": "demo-2",
+                    "node": "n1",
+                    "state": "STARTING",
+                    "addr": "",
+                    "load": {"running": 0, "waiting": 0, "kv_usage": 0.0},
+                },
+            ],
+        }
+    ],
+}
+
+
+class FakeHead:
+    """A ROUTER answering admin requests: `status` with STATUS, `delete` of "ghost" with an error, else ok."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.requests: list[AdminRequest] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(50):
+                continue
+            frames = self.sock.recv_multipart()
+            identity, body = frames[0], frames[1:]
+            envelope = []
+            if body and body[0] == b"":  # a REQ-style empty delimiter, if the client sends one
+                envelope, body = [b""], body[1:]
+            msg = decode(body)
+            assert isinstance(msg, AdminRequest)
+            self.requests.append(msg)
+            if msg.op == "delete" and msg.args.get("name") == "ghost":
+                reply = AdminReply(msg.request_id, False, error="no deployment named 'ghost'")
+            else:
+                reply = AdminReply(msg.request_id, True, data=STATUS if msg.op == "status" else {})
+            self.sock.send_multipart([identity, *envelope, *reply.encode()])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def head() -> Iterator[FakeHead]:
+    pytest.importorskip("bus.admin")
+    fake = FakeHead()
+    yield fake
+    fake.close()
+
+
+def test_deploy_scale_delete_send_the_admin_ops(head: FakeHead, capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        cli.main(["deploy", "chat", "--replicas", "2", "--engine-arg", "token_delay_ms=5", "--head", head.endpoint])
+        == 0
+    )
+    assert cli.main(["scale", "chat", "5", "--head", head.endpoint]) == 0
+    assert cli.main(["delete", "chat", "--head", head.endpoint]) == 0
+    assert [(r.op, r.args) for r in head.requests] == [
+        (
+            "deploy",
+            {
+                "name": "chat",
+                "engine": "sim",
+                "engine_args": {"token_delay_ms": 5},
+                "replicas": 2,
+                "max_concurrency": 256,
+            },
+        ),
+        ("scale", {"name": "chat", "replicas": 5}),
+        ("delete", {"name": "chat"}),
+    ]
+    assert "scaled to 5" in capsys.readouterr().out
+
+
+def test_admin_error_is_reported_with_exit_1(head: FakeHead, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["delete", "ghost", "--head", head.endpoint]) == 1
+    assert "no deployment named 'ghost'" in capsys.readouterr().out
+
+
+def test_status_renders_nodes_deployments_replicas(
+    head: FakeHead, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # rich's width when output is not a terminal
+    assert cli.main(["status", "--head", head.endpoint]) == 0
+    out = capsys.readouterr().out
+    for text in ("n1", "2/4", "demo-1", "127.0.0.1:40001", "READY", "STARTING", "25%", "1/2", "epoch 3"):
+        assert text in out, text
+
+
+def test_no_head_times_out_with_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("bus.admin")
+    ctx = zmq.Context.instance()
+    with ctx.socket(zmq.ROUTER) as silent:  # bound but never answers
+        port = silent.bind_to_random_port("tcp://127.0.0.1")
+        assert cli.main(["status", "--head", f"tcp://127.0.0.1:{port}", "--timeout", "0.3"]) == 1
+    assert "status failed" in capsys.readouterr().out
+
+
+# --- child processes -------------------------------------------------------------------------------------------
+
+CHILD = """
+import os, signal, subprocess, sys, time
+if sys.argv[1] == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if sys.argv[1] == "parent":  # leaves a grandchild behind in its process group
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"
+    g = subprocess.Popen([sys.executable, "-c", code])
+    print("grandchild", g.pid, flush=True)
+print("ready", flush=True)
+time.sleep(300)
+"""
+
+
+def _wait_for_line(path: Path, prefix: str, deadline_s: float = 20.0) -> str:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        for line in path.read_text().splitlines():
+            if line.startswith(prefix):
+                return line
+        time.sleep(0.02)
+    raise AssertionError(f"{prefix!r} never appeared in {path}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_children_stop_newest_first_escalating_to_sigkill(tmp_path: Path) -> None:
+    children = Children()
+    names = ("polite", "stubborn", "parent")
+    for name in names:
+        children.start(name, [sys.executable, "-c", CHILD, name], tmp_path / f"{name}.log")
+    for name in names:
+        _wait_for_line(tmp_path / f"{name}.log", "ready")
+    grandchild = int(_wait_for_line(tmp_path / "parent.log", "grandchild").split()[1])
+    reports = children.stop_all(timeout_s=1.0)
+    assert [r.name for r in reports] == ["parent", "stubborn", "polite"]
+    how = {r.name: (r.how, r.exit_code) for r in reports}
+    assert how["polite"] == ("SIGTERM", -signal.SIGTERM)
+    assert how["stubborn"] == ("SIGKILL", -signal.SIGKILL)
+    assert how["parent"] == ("SIGTERM", -signal.SIGTERM)
+    assert not any(_alive(r.pid) for r in reports)
+    assert not _alive(grandchild)  # killed with its group (a zombie is reaped by init)
+    assert children.stop_all() == []
+
+
+def test_children_report_the_first_to_exit(tmp_path: Path) -> None:
+    children = Children()
+    children.start("sleeper", [sys.executable, "-c", "import time; time.sleep(300)"], tmp_path / "a.log")
+    quitter = children.start("quitter", [sys.executable, "-c", "print('bye'); raise SystemExit(3)"], tmp_path / "b.log")
+    quitter.proc.wait(20)
+    dead = children.first_exited()
+    assert dead is quitter and dead.log_tail() == "bye"
+    reports = {r.name: r for r in children.stop_all()}
+    assert (reports["quitter"].how, reports["quitter"].exit_code) == ("already exited", 3)
+    assert reports["sleeper"].how == "SIGTERM"
+
+
+def test_bench_entry_point_runs_as_a_real_process() -> None:
+    out = subprocess.run([sys.executable, "-m", "tools", "bench", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--concurrency" in out.stdout
+
+
+# --- tokenbus up, end to end with a stand-in proxy -------------------------------------------------------------
+
+FAKE_PROXY = """#!{python}
+# stands in for tokenbus-proxy: binds --listen, answers GET /readyz with 200
+import sys
+from aiohttp import web
+host, port = sys.argv[sys.argv.index("--listen") + 1].rsplit(":", 1)
+app = web.Application()
+app.router.add_get("/readyz", lambda request: web.Response(text="ready"))
+web.run_app(app, host=host, port=int(port), print=lambda *a: print("LISTENING", host + ":" + port, flush=True))
+"""
+
+
+def test_up_starts_the_cluster_and_stops_every_process_on_sigint(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "tokenbus-proxy").write_text(FAKE_PROXY.format(python=sys.executable))
+    (bin_dir / "tokenbus-replica").write_text("#!/bin/sh\nexit 1\n")  # never ready: not needed by `up` here
+    for binary in bin_dir.iterdir():
+        binary.chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = tmp_path / "state"
+    env = {**os.environ, "TOKENBUS_BIN_DIR": str(bin_dir), "COLUMNS": "300"}
+    up = subprocess.Popen(
+        [sys.executable, "-m", "tools", "up", "--port", str(port), "--state-dir", str(state), "--ready-timeout", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    assert up.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in up.stdout:
+            lines.append(line)
+            if "Ctrl-C stops everything" in line or "failed" in line:
+                break
+        out = "".join(lines)
+        assert "Ctrl-C stops everything" in out, out
+        assert f"curl -N -X POST http://127.0.0.1:{port}/v1/chat/demo" in out
+        pids = {line.split()[1]: int(line.split()[3]) for line in lines if line.startswith("started ")}
+        assert set(pids) == {"head", "agent", "proxy"}
+        assert all(_alive(pid) for pid in pids.values())
+        up.send_signal(signal.SIGINT)
+        rest, _ = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert up.returncode == 0, rest
+    assert [line.split()[1] for line in rest.splitlines() if line.startswith("stopped ")] == ["proxy", "agent", "head"]
+    assert not any(_alive(pid) for pid in pids.values())
+    assert {p.name for p in (state / "logs").iterdir()} == {"head.log", "agent.log", "proxy.log"}
+    assert "deployment demo" in (state / "logs" / "head.log").read_text()

@@ -1,0 +1,245 @@
+"""The model worker as a real process over real shared-memory rings, driven from the replica's ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_sim_engine import ManualClock, RecordingSink
+
+from model_worker.engine import Request, SamplingParams
+from model_worker.ring import RingFds, RingReceiver, RingSender, create_ring_fds
+from model_worker.sim_engine import SimEngine
+
+TOKENS, FINISH, STATS, READY = 1, 2, 3, 4
+DEADLINE_S = 20.0
+
+
+def _fds_arg(fds: RingFds) -> str:
+    return f"{fds.mem},{fds.data},{fds.space}"
+
+
+@dataclass
+class Rings:
+    req: RingFds
+    resp: RingFds
+
+    def close(self) -> None:
+        for fd in (*self.req, *self.resp):
+            os.close(fd)
+
+
+def spawn_worker(rings: Rings, log_path: Path, engine_args: dict[str, Any], rid: str = "r1") -> subprocess.Popen:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "model_worker",
+                "--replica-id",
+                rid,
+                "--engine",
+                "sim",
+                "--engine-args",
+                json.dumps(engine_args),
+                "--req-ring",
+                _fds_arg(rings.req),
+                "--resp-ring",
+                _fds_arg(rings.resp),
+            ],
+            pass_fds=(*rings.req, *rings.resp),
+            stderr=log,
+        )
+
+
+class Replica:
+    """The replica's ends of the rings: it produces requests and consumes responses."""
+
+    def __init__(self, rings: Rings) -> None:
+        self.sender = RingSender(rings.req)
+        self.receiver = RingReceiver(rings.resp)
+        self.records: list[list[Any]] = []
+
+    async def until(self, done: Callable[[list[list[Any]]], bool], deadline_s: float = DEADLINE_S) -> list[list[Any]]:
+        """Read responses until `done(all records so far)`; fails at the deadline."""
+
+        async def read() -> None:
+            while not done(self.records):
+                self.records.extend(await self.receiver.next_batch())
+
+        await asyncio.wait_for(read(), deadline_s)
+        return self.records
+
+    def of(self, request_id: int) -> list[list[Any]]:
+        return [r for r in self.records if r[0] in (TOKENS, FINISH) and r[1] == request_id]
+
+    def finished(self, request_id: int) -> Callable[[list[list[Any]]], bool]:
+        return lambda recs: any(r[0] == FINISH and r[1] == request_id for r in recs)
+
+    def close(self) -> None:
+        self.sender.close()
+        self.receiver.close()
+
+
+def submit(rid: int, prompt: str, max_tokens: int, **params: Any) -> list[Any]:
+    return [1, rid, prompt, None, {"max_tokens": max_tokens, "stop": [], "ignore_eos": True, **params}]
+
+
+@dataclass
+class Running:
+    proc: subprocess.Popen
+    replica: Replica
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    async def exit_code(self) -> int:
+        return await asyncio.wait_for(asyncio.to_thread(self.proc.wait), DEADLINE_S)
+
+
+@pytest.fixture
+async def worker(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Running]:
+    engine_args = getattr(request, "param", {"token_delay_ms": 1, "seed": 11})
+    rings = Rings(create_ring_fds(1 << 16), create_ring_fds(1 << 16))
+    replica = Replica(rings)
+    log_path = tmp_path / "worker.log"
+    proc = spawn_worker(rings, log_path, engine_args)
+    try:
+        yield Running(proc, replica, log_path)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        replica.close()
+        rings.close()
+
+
+async def test_ready_first_then_tokens_in_order_and_finish(worker: Running) -> None:
+    replica = worker.replica
+    first = await replica.until(lambda recs: len(recs) >= 1)
+    assert first[0] == [READY, {"engine": "sim", "model": "sim", "max_model_len": 4096}]
+    replica.sender.send(submit(5, "what is machine learning", 6))
+    await replica.until(replica.finished(5))
+    records = replica.of(5)
+    assert [r[0] for r in records] == [TOKENS] * 6 + [FINISH]
+    assert all(r[3] == 1 for r in records[:-1])
+    assert records[-1] == [FINISH, 5, "length", 4, 6, 0, ""]
+    # the same text the engine produces in-process: deterministic across processes
+    clock = ManualClock()
+    sink = RecordingSink(clock)
+    engine = SimEngine({"seed": 11}, sink, clock)
+    engine.submit(Request(5, "what is machine learning", None, SamplingParams(max_tokens=6)))
+    clock.advance()
+    assert "".join(r[2] for r in records[:-1]) == sink.text_of(5)
+    assert [STATS, 0, 0, 0.0] in replica.records  # the first load report
+    assert "worker r1 ready: engine sim" in worker.log()
+
+
+async def test_many_streams_each_complete_and_ordered(worker: Running) -> None:
+    replica = worker.replica
+    for i in range(1, 41):
+        replica.sender.send(submit(i, f"prompt number {i}", 8))
+    await replica.until(lambda recs: sum(r[0] == FINISH for r in recs) == 40)
+    for i in range(1, 41):
+        kinds = [r[0] for r in replica.of(i)]
+        assert kinds == [TOKENS] * 8 + [FINISH], i
+
+
+@pytest.mark.parametrize("worker", [{"token_delay_ms": 5}], indirect=True)
+async def test_cancel_answers_finish_abort_and_stats_follow_load(worker: Running) -> None:
+    replica = worker.replica
+    replica.sender.send(submit(9, "long one", 100000))
+    await replica.until(lambda recs: any(r[:3] == [STATS, 1, 0] for r in recs))
+    await replica.until(lambda recs: any(r[0] == TOKENS and r[1] == 9 for r in recs))
+    replica.sender.send([2, 9])
+    await replica.until(replica.finished(9))
+    finish = replica.of(9)[-1]
+    assert finish[:3] == [FINISH, 9, "abort"] and finish[4] == len(replica.of(9)) - 1
+    await replica.until(lambda recs: recs[-1][:3] == [STATS, 0, 0])
+    replica.sender.send([2, 9])  # cancelling a finished request is harmless
+    replica.sender.send(submit(10, "after", 2))
+    await replica.until(replica.finished(10))
+    assert [r[0] for r in replica.of(9)].count(FINISH) == 1
+
+
+async def test_bad_records_are_answered_or_logged_and_nothing_else_breaks(worker: Running) -> None:
+    replica = worker.replica
+    replica.sender.send([1, 1, "prompt", None, {"max_tokens": "many"}])
+    replica.sender.send([1, 2, 42, None, {}])
+    replica.sender.send([7, 3])
+    replica.sender.send("not a record")
+    replica.sender.send([2])
+    replica.sender.send(submit(4, " ".join(["w"] * 5000), 3))  # longer than max_model_len 4096
+    replica.sender.send(submit(5, "fine", 3))
+    await replica.until(lambda recs: all(any(r[0] == FINISH and r[1] == i for r in recs) for i in (1, 2, 4, 5)))
+    assert replica.of(1)[-1][2:6] == ["error", 0, 0, 400] and "max_tokens" in replica.of(1)[-1][6]
+    assert replica.of(2)[-1][5] == 400 and "prompt must be a string" in replica.of(2)[-1][6]
+    assert replica.of(4)[-1][2:6] == ["error", 5000, 0, 400] and "maximum context length" in replica.of(4)[-1][6]
+    assert replica.of(5)[-1][2] == "length"
+    log = worker.log()
+    assert "unknown record kind 7" in log and "CANCEL must be [2, id]" in log
+
+
+@pytest.mark.parametrize("worker", [{"token_delay_ms": 5}], indirect=True)
+async def test_sigterm_aborts_open_requests_and_exits_0(worker: Running) -> None:
+    replica = worker.replica
+    replica.sender.send(submit(1, "a long request", 100000))
+    await replica.until(lambda recs: any(r[0] == TOKENS for r in recs))
+    worker.proc.send_signal(signal.SIGTERM)
+    await replica.until(replica.finished(1))
+    assert replica.of(1)[-1][2] == "abort"
+    assert await worker.exit_code() == 0
+    assert "worker r1 stopped (signal)" in worker.log()
+
+
+async def test_exits_0_when_the_replica_is_gone(tmp_path: Path) -> None:
+    rings = Rings(create_ring_fds(1 << 16), create_ring_fds(1 << 16))
+    # the request ring's producer is another process, which then dies
+    fake_replica = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from model_worker.ring import RingSender, parse_ring_fds\n"
+            "s = RingSender(parse_ring_fds(sys.argv[1]))\n"
+            "print('attached', flush=True)\n"
+            "time.sleep(300)\n",
+            _fds_arg(rings.req),
+        ],
+        pass_fds=tuple(rings.req),
+        stdout=subprocess.PIPE,
+    )
+    receiver = RingReceiver(rings.resp)
+    try:
+        assert fake_replica.stdout is not None
+        assert (await asyncio.to_thread(fake_replica.stdout.readline)) == b"attached\n"
+        proc = spawn_worker(rings, tmp_path / "w.log", {})
+        batch = await asyncio.wait_for(receiver.next_batch(), DEADLINE_S)
+        assert batch[0][0] == READY
+        fake_replica.kill()
+        fake_replica.wait()
+        assert await asyncio.wait_for(asyncio.to_thread(proc.wait), DEADLINE_S) == 0
+        assert "worker r1 stopped (replica gone)" in (tmp_path / "w.log").read_text()
+    finally:
+        for p in (fake_replica, locals().get("proc")):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        receiver.close()
+        rings.close()
+
+
+@pytest.mark.parametrize("worker", [{"batch_capacity": 0}], indirect=True)
+async def test_bad_engine_args_exit_2_with_a_clear_line(worker: Running) -> None:
+    assert await worker.exit_code() == 2
+    assert "worker r1 bad engine configuration: sim engine arg batch_capacity must be >= 1" in worker.log()

@@ -1,0 +1,166 @@
+"""`tokenbus bench`: closed-loop streaming load, C clients for D seconds, latency percentiles and throughput."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import uvloop
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from tools.bench_client import RequestResult, TokenCounter, openai_stream, plain_stream
+from tools.bench_report import plot_latencies, push_summary, summarize, summary_table
+
+HARD_DEADLINE_EXTRA_S = 30.0  # requests still open this long after the duration are cut and count as failures
+PROGRESS_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    url: str
+    model: str
+    concurrency: int
+    duration_s: float
+    max_tokens: int = 32
+    endpoint: str = "chat"  # chat: OpenAI SSE; plain: /v1/chat/{model}
+    prompt: str = "What is machine learning?"
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="closed-loop streaming load against a proxy; latency and throughput")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the proxy's base URL")
+    p.add_argument("--model", default="demo", help="deployment name")
+    p.add_argument("--concurrency", "-c", type=_positive_int, default=16, help="concurrent streaming clients")
+    p.add_argument("--duration", "-d", type=_positive_float, default=10.0, help="seconds to start requests for")
+    p.add_argument("--max-tokens", type=_positive_int, default=32, help="tokens per request (OpenAI endpoint)")
+    p.add_argument("--endpoint", choices=("chat", "plain"), default="chat", help="OpenAI SSE or plain text")
+    p.add_argument("--prompt", default="What is machine learning?")
+    p.add_argument("--plot", metavar="FILE.png", help="write TTFT and end-to-end latency histograms here")
+    p.add_argument("--pushgateway", metavar="URL", help="push the summary to this Prometheus Pushgateway")
+    p.set_defaults(func=main)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+async def run_bench(
+    cfg: BenchConfig, counter: TokenCounter, on_result: Callable[[RequestResult], None] | None = None
+) -> tuple[list[RequestResult], float]:
+    """Every request's result and the measured duration (first start to last end, or the hard deadline)."""
+    results: list[RequestResult] = []
+    url = cfg.url.rstrip("/")
+    start = time.perf_counter()
+    stop_starting_at = start + cfg.duration_s
+    connector = aiohttp.TCPConnector(limit=cfg.concurrency + 8, limit_per_host=0, keepalive_timeout=60)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        def one_request() -> Coroutine[Any, Any, RequestResult]:
+            if cfg.endpoint == "plain":
+                return plain_stream(session, url, cfg.model, cfg.prompt, counter)
+            return openai_stream(session, url, cfg.model, cfg.prompt, cfg.max_tokens, counter)
+
+        async def client() -> None:
+            while time.perf_counter() < stop_starting_at:
+                request_start = time.perf_counter()
+                try:
+                    result = await one_request()
+                except asyncio.CancelledError:
+                    results.append(RequestResult(False, time.perf_counter() - request_start, error="hard deadline"))
+                    raise
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+
+        clients = [asyncio.create_task(client(), name=f"bench-client-{i}") for i in range(cfg.concurrency)]
+        _, late = await asyncio.wait(clients, timeout=cfg.duration_s + HARD_DEADLINE_EXTRA_S)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+    return results, time.perf_counter() - start
+
+
+async def _run_with_progress(cfg: BenchConfig, console: Console) -> tuple[list[RequestResult], float]:
+    counter = TokenCounter()
+    done = failures = 0
+
+    def on_result(result: RequestResult) -> None:
+        nonlocal done, failures
+        done += 1
+        failures += not result.ok
+
+    async def progress(live: Live) -> None:
+        start = last_at = time.perf_counter()
+        last_chunks = 0
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL_S)
+            now = time.perf_counter()
+            rate = (counter.chunks - last_chunks) / (now - last_at)
+            last_chunks, last_at = counter.chunks, now
+            live.update(
+                Text(
+                    f"elapsed {now - start:5.1f}/{cfg.duration_s:.0f} s   requests {done}   "
+                    f"failures {failures}   {rate:8.0f} tok/s"
+                )
+            )
+
+    with Live(Text("starting..."), console=console, refresh_per_second=4, transient=True) as live:
+        ticker = asyncio.create_task(progress(live), name="bench-progress")
+        try:
+            return await run_bench(cfg, counter, on_result)
+        finally:
+            ticker.cancel()
+
+
+def main(opts: argparse.Namespace) -> int:
+    cfg = BenchConfig(
+        url=opts.url,
+        model=opts.model,
+        concurrency=opts.concurrency,
+        duration_s=opts.duration,
+        max_tokens=opts.max_tokens,
+        endpoint=opts.endpoint,
+        prompt=opts.prompt,
+    )
+    console = Console(stderr=True)  # stdout carries only the JSON line, for scripts
+    results, duration_s = uvloop.run(_run_with_progress(cfg, console))
+    summary = summarize(results, cfg.concurrency, duration_s)
+    console.print(summary_table(summary))
+    errors: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    for error, count in sorted(errors.items(), key=lambda kv: -kv[1])[:5]:
+        console.print(f"[red]{count} x {error}[/red]")
+    status = 1 if summary["failures"] else 0
+    if opts.plot:
+        plot_latencies(results, opts.plot)
+        console.print(f"latency plot written to {opts.plot}")
+    if opts.pushgateway:
+        try:
+            push_summary(summary, opts.pushgateway, cfg.model)
+            console.print(f"summary pushed to {opts.pushgateway} (job tokenbus_bench)")
+        except OSError as e:
+            console.print(f"[red]push to {opts.pushgateway} failed: {e}[/red]")
+            status = 1
+    print(json.dumps(summary), flush=True)
+    return status

@@ -1,0 +1,221 @@
+"""`tokenbus up`: a local cluster (head, one agent, proxy) serving `demo`, until Ctrl-C.
+
+Every process it starts is stopped again by PID, newest first, on Ctrl-C, SIGTERM, a child dying or any
+startup error. Child logs go to <state-dir>/logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from rich.console import Console
+
+from bus.endpoints import DEFAULT_PUB, DEFAULT_ROUTER
+from tools.admin_cmds import admin_request
+from tools.procs import Child, Children
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BINARIES = ("tokenbus-proxy", "tokenbus-replica")
+DEFAULT_ROUTER_PORT = int(DEFAULT_ROUTER.rsplit(":", 1)[1])
+DEFAULT_PUB_PORT = int(DEFAULT_PUB.rsplit(":", 1)[1])
+POLL_INTERVAL_S = 0.5
+DEPLOYMENT = "demo"
+
+
+class StartupError(Exception):
+    """`up` cannot bring the cluster up; the message says why (and where the logs are)."""
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("up", help="start a local cluster serving `demo`; Ctrl-C stops it")
+    p.add_argument("--engine", default="sim", choices=("sim", "vllm"))
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--port", type=int, default=8000, help="the proxy's HTTP port on 127.0.0.1")
+    p.add_argument("--state-dir", default=".tokenbus", help="head database and child logs")
+    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for /readyz")
+    p.set_defaults(func=main)
+
+
+def demo_deployment(engine: str, replicas: int) -> dict[str, Any]:
+    return {
+        "name": DEPLOYMENT,
+        "engine": engine,
+        "engine_args": {"token_delay_ms": 20} if engine == "sim" else {},
+        "replicas": replicas,
+        "max_concurrency": 256,
+    }
+
+
+def curl_commands(port: int) -> list[str]:
+    base = f"http://127.0.0.1:{port}"
+    return [
+        f"curl -N -X POST {base}/v1/chat/{DEPLOYMENT} -H 'Content-Type: text/plain' --data 'What is machine learning?'",
+        f"curl -N {base}/v1/chat/completions -H 'Content-Type: application/json' "
+        f'-d \'{{"model":"{DEPLOYMENT}","messages":[{{"role":"user","content":"What is machine learning?"}}],'
+        f'"stream":true}}\'',
+    ]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_or_free(default: int) -> int:
+    return default if _port_free(default) else _free_port()
+
+
+def ensure_binaries(console: Console) -> Path:
+    from node_agent.binaries import bin_dir
+
+    directory = Path(bin_dir())
+    missing = [b for b in BINARIES if not (directory / b).exists()]
+    if not missing:
+        return directory
+    if not (REPO_ROOT / "Makefile").exists():
+        raise StartupError(f"{', '.join(missing)} not found in {directory} (set TOKENBUS_BIN_DIR)")
+    console.print(f"[yellow]{', '.join(missing)} not built yet: running `make build` in {REPO_ROOT}[/yellow]")
+    if subprocess.run(["make", "build"], cwd=REPO_ROOT).returncode != 0:
+        raise StartupError("`make build` failed (output above)")
+    missing = [b for b in BINARIES if not (directory / b).exists()]
+    if missing:
+        raise StartupError(f"`make build` did not produce {', '.join(missing)} in {directory}")
+    return directory
+
+
+def _child_died(child: Child) -> StartupError:
+    return StartupError(
+        f"{child.name} (pid {child.pid}) exited with code {child.proc.returncode}; "
+        f"last lines of {child.log_path}:\n{child.log_tail()}"
+    )
+
+
+async def _deploy(router: str, spec: dict[str, Any], children: Children, deadline: float) -> None:
+    """Deploy `demo`, retrying while the head is still starting."""
+    from bus.admin import AdminError
+
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if (dead := children.first_exited()) is not None:
+            raise _child_died(dead)
+        try:
+            await admin_request(router, "deploy", spec, timeout=2.0)
+            return
+        except TimeoutError:  # before AdminError: a timeout is both
+            last = f"no answer from the head at {router}"
+        except AdminError as e:
+            raise StartupError(f"the head refused the deployment: {e}") from e
+    raise StartupError(f"could not deploy {DEPLOYMENT}: {last}")
+
+
+async def _wait_ready(url: str, children: Children, deadline: float, console: Console) -> None:
+    last = "not polled yet"
+    timeout = aiohttp.ClientTimeout(total=2.0)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        with console.status(f"waiting for {url} ...") as status:
+            while time.monotonic() < deadline:
+                if (dead := children.first_exited()) is not None:
+                    raise _child_died(dead)
+                try:
+                    async with session.get(url) as resp:
+                        if resp.status == 200:
+                            return
+                        last = f"HTTP {resp.status}: {(await resp.text())[:200].strip()}"
+                except (aiohttp.ClientError, TimeoutError) as e:
+                    last = f"{type(e).__name__}: {e}"
+                status.update(f"waiting for {url} (last: {last})")
+                await asyncio.sleep(POLL_INTERVAL_S)
+    raise StartupError(f"{url} not ready in time; last answer: {last}")
+
+
+async def _bring_up(opts: argparse.Namespace, children: Children, console: Console) -> int:
+    state_dir = Path(opts.state_dir).resolve()
+    logs = state_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    bin_dir = ensure_binaries(console)
+    if not _port_free(opts.port):
+        raise StartupError(f"port {opts.port} on 127.0.0.1 is in use: choose another with --port")
+    router_port = _port_or_free(DEFAULT_ROUTER_PORT)
+    pub_port = _port_or_free(DEFAULT_PUB_PORT)
+    while pub_port == router_port:
+        pub_port = _free_port()
+    router, pub = f"tcp://127.0.0.1:{router_port}", f"tcp://127.0.0.1:{pub_port}"
+    env = {**os.environ, "TOKENBUS_BIN_DIR": str(bin_dir), "PYTHONUNBUFFERED": "1"}
+    tokenbus = [sys.executable, "-m", "tools"]
+    console.print(f"state in {state_dir}; child logs in {logs}/")
+    slots = str(max(opts.replicas, os.cpu_count() or 1))  # sim replicas need no core of their own
+    proxy = str(bin_dir / "tokenbus-proxy")
+    for name, cmd in (
+        ("head", [*tokenbus, "head", "--router", router, "--pub", pub, "--db", str(state_dir / "head.db")]),
+        ("agent", [*tokenbus, "agent", "--head", router, "--node-id", "local", "--cpu-slots", slots]),
+        ("proxy", [proxy, "--listen", f"127.0.0.1:{opts.port}", "--head-router", router, "--head-pub", pub]),
+    ):
+        child = children.start(name, cmd, logs / f"{name}.log", env)
+        console.print(f"started {name:5} pid {child.pid:>7}  log {child.log_path}")
+
+    deadline = time.monotonic() + opts.ready_timeout
+    await _deploy(router, demo_deployment(opts.engine, opts.replicas), children, deadline)
+    console.print(f"deployed [bold]{DEPLOYMENT}[/bold]: {opts.replicas} x {opts.engine}")
+    await _wait_ready(f"http://127.0.0.1:{opts.port}/readyz", children, deadline, console)
+    console.print(f"[green]ready[/green]: head {router} (pub {pub}), proxy http://127.0.0.1:{opts.port}\n", soft_wrap=True)
+    console.print("try:")
+    for cmd in curl_commands(opts.port):
+        console.print(cmd, markup=False, highlight=False, soft_wrap=True)
+    console.print("\nCtrl-C stops everything.")
+    while (dead := children.first_exited()) is None:
+        await asyncio.sleep(POLL_INTERVAL_S)
+    raise _child_died(dead)
+
+
+async def _run(opts: argparse.Namespace, children: Children, console: Console) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    cluster = asyncio.create_task(_bring_up(opts, children, console), name="up")
+    stopper = asyncio.create_task(stop.wait(), name="stop-signal")
+    await asyncio.wait({cluster, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if cluster.done():
+        return cluster.result()  # StartupError propagates to main
+    cluster.cancel()
+    await asyncio.gather(cluster, return_exceptions=True)
+    console.print("\nstopping (signal)")
+    return 0
+
+
+def main(opts: argparse.Namespace) -> int:
+    console = Console()
+    children = Children()
+    try:
+        code = asyncio.run(_run(opts, children, console))
+    except StartupError as e:
+        console.print(f"[red]tokenbus up failed:[/red] {e}", highlight=False)
+        code = 1
+    finally:
+        # a second Ctrl-C must not cut the (bounded) shutdown short and leave children behind
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for report in children.stop_all():
+            console.print(f"stopped {report.name:5} pid {report.pid:>7}: {report.how}, exit code {report.exit_code}")
+    return code
