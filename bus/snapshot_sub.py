@@ -48,7 +48,11 @@ class SnapshotSubscriber:
         self._request_pending = False  # a SnapshotRequest is unanswered: re-sent every request interval
         self._changed = asyncio.Condition()
         self._error: BaseException | None = None
+        # counters (for status displays and tests)
         self.requests_sent = 0  # SnapshotRequests sent in all (start, gaps, retries)
+        self.applied = 0  # snapshots applied (newer than the one held)
+        self.confirmations = 0  # snapshots of the held version again (re-publishes, answers)
+        self.stale = 0  # snapshots older than the one held, ignored
 
     # --- the view ----------------------------------------------------------------------------------------
 
@@ -171,10 +175,13 @@ class SnapshotSubscriber:
             log.info("snapshot gap: holding %#x, got %#x; asking for the full snapshot", held, msg.version)
             await self._request()
         if msg.version < held:
-            return  # stale or reordered: never roll back
+            self.stale += 1  # stale or reordered: never roll back
+            return
         self._last_heard = time.monotonic()  # held or newer: the view is confirmed current
         if msg.version == held:
+            self.confirmations += 1
             return
+        self.applied += 1
         self._snapshot = msg
         async with self._changed:
             self._changed.notify_all()

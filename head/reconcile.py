@@ -63,7 +63,7 @@ def reconcile(state: ClusterState, now: float) -> list[Command]:
         live = [r for r in state.replicas.values() if r.deployment == name and _counts_toward_desired(r)]
         if len(live) > d.replicas:
             # STARTING ones first (they serve nothing yet), then the newest
-            live.sort(key=lambda r: (r.state is not ReplicaState.STARTING, -r.created))
+            live.sort(key=lambda r: (r.state is not ReplicaState.STARTING, -r.order))
             for r in live[: len(live) - d.replicas]:
                 stop(r, f"scaling {name} down to {d.replicas}")
             continue
@@ -79,7 +79,7 @@ def reconcile(state: ClusterState, now: float) -> list[Command]:
                 break
             state.unplaced.discard(name)
             rid = new_replica_id(name)
-            state.replicas[rid] = Replica(rid, name, node.node_id, ReplicaState.STARTING, created=now)
+            state.add_replica(rid, name, node.node_id, ReplicaState.STARTING, now)
             log.info("replica %s of %s placed on node %s", rid, name, node.node_id)
             commands.append(
                 Command(node.node_id, StartReplica(rid, name, d.engine, dict(d.engine_args), d.max_concurrency))

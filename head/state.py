@@ -6,6 +6,7 @@ the reconcile loop (reconcile.py) turns the difference between desired and actua
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,8 @@ class Replica:
     deployment: str
     node_id: str
     state: ReplicaState
-    created: float  # monotonic; "newest" for scale-down
+    created: float  # monotonic
+    order: int  # creation order in this head ("newest" for scale-down: one pass creates several at the same time)
     grpc_address: str = ""
     load: ReplicaLoad = field(default_factory=ReplicaLoad)
     confirmed: bool = False  # an agent report has mentioned it
@@ -65,6 +67,7 @@ class ClusterState:
         self.replicas: dict[str, Replica] = {}
         self.backoff: dict[str, RestartBackoff] = {}
         self.unplaced: set[str] = set()  # deployments short of replicas for want of a free slot (logged once)
+        self._order = itertools.count()
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
 
@@ -130,6 +133,11 @@ class ClusterState:
                 lost.append(node)
         return lost
 
+    def add_replica(self, replica_id: str, deployment: str, node_id: str, state: ReplicaState, now: float) -> Replica:
+        r = Replica(replica_id, deployment, node_id, state, created=now, order=next(self._order))
+        self.replicas[replica_id] = r
+        return r
+
     def used_slots(self, node_id: str) -> int:
         return sum(1 for r in self.replicas.values() if r.node_id == node_id)
 
@@ -166,8 +174,7 @@ class ClusterState:
                 self._exited(r, status, now)
             return
         if r is None:  # a replica the head does not know: adopted (after a head restart, the agent's list is truth)
-            r = Replica(status.replica_id, status.deployment, node.node_id, status.state, created=now)
-            self.replicas[r.replica_id] = r
+            r = self.add_replica(status.replica_id, status.deployment, node.node_id, status.state, now)
             log.info(
                 "replica %s of %s on node %s adopted (%s)", r.replica_id, r.deployment, node.node_id, r.state.value
             )
@@ -265,7 +272,7 @@ class ClusterState:
         ]
         deployments = []
         for name, d in sorted(self.deployments.items()):
-            reps = sorted((r for r in self.replicas.values() if r.deployment == name), key=lambda r: r.created)
+            reps = sorted((r for r in self.replicas.values() if r.deployment == name), key=lambda r: r.order)
             deployments.append(
                 {
                     "name": name,

@@ -66,7 +66,7 @@ class Agent:
                 self._link.send(ReplicaEvent(self.node_id, gone))
             return
         log.info("stopping replica %s (%s)", msg.replica_id, "drain" if msg.drain else "no drain")
-        replica.stop(msg.drain)
+        replica.stop(msg.drain, reason="stopped by the head")
 
     def _changed(self, replica: ReplicaProcess) -> None:
         exited = replica.state is ReplicaState.EXITED
@@ -85,7 +85,7 @@ class Agent:
             return
         log.info("stopping %d replicas", len(self._tasks))
         for replica in self._replicas.values():
-            replica.stop(drain=False)
+            replica.stop(drain=False, reason="the agent is stopping")
         _, pending = await asyncio.wait(list(self._tasks.values()), timeout=SHUTDOWN_GRACE_S)
         for task in pending:
             log.error("replica %s did not stop in %.0f s", task.get_name(), SHUTDOWN_GRACE_S)

@@ -84,8 +84,9 @@ class ReplicaProcess:
             self.replica_id, self.deployment, self.state, self.address, self.load, self.exit_code, self.detail
         )
 
-    def stop(self, drain: bool) -> None:
-        """Asks the replica to stop; a later stop without drain cuts a drain short."""
+    def stop(self, drain: bool, reason: str = "") -> None:
+        """Asks the replica to stop; a later stop without drain cuts a drain short. `reason` goes in its EXITED."""
+        self.detail = self.detail or reason
         if not self._stop.is_set():
             self._drain = drain
             self._stop.set()

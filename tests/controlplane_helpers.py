@@ -99,6 +99,8 @@ class FakeAgent:
         if identity is not None:
             self.sock.setsockopt(zmq.ROUTING_ID, identity)
         self.sock.connect(router)
+        self._beating: asyncio.Task[None] | None = None
+        self.replicas: dict[str, ReplicaStatus] = {}  # what it says it runs in heartbeats, as a real agent would
 
     async def send(self, msg: Message) -> None:
         await self.sock.send_multipart(msg.encode())
@@ -107,10 +109,15 @@ class FakeAgent:
         await self.send(Register(self.node_id, "127.0.0.1", self.cpu_slots, 0, 1 << 30, replicas))
         return await self.expect(RegisterAck)
 
-    async def heartbeat(self, replicas: tuple[ReplicaStatus, ...] = ()) -> None:
-        await self.send(Heartbeat(self.node_id, replicas))
+    async def heartbeat(self) -> None:
+        await self.send(Heartbeat(self.node_id, tuple(self.replicas.values())))
 
     async def report(self, status: ReplicaStatus) -> None:
+        """A ReplicaEvent; the replica's status is also what later heartbeats list (until it EXITED)."""
+        if status.state is ReplicaState.EXITED:
+            self.replicas.pop(status.replica_id, None)
+        else:
+            self.replicas[status.replica_id] = status
         await self.send(ReplicaEvent(self.node_id, status))
 
     async def expect(self, cls: type[M], timeout: float = DEADLINE_S, skip: tuple[type, ...] = (Heartbeat,)) -> M:
@@ -125,13 +132,23 @@ class FakeAgent:
                 return msg
             assert isinstance(msg, skip), f"node {self.node_id}: expected {cls.__name__}, got {msg}"
 
-    async def keep_alive(self, statuses: Callable[[], tuple[ReplicaStatus, ...]] = tuple) -> None:
-        """Heartbeats every test interval until cancelled (a background task of the test)."""
-        while True:
-            await self.heartbeat(statuses())
-            await asyncio.sleep(TEST_HEARTBEAT_S)  # the heartbeat period itself
+    def start_heartbeats(self) -> None:
+        """Heartbeats every test interval from now until close()."""
+
+        async def beat() -> None:
+            while True:
+                await self.heartbeat()
+                await asyncio.sleep(TEST_HEARTBEAT_S)  # the heartbeat period itself
+
+        self._beating = asyncio.create_task(beat(), name=f"heartbeats-{self.node_id}")
+
+    def stop_heartbeats(self) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
+            self._beating = None
 
     def close(self) -> None:
+        self.stop_heartbeats()
         self.sock.close(linger=0)
 
 

@@ -21,6 +21,7 @@ from tools.bench_report import plot_latencies, push_summary, summarize, summary_
 
 HARD_DEADLINE_EXTRA_S = 30.0  # requests still open this long after the duration are cut and count as failures
 PROGRESS_INTERVAL_S = 0.5
+FAILURE_BACKOFF_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ async def run_bench(
                 results.append(result)
                 if on_result is not None:
                     on_result(result)
+                if not result.ok:  # a refusing server would otherwise be hammered in a tight loop
+                    await asyncio.sleep(FAILURE_BACKOFF_S)
 
         clients = [asyncio.create_task(client(), name=f"bench-client-{i}") for i in range(cfg.concurrency)]
         _, late = await asyncio.wait(clients, timeout=cfg.duration_s + HARD_DEADLINE_EXTRA_S)

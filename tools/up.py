@@ -177,7 +177,8 @@ async def _bring_up(opts: argparse.Namespace, children: Children, console: Conso
     await _deploy(router, demo_deployment(opts.engine, opts.replicas), children, deadline)
     console.print(f"deployed [bold]{DEPLOYMENT}[/bold]: {opts.replicas} x {opts.engine}")
     await _wait_ready(f"http://127.0.0.1:{opts.port}/readyz", children, deadline, console)
-    console.print(f"[green]ready[/green]: head {router} (pub {pub}), proxy http://127.0.0.1:{opts.port}\n", soft_wrap=True)
+    ready = f"[green]ready[/green]: head {router} (pub {pub}), proxy http://127.0.0.1:{opts.port}\n"
+    console.print(ready, soft_wrap=True)
     console.print("try:")
     for cmd in curl_commands(opts.port):
         console.print(cmd, markup=False, highlight=False, soft_wrap=True)

@@ -1,0 +1,154 @@
+#include "proxy/fake_replica.hpp"
+
+#include <grpcpp/grpcpp.h>
+
+#include <vector>
+
+namespace tokenbus::proxy::testing {
+
+class FakeReplica::Writer final : public grpc::ServerWriteReactor<v1::GenerateChunk> {
+ public:
+  Writer(FakeReplica& owner, const v1::GenerateRequest& request) : owner_(owner) {
+    const std::string& text =
+        request.messages_size() > 0 ? request.messages(request.messages_size() - 1).content() : request.prompt();
+    if (text == "hang") {
+      add("first ", 1);
+      hang_ = true;
+    } else if (text == "error400") {
+      v1::GenerateChunk& last = add("", 0);
+      last.set_finish_reason("error");
+      last.set_error_code(400);
+      last.set_error_message("prompt too long");
+    } else if (text == "fail-mid") {
+      add("one ", 1);
+      add("two ", 1);
+      end_status_ = grpc::Status(grpc::StatusCode::UNAVAILABLE, "replica died");
+    } else if (text == "quote") {
+      add(kFakeQuoteText, 1);
+      finish("stop", 1);
+    } else {
+      const std::uint32_t n = request.params().max_tokens() == 0 ? 8 : request.params().max_tokens();
+      for (std::uint32_t i = 0; i < n; ++i) add("tok" + std::to_string(i) + " ", 1);
+      finish("length", n);
+    }
+    next();
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      std::lock_guard lock(mutex_);
+      writing_ = false;
+    }
+    if (ok) {
+      next();
+    } else {
+      finish_once(grpc::Status::CANCELLED);
+    }
+  }
+
+  void OnCancel() override {
+    owner_.note_cancelled();
+    {
+      std::lock_guard lock(mutex_);
+      cancelled_ = true;
+      if (writing_) return;  // OnWriteDone finishes
+    }
+    finish_once(grpc::Status::CANCELLED);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  v1::GenerateChunk& add(std::string text, std::uint32_t tokens) {
+    v1::GenerateChunk& chunk = chunks_.emplace_back();
+    chunk.set_text(std::move(text));
+    chunk.set_tokens(tokens);
+    return chunk;
+  }
+
+  void finish(const char* reason, std::uint32_t completion_tokens) {
+    v1::GenerateChunk& last = add("", 0);
+    last.set_finish_reason(reason);
+    last.set_prompt_tokens(kFakePromptTokens);
+    last.set_completion_tokens(completion_tokens);
+  }
+
+  // Decides under the lock, acts outside it: a reaction may run inline in a Start call.
+  void next() {
+    const v1::GenerateChunk* write = nullptr;
+    {
+      std::lock_guard lock(mutex_);
+      if (finished_) return;
+      if (cancelled_) {
+        end_status_ = grpc::Status::CANCELLED;
+        finished_ = true;
+      } else if (next_ < chunks_.size()) {
+        write = &chunks_[next_++];
+        writing_ = true;
+      } else if (hang_) {
+        return;
+      } else {
+        finished_ = true;
+      }
+    }
+    if (write != nullptr) {
+      StartWrite(write);
+    } else {
+      Finish(end_status_);
+    }
+  }
+
+  void finish_once(const grpc::Status& status) {
+    {
+      std::lock_guard lock(mutex_);
+      if (std::exchange(finished_, true)) return;
+    }
+    Finish(status);
+  }
+
+  FakeReplica& owner_;
+  std::vector<v1::GenerateChunk> chunks_;
+  std::size_t next_ = 0;
+  bool hang_ = false;
+  grpc::Status end_status_ = grpc::Status::OK;
+  std::mutex mutex_;  // OnCancel and OnWriteDone may run at once
+  bool writing_ = false;
+  bool cancelled_ = false;
+  bool finished_ = false;
+};
+
+FakeReplica::FakeReplica() {
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
+  builder.RegisterService(this);
+  server_ = builder.BuildAndStart();
+}
+
+FakeReplica::~FakeReplica() { server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2)); }
+
+grpc::ServerWriteReactor<v1::GenerateChunk>* FakeReplica::Generate(grpc::CallbackServerContext*,
+                                                                  const v1::GenerateRequest* request) {
+  {
+    std::lock_guard lock(mutex_);
+    last_request_ = *request;
+  }
+  return new Writer(*this, *request);
+}
+
+v1::GenerateRequest FakeReplica::last_request() {
+  std::lock_guard lock(mutex_);
+  return last_request_;
+}
+
+void FakeReplica::note_cancelled() {
+  std::lock_guard lock(mutex_);
+  ++cancelled_;
+  cancelled_cv_.notify_all();
+}
+
+bool FakeReplica::wait_for_cancellations(int count, std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mutex_);
+  return cancelled_cv_.wait_for(lock, timeout, [&] { return cancelled_ >= count; });
+}
+
+}  // namespace tokenbus::proxy::testing

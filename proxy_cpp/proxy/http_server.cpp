@@ -1,5 +1,7 @@
 #include "proxy/http_server.hpp"
 
+#include <utility>  // before Asio: Boost 1.74's awaitable.hpp needs it under g++ 12
+
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
@@ -188,8 +190,11 @@ std::uint16_t HttpServer::listen(const std::string& host, std::uint16_t port, st
   }
   tcp::acceptor& acceptor = impl_->acceptor.emplace(impl_->workers[0]->context);
   const tcp::endpoint endpoint(address, port);
-  if (acceptor.open(endpoint.protocol(), ec) || acceptor.set_option(tcp::acceptor::reuse_address(true), ec) ||
-      acceptor.bind(endpoint, ec) || acceptor.listen(net::socket_base::max_listen_connections, ec)) {
+  acceptor.open(endpoint.protocol(), ec);
+  if (!ec) acceptor.set_option(tcp::acceptor::reuse_address(true), ec);
+  if (!ec) acceptor.bind(endpoint, ec);
+  if (!ec) acceptor.listen(net::socket_base::max_listen_connections, ec);
+  if (ec) {
     error = "cannot listen on " + host + ":" + std::to_string(port) + ": " + ec.message();
     return 0;
   }

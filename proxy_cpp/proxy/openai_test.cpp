@@ -1,0 +1,194 @@
+// OpenAI request parsing (fields, defaults, bad input) and response formatting (valid JSON, escaping).
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "proxy/openai_request.hpp"
+#include "proxy/openai_response.hpp"
+
+namespace tokenbus::proxy {
+namespace {
+
+using nlohmann::json;
+
+TEST(OpenAiRequest, ParsesAChatRequestWithEveryField) {
+  OpenAiRequest r;
+  const auto error = parse_openai_request(R"({
+      "model": "demo", "messages": [{"role": "system", "content": "be brief"},
+                                    {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}],
+      "max_completion_tokens": 12, "temperature": 0.5, "top_p": 0.9, "stop": ["\n", "END"], "seed": 7,
+      "presence_penalty": 0.1, "frequency_penalty": -0.2, "ignore_eos": true, "stream": true,
+      "stream_options": {"include_usage": true}, "user": "ignored", "n": 1})",
+                                          ApiFlavor::kChat, r);
+  ASSERT_FALSE(error) << error->message;
+  EXPECT_EQ(r.model, "demo");
+  EXPECT_TRUE(r.stream);
+  EXPECT_TRUE(r.include_usage);
+  const v1::GenerateRequest& g = r.generate;
+  EXPECT_EQ(g.prompt(), "");
+  ASSERT_EQ(g.messages_size(), 2);
+  EXPECT_EQ(g.messages(0).role(), "system");
+  EXPECT_EQ(g.messages(0).content(), "be brief");
+  EXPECT_EQ(g.messages(1).content(), "hi there");
+  EXPECT_EQ(g.params().max_tokens(), 12u);
+  EXPECT_FLOAT_EQ(g.params().temperature(), 0.5f);
+  EXPECT_FLOAT_EQ(g.params().top_p(), 0.9f);
+  ASSERT_EQ(g.params().stop_size(), 2);
+  EXPECT_EQ(g.params().stop(0), "\n");
+  EXPECT_TRUE(g.params().has_seed());
+  EXPECT_EQ(g.params().seed(), 7u);
+  EXPECT_FLOAT_EQ(g.params().presence_penalty(), 0.1f);
+  EXPECT_FLOAT_EQ(g.params().frequency_penalty(), -0.2f);
+  EXPECT_TRUE(g.params().ignore_eos());
+}
+
+TEST(OpenAiRequest, CompletionDefaults) {
+  OpenAiRequest r;
+  ASSERT_FALSE(parse_openai_request(R"({"model": "demo", "prompt": "Once", "stop": "."})", ApiFlavor::kCompletion, r));
+  EXPECT_EQ(r.generate.prompt(), "Once");
+  EXPECT_EQ(r.generate.messages_size(), 0);
+  EXPECT_FALSE(r.stream);
+  EXPECT_EQ(r.generate.params().max_tokens(), 0u);  // the engine's default
+  EXPECT_FLOAT_EQ(r.generate.params().temperature(), 1.0f);
+  EXPECT_FLOAT_EQ(r.generate.params().top_p(), 1.0f);
+  EXPECT_FALSE(r.generate.params().has_seed());
+  ASSERT_EQ(r.generate.params().stop_size(), 1);
+  EXPECT_EQ(r.generate.params().stop(0), ".");
+}
+
+TEST(OpenAiRequest, NullMeansDefault) {
+  OpenAiRequest r;
+  ASSERT_FALSE(parse_openai_request(R"({"model": "demo", "prompt": ["x"], "max_tokens": null, "temperature": null,
+                                        "stop": null, "stream_options": null})",
+                                    ApiFlavor::kCompletion, r));
+  EXPECT_EQ(r.generate.prompt(), "x");
+  EXPECT_FLOAT_EQ(r.generate.params().temperature(), 1.0f);
+}
+
+TEST(OpenAiRequest, RejectsBadInputNamingTheField) {
+  struct Case {
+    ApiFlavor flavor;
+    const char* body;
+    const char* param;  // "" when the body as a whole is wrong
+  };
+  const Case cases[] = {
+      {ApiFlavor::kChat, R"({"model": "demo", "messages": [)", ""},
+      {ApiFlavor::kChat, R"([1, 2])", ""},
+      {ApiFlavor::kChat, "{\"model\": \"demo\", \"messages\": [], \"x\": \"\xff\"}", ""},
+      {ApiFlavor::kChat, R"({"messages": [{"role": "user", "content": "hi"}]})", "model"},
+      {ApiFlavor::kChat, R"({"model": 7, "messages": [{"role": "user", "content": "hi"}]})", "model"},
+      {ApiFlavor::kChat, R"({"model": "demo"})", "messages"},
+      {ApiFlavor::kChat, R"({"model": "demo", "messages": []})", "messages"},
+      {ApiFlavor::kChat, R"({"model": "demo", "messages": "hi"})", "messages"},
+      {ApiFlavor::kChat, R"({"model": "demo", "messages": [{"content": "hi"}]})", "messages"},
+      {ApiFlavor::kChat, R"({"model": "demo", "messages": [{"role": "user", "content": 5}]})", "content"},
+      {ApiFlavor::kChat, R"({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1})",
+       "max_tokens"},
+      {ApiFlavor::kChat, R"({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1.5})",
+       "max_tokens"},
+      {ApiFlavor::kChat, R"({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"})",
+       "temperature"},
+      {ApiFlavor::kChat, R"({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "top_p": 3})",
+       "top_p"},
+      {ApiFlavor::kChat, R"({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"})",
+       "stream"},
+      {ApiFlavor::kChat, R"({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "stop": [1]})", "stop"},
+      {ApiFlavor::kChat, R"({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "n": 2})", "n"},
+      {ApiFlavor::kCompletion, R"({"model": "demo"})", "prompt"},
+      {ApiFlavor::kCompletion, R"({"model": "demo", "prompt": ["a", "b"]})", "prompt"},
+      {ApiFlavor::kCompletion, R"({"model": "demo", "prompt": "a", "seed": "x"})", "seed"},
+  };
+  for (const Case& c : cases) {
+    OpenAiRequest r;
+    const auto error = parse_openai_request(c.body, c.flavor, r);
+    ASSERT_TRUE(error) << c.body;
+    EXPECT_EQ(error->param, c.param) << c.body << ": " << error->message;
+    EXPECT_FALSE(error->message.empty());
+  }
+}
+
+TEST(OpenAiRequest, BoundsTheStopList) {
+  std::string body = R"({"model": "demo", "prompt": "a", "stop": [)";
+  for (std::size_t i = 0; i <= kMaxStopStrings; ++i) body += std::string(i ? "," : "") + "\"s\"";
+  body += "]}";
+  OpenAiRequest r;
+  const auto error = parse_openai_request(body, ApiFlavor::kCompletion, r);
+  ASSERT_TRUE(error);
+  EXPECT_EQ(error->param, "stop");
+}
+
+// Splits "data: {...}\n\n" events into their JSON.
+std::vector<json> events(const std::string& sse) {
+  std::vector<json> out;
+  std::size_t at = 0;
+  while (at < sse.size()) {
+    const std::size_t end = sse.find("\n\n", at);
+    EXPECT_NE(end, std::string::npos);
+    EXPECT_EQ(sse.compare(at, 6, "data: "), 0);
+    const std::string data = sse.substr(at + 6, end - at - 6);
+    out.push_back(data == "[DONE]" ? json("[DONE]") : json::parse(data));
+    at = end + 2;
+  }
+  return out;
+}
+
+TEST(CompletionFormatter, ChatEventsAreOpenAiChunks) {
+  CompletionFormatter f(ApiFlavor::kChat, "chatcmpl-1", "de\"mo", 1700000000);
+  std::string out;
+  const std::string tricky = "say \"hi\"\n\t\\ \x01 \xc3\xa9 \xe2\x82\xac";
+  f.append_event(out, tricky, "");
+  f.append_event(out, "more", "");
+  f.append_event(out, "", "length");
+  f.append_usage_event(out, Usage{3, 4});
+  CompletionFormatter::append_done(out);
+  const std::vector<json> e = events(out);
+  ASSERT_EQ(e.size(), 5u);
+  EXPECT_EQ(e[0]["id"], "chatcmpl-1");
+  EXPECT_EQ(e[0]["object"], "chat.completion.chunk");
+  EXPECT_EQ(e[0]["created"], 1700000000);
+  EXPECT_EQ(e[0]["model"], "de\"mo");
+  EXPECT_EQ(e[0]["choices"][0]["index"], 0);
+  EXPECT_EQ(e[0]["choices"][0]["delta"]["role"], "assistant");
+  EXPECT_EQ(e[0]["choices"][0]["delta"]["content"], tricky);
+  EXPECT_TRUE(e[0]["choices"][0]["finish_reason"].is_null());
+  EXPECT_FALSE(e[1]["choices"][0]["delta"].contains("role"));
+  EXPECT_EQ(e[1]["choices"][0]["delta"]["content"], "more");
+  EXPECT_EQ(e[2]["choices"][0]["finish_reason"], "length");
+  EXPECT_TRUE(e[3]["choices"].empty());
+  EXPECT_EQ(e[3]["usage"], json({{"prompt_tokens", 3}, {"completion_tokens", 4}, {"total_tokens", 7}}));
+  EXPECT_EQ(e[4], "[DONE]");
+}
+
+TEST(CompletionFormatter, InvalidUtf8IsReplacedNotFatal) {
+  CompletionFormatter f(ApiFlavor::kCompletion, "cmpl-1", "demo", 1);
+  std::string out;
+  f.append_event(out, "bad \xff byte", "stop");
+  const std::vector<json> e = events(out);
+  ASSERT_EQ(e.size(), 1u);
+  EXPECT_EQ(e[0]["object"], "text_completion");
+  EXPECT_EQ(e[0]["choices"][0]["text"], "bad \xef\xbf\xbd byte");
+  EXPECT_EQ(e[0]["choices"][0]["finish_reason"], "stop");
+}
+
+TEST(CompletionFormatter, NonStreamingBodies) {
+  const json chat = json::parse(CompletionFormatter(ApiFlavor::kChat, "chatcmpl-2", "demo", 5).body("a\"b", "stop", {2, 1}));
+  EXPECT_EQ(chat["object"], "chat.completion");
+  EXPECT_EQ(chat["choices"][0]["message"], json({{"role", "assistant"}, {"content", "a\"b"}}));
+  EXPECT_EQ(chat["choices"][0]["finish_reason"], "stop");
+  EXPECT_EQ(chat["usage"]["total_tokens"], 3);
+  const json text = json::parse(CompletionFormatter(ApiFlavor::kCompletion, "cmpl-2", "demo", 5).body("xy", "length", {}));
+  EXPECT_EQ(text["object"], "text_completion");
+  EXPECT_EQ(text["choices"][0]["text"], "xy");
+}
+
+TEST(OpenAiErrors, HaveOpenAisShape) {
+  const json e = json::parse(error_json(400, "'max_tokens' must be non-negative", "max_tokens"));
+  EXPECT_EQ(e["error"]["message"], "'max_tokens' must be non-negative");
+  EXPECT_EQ(e["error"]["type"], "invalid_request_error");
+  EXPECT_EQ(e["error"]["param"], "max_tokens");
+  EXPECT_EQ(e["error"]["code"], 400);
+  EXPECT_TRUE(json::parse(error_json(503, "down"))["error"]["param"].is_null());
+}
+
+}  // namespace
+}  // namespace tokenbus::proxy

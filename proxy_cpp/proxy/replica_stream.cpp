@@ -27,7 +27,7 @@ ReplicaChannel& ReplicaHandle::channel() {
     // Each replica gets its own HTTP/2 connection rather than one shared through gRPC's global pool.
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
     auto channel = grpc::CreateCustomChannel(address_, grpc::InsecureChannelCredentials(), args);
-    channel_ = std::make_unique<ReplicaChannel>(ReplicaChannel{channel, v1::Replica::NewStub(channel)});
+    channel_ = std::make_shared<ReplicaChannel>(ReplicaChannel{channel, v1::Replica::NewStub(channel)});
     log(LogLevel::kInfo, "proxy", "replica channel to %s created", address_.c_str());
   });
   return *channel_;

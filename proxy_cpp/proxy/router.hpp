@@ -34,10 +34,11 @@ class ReplicaHandle {
 
  private:
   friend class Router;
+  friend class Lease;
   const std::string address_;
   std::atomic<std::int64_t> in_flight_{0};
   std::once_flag channel_once_;
-  std::unique_ptr<ReplicaChannel> channel_;
+  std::shared_ptr<ReplicaChannel> channel_;  // shared_ptr: ReplicaChannel is incomplete here
 };
 
 // One request's claim on a replica: holds one unit of its in-flight count until destroyed.

@@ -1,0 +1,50 @@
+#pragma once
+// A real in-process gRPC server implementing tokenbus.v1.Replica for the proxy's tests. What it streams
+// depends on the request's text (the prompt, or the last chat message):
+//   "hang"      one chunk "first ", then nothing until the call is cancelled
+//   "error400"  a final chunk with finish_reason "error", error_code 400, error_message "prompt too long"
+//   "fail-mid"  two chunks, then the call fails with UNAVAILABLE
+//   "quote"     one chunk holding characters JSON must escape, then a final "stop" chunk
+//   otherwise   max_tokens chunks (8 when 0) "tok0 ", "tok1 ", ..., then a final "length" chunk with usage
+#include <condition_variable>
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "tokenbus.grpc.pb.h"
+
+namespace tokenbus::proxy::testing {
+
+inline constexpr std::uint32_t kFakePromptTokens = 3;
+inline constexpr const char* kFakeQuoteText = "he said \"hi\"\n\t\\ ok \xc3\xa9";
+
+class FakeReplica final : public v1::Replica::CallbackService {
+ public:
+  FakeReplica();  // listens on 127.0.0.1, any port
+  ~FakeReplica() override;
+
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  int port() const { return port_; }
+
+  // The last Generate request received.
+  v1::GenerateRequest last_request();
+  // Waits until `count` calls in all have been cancelled by the client, or the deadline passes.
+  bool wait_for_cancellations(int count, std::chrono::milliseconds timeout);
+
+  grpc::ServerWriteReactor<v1::GenerateChunk>* Generate(grpc::CallbackServerContext* context,
+                                                       const v1::GenerateRequest* request) override;
+
+ private:
+  class Writer;
+  void note_cancelled();
+
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  std::mutex mutex_;
+  std::condition_variable cancelled_cv_;
+  int cancelled_ = 0;
+  v1::GenerateRequest last_request_;
+};
+
+}  // namespace tokenbus::proxy::testing
