@@ -31,6 +31,19 @@ VOCAB: tuple[str, ...] = tuple(
 )
 
 
+def token_rng(engine_seed: int, request_seed: int | None, prompt: str) -> random.Random:
+    """The word source of one request: its seed when it has one, else its prompt."""
+    if request_seed is not None:
+        return random.Random(f"s:{engine_seed}:{request_seed}")
+    return random.Random(f"p:{engine_seed}:{prompt}")
+
+
+def sim_words(engine_seed: int, request_seed: int | None, prompt: str, n: int) -> list[str]:
+    """The first `n` tokens the sim engine writes for such a request (what end-to-end tests expect)."""
+    rng = token_rng(engine_seed, request_seed, prompt)
+    return [rng.choice(VOCAB) for _ in range(n)]
+
+
 class Cancellable(Protocol):
     def cancel(self) -> None: ...
 
@@ -155,8 +168,7 @@ class SimEngine:
     def _start(self, request: Request, prompt_tokens: int) -> None:
         params = request.params
         max_tokens = params.max_tokens or self._cfg.default_max_tokens
-        seed_key = f"s:{self._cfg.seed}:{params.seed}" if params.seed is not None else f"p:{self._cfg.seed}:"
-        rng = random.Random(seed_key + (request.prompt_text() if params.seed is None else ""))
+        rng = token_rng(self._cfg.seed, params.seed, request.prompt_text())
         stream = _Stream(
             request=request,
             prompt_tokens=prompt_tokens,

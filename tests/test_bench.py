@@ -99,7 +99,13 @@ class FakeProxy:
         await resp.write(_event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}))
         n = body["max_tokens"]
         for i in range(n):
-            await resp.write(_event({"choices": [{"index": 0, "delta": {"content": f" w{i}"}}]}))
+            event = _event({"choices": [{"index": 0, "delta": {"content": f" w{i}"}}]})
+            if mode == "split":  # an event cut across network reads
+                await resp.write(event[:9])
+                event = event[9:]
+            if mode == "huge-line":
+                event = b"data: " + b"x" * (2 << 20)
+            await resp.write(event)
             if mode == "error-event":
                 await resp.write(_event({"error": {"message": "replica lost"}}))
                 return resp
@@ -151,6 +157,16 @@ async def test_openai_stream_ok_uses_usage_tokens(server: tuple[str, FakeProxy])
     sent = fake.payloads[0]
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
     assert sent["ignore_eos"] is True and sent["max_tokens"] == 4 and sent["model"] == "demo"
+
+
+async def test_openai_stream_joins_lines_split_across_reads(server: tuple[str, FakeProxy]) -> None:
+    r = await _openai(server[0], "split", max_tokens=5)
+    assert r.ok and r.tokens == 105
+
+
+async def test_openai_stream_refuses_an_endless_line(server: tuple[str, FakeProxy]) -> None:
+    r = await _openai(server[0], "huge-line", max_tokens=1)
+    assert not r.ok and "longer than" in r.error
 
 
 async def test_openai_stream_counts_chunks_without_usage(server: tuple[str, FakeProxy]) -> None:

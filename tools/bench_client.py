@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import aiohttp
 
 DONE = object()  # the `data: [DONE]` sentinel
 MAX_ERROR_BODY = 200
+MAX_LINE = 1 << 20  # longest SSE line accepted from the server
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,20 @@ def parse_sse_line(line: bytes) -> Any:
     if payload == b"[DONE]":
         return DONE
     return json.loads(payload)
+
+
+async def sse_lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The stream's lines, split from whatever arrived: one wake-up per network read, not one per line."""
+    pending = b""
+    async for data in content.iter_any():
+        pending += data
+        if b"\n" not in data:
+            if len(pending) > MAX_LINE:
+                raise ValueError(f"an SSE line longer than {MAX_LINE} bytes")
+            continue
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line
 
 
 def chunk_content(event: dict[str, Any]) -> str:
@@ -81,7 +97,7 @@ async def openai_stream(
         async with session.post(f"{url}/v1/chat/completions", json=payload) as resp:
             if resp.status != 200:
                 return RequestResult(False, time.perf_counter() - start, error=await _error_of(resp))
-            async for line in resp.content:
+            async for line in sse_lines(resp.content):
                 event = parse_sse_line(line)
                 if event is None:
                     continue

@@ -4,6 +4,7 @@
 
 #include <msgpack.hpp>
 
+#include <cstring>
 #include <exception>
 
 namespace tokenbus {
@@ -173,6 +174,17 @@ void pack_str(msgpack::packer<msgpack::sbuffer>& pk, std::string_view s) {
   pk.pack_str_body(s.data(), static_cast<std::uint32_t>(s.size()));
 }
 
+// A float64 as Python's msgpack writes every float. msgpack-cxx's pack_double would write a whole-valued
+// double (0.0) as an integer instead, which breaks the byte-identical round trip.
+void pack_float64(msgpack::sbuffer& buffer, double value) {
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(bits));
+  char out[9];
+  out[0] = static_cast<char>(0xcb);
+  for (int i = 0; i < 8; ++i) out[1 + i] = static_cast<char>(bits >> (56 - 8 * i));
+  buffer.write(out, sizeof(out));
+}
+
 }  // namespace
 
 const Deployment* Snapshot::find(std::string_view name) const {
@@ -238,7 +250,7 @@ std::string encode_snapshot(const Snapshot& snapshot) {
       pack_str(pk, "waiting");
       pk.pack(r.load.waiting);
       pack_str(pk, "kv_usage");
-      pk.pack_double(r.load.kv_usage);
+      pack_float64(buffer, r.load.kv_usage);
       pack_str(pk, "healthy");
       pk.pack(r.healthy);
     }

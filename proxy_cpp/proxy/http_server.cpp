@@ -177,9 +177,7 @@ net::awaitable<void> HttpServer::Impl::session(Worker& worker, tcp::socket socke
 HttpServer::HttpServer(Router& router, Metrics& metrics, int threads)
     : impl_(std::make_unique<Impl>(router, metrics, threads)) {}
 
-HttpServer::~HttpServer() {
-  if (impl_->started && !impl_->stopped) stop(std::chrono::seconds(5));
-}
+HttpServer::~HttpServer() { stop(std::chrono::seconds(5)); }
 
 std::uint16_t HttpServer::listen(const std::string& host, std::uint16_t port, std::string& error) {
   error_code ec;
@@ -216,7 +214,7 @@ void HttpServer::start() {
 }
 
 bool HttpServer::stop(std::chrono::milliseconds grace) {
-  impl_->stopped = true;
+  if (!impl_->started || std::exchange(impl_->stopped, true)) return true;
   impl_->stopping = true;
   net::post(impl_->workers[0]->context, [this] {
     error_code ec;

@@ -178,7 +178,9 @@ TEST_F(ProxyTest, ChatCompletionStreamsSse) {
     EXPECT_EQ(chunk["object"], "chat.completion.chunk");
     EXPECT_EQ(chunk["model"], "demo");
     EXPECT_EQ(chunk["choices"][0]["index"], 0);
-    if (i == 0) EXPECT_EQ(chunk["choices"][0]["delta"]["role"], "assistant");
+    if (i == 0) {
+      EXPECT_EQ(chunk["choices"][0]["delta"]["role"], "assistant");
+    }
     content += chunk["choices"][0]["delta"]["content"].get<std::string>();
     if (!chunk["choices"][0]["finish_reason"].is_null()) finish_reason = chunk["choices"][0]["finish_reason"];
   }

@@ -18,7 +18,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 constexpr std::chrono::milliseconds kPollInterval{250};
-constexpr std::chrono::seconds kRequestRetry{1};     // until the first snapshot
+constexpr std::chrono::seconds kRequestRetry{1};     // until the first snapshot, if a request went unanswered
 constexpr std::chrono::seconds kSilenceRetry{5};     // when nothing has come for this long
 
 // What the thread knows of the snapshots it has seen; owned by the subscriber thread alone.
@@ -67,10 +67,10 @@ void SnapshotSubscriber::run() {
     auto request = [&](const char* why) {
       const std::string payload = encode_snapshot_request(held.version);
       const char kind = static_cast<char>(kKindSnapshotRequest);
-      held.last_request = Clock::now();
       std::array<zmq::const_buffer, 2> frames = {zmq::buffer(&kind, 1), zmq::buffer(payload)};
-      // Not sent while no head is connected (immediate): the caller's retry schedule covers that.
+      // Not sent while no head is connected (immediate); then it is retried at the next poll.
       if (zmq::send_multipart(dealer, frames, zmq::send_flags::dontwait)) {
+        held.last_request = Clock::now();
         log(LogLevel::kInfo, "proxy", "snapshot requested (%s), holding version %llu", why,
             static_cast<unsigned long long>(held.version));
       }

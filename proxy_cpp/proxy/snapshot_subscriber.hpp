@@ -1,9 +1,8 @@
 #pragma once
 // Keeps the router's snapshot current (zguide clone pattern): a dedicated thread with a SUB socket on the
-// head's PUB endpoint and a DEALER on its ROUTER. It asks for the full snapshot at start (again every
-// second until one arrives: the head may not be up yet), on a version gap, and when the head has been
-// silent for a while; it applies only versions newer than the one held. Not an Asio thread: zmq calls
-// block.
+// head's PUB endpoint and a DEALER on its ROUTER. It asks for the full snapshot at start (and again until
+// one arrives: the head may not be up yet), on a version gap, and when the head has been silent for a
+// while; it applies only versions newer than the one held. Not an Asio thread: zmq calls block.
 #include <atomic>
 #include <string>
 #include <thread>
