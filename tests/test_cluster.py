@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from model_worker.sim_engine import sim_words
-from tests.cluster_harness import LocalCluster, replica_stats
+from cluster_harness import LocalCluster, replica_stats
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -135,7 +135,7 @@ async def test_client_disconnect_leaves_no_request_in_the_engine(
     await asyncio.wait_for(reader.read(64), 10)  # tokens are flowing
 
     async def running() -> int:
-        return sum((await replica_stats(a)).running for a in replica_addresses)
+        return sum([(await replica_stats(a)).running for a in replica_addresses])
 
     deadline = time.monotonic() + 3.0
     while await running() != 1:  # the engine's load reaches the replica's Stats within 100 ms
@@ -143,6 +143,6 @@ async def test_client_disconnect_leaves_no_request_in_the_engine(
         await asyncio.sleep(0.02)
     writer.close()  # 2000 tokens at 5 ms would run 10 s: only a cancellation ends it sooner
     deadline = time.monotonic() + 3.0
-    while await running() != 0 or sum((await replica_stats(a)).in_flight for a in replica_addresses):
+    while await running() != 0 or sum([(await replica_stats(a)).in_flight for a in replica_addresses]):
         assert time.monotonic() < deadline, f"request still running after disconnect\n{cluster.logs()}"
         await asyncio.sleep(0.05)

@@ -383,9 +383,7 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
   co_await watch.stop();
   metrics_.stream_ended();
   metrics_.count_tokens(tokens);
-  if (client_gone) {
-    log(LogLevel::kDebug, "proxy", "%s: client %s went away; generation cancelled", request_id.c_str(),
-        c.peer.c_str());
+  if (client_gone) {  // the call was cancelled by finish(); nothing more can be said to the client
     metrics_.count_request(job.endpoint, headers_sent ? 200 : 499);
     co_return false;
   }
