@@ -45,7 +45,7 @@ test-cpp: build
 test-py: build
 	$(PY) -m pytest -v
 
-test: test-cpp test-py
+test: lint test-cpp test-py
 
 lint: deps
 	$(VENV)/bin/ruff check .

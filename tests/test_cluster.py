@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
+from cluster_harness import LocalCluster, replica_stats
 
 from model_worker.sim_engine import sim_words
-from cluster_harness import LocalCluster, replica_stats
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -22,7 +21,7 @@ MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalCluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     c = LocalCluster(tmp_path_factory.mktemp("cluster"))
     c.start()
     try:
@@ -53,7 +52,9 @@ async def plain_stream(session: aiohttp.ClientSession, url: str, prompt: str) ->
     first = 0.0
     chunks: list[str] = []
     async with session.post(
-        f"{url}/v1/chat/demo", params={"max_tokens": str(MAX_TOKENS)}, data=prompt,
+        f"{url}/v1/chat/demo",
+        params={"max_tokens": str(MAX_TOKENS)},
+        data=prompt,
         headers={"Content-Type": "text/plain"},
     ) as resp:
         assert resp.status == 200, await resp.text()

@@ -17,7 +17,8 @@ from rich.live import Live
 from rich.text import Text
 
 from tools.bench_client import RequestResult, TokenCounter, openai_stream, plain_stream
-from tools.bench_report import plot_latencies, push_summary, summarize, summary_table
+from tools.bench_cpu import CpuMeter, parse_pids
+from tools.bench_report import cpu_table, plot_latencies, push_summary, summarize, summary_table
 
 HARD_DEADLINE_EXTRA_S = 30.0  # requests still open this long after the duration are cut and count as failures
 PROGRESS_INTERVAL_S = 0.5
@@ -46,6 +47,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--prompt", default="What is machine learning?")
     p.add_argument("--plot", metavar="FILE.png", help="write TTFT and end-to-end latency histograms here")
     p.add_argument("--pushgateway", metavar="URL", help="push the summary to this Prometheus Pushgateway")
+    p.add_argument(
+        "--cpu-pids",
+        metavar="auto|PID,...",
+        help="report the CPU cores these processes used during the run (auto: this user's tokenbus processes)",
+    )
     p.set_defaults(func=main)
 
 
@@ -64,11 +70,19 @@ def _positive_float(text: str) -> float:
 
 
 async def run_bench(
-    cfg: BenchConfig, counter: TokenCounter, on_result: Callable[[RequestResult], None] | None = None
+    cfg: BenchConfig,
+    counter: TokenCounter,
+    on_result: Callable[[RequestResult], None] | None = None,
+    cpu: CpuMeter | None = None,
 ) -> tuple[list[RequestResult], float]:
-    """Every request's result and the measured duration (first start to last end, or the hard deadline)."""
+    """Every request's result and the measured duration (first start to last end, or the hard deadline).
+
+    `cpu` is sampled at the same two moments, so its figures cover the measured duration exactly.
+    """
     results: list[RequestResult] = []
     url = cfg.url.rstrip("/")
+    if cpu is not None:
+        cpu.start()
     start = time.perf_counter()
     stop_starting_at = start + cfg.duration_s
     connector = aiohttp.TCPConnector(limit=cfg.concurrency + 8, limit_per_host=0, keepalive_timeout=60)
@@ -99,10 +113,15 @@ async def run_bench(
         for task in late:
             task.cancel()
         await asyncio.gather(*clients, return_exceptions=True)
-    return results, time.perf_counter() - start
+    duration_s = time.perf_counter() - start
+    if cpu is not None:
+        cpu.stop()
+    return results, duration_s
 
 
-async def _run_with_progress(cfg: BenchConfig, console: Console) -> tuple[list[RequestResult], float]:
+async def _run_with_progress(
+    cfg: BenchConfig, console: Console, cpu: CpuMeter | None
+) -> tuple[list[RequestResult], float]:
     counter = TokenCounter()
     done = failures = 0
 
@@ -129,7 +148,7 @@ async def _run_with_progress(cfg: BenchConfig, console: Console) -> tuple[list[R
     with Live(Text("starting..."), console=console, refresh_per_second=4, transient=True) as live:
         ticker = asyncio.create_task(progress(live), name="bench-progress")
         try:
-            return await run_bench(cfg, counter, on_result)
+            return await run_bench(cfg, counter, on_result, cpu)
         finally:
             ticker.cancel()
 
@@ -145,9 +164,25 @@ def main(opts: argparse.Namespace) -> int:
         prompt=opts.prompt,
     )
     console = Console(stderr=True)  # stdout carries only the JSON line, for scripts
-    results, duration_s = uvloop.run(_run_with_progress(cfg, console))
+    cpu: CpuMeter | None = None
+    if opts.cpu_pids:
+        try:
+            procs = parse_pids(opts.cpu_pids)
+        except ValueError as e:
+            console.print(f"[red]{e}[/red]")
+            return 2
+        if not procs:
+            console.print("[yellow]--cpu-pids auto: no tokenbus process of this user found[/yellow]")
+        cpu = CpuMeter(procs)
+    client_cpu_start = time.process_time()
+    results, duration_s = uvloop.run(_run_with_progress(cfg, console, cpu))
     summary = summarize(results, cfg.concurrency, duration_s)
     console.print(summary_table(summary))
+    if cpu is not None:
+        summary["cpu_cores"] = cpu.summary(duration_s)
+        # the bench client itself, for comparison: it shares the machine, but is not part of the total
+        summary["cpu_cores"]["client"] = round((time.process_time() - client_cpu_start) / duration_s, 3)
+        console.print(cpu_table(summary["cpu_cores"]))
     errors: dict[str, int] = {}
     for r in results:
         if not r.ok:

@@ -67,6 +67,22 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def cpu_table(cpu: dict[str, Any]) -> Table:
+    """The `cpu_cores` part of the summary: cores per process kind, the total, and the bench client apart."""
+    table = Table(title="CPU during the run (cores)")
+    table.add_column("processes")
+    table.add_column("count", justify="right")
+    table.add_column("cores", justify="right")
+    for kind, cores in cpu["by_kind"].items():
+        table.add_row(kind, str(cpu["processes"][kind]), f"{cores:.3f}")
+    table.add_section()
+    table.add_row("all tokenbus", str(sum(cpu["processes"].values())), f"{cpu['total']:.3f}")
+    table.add_row("bench client (not in total)", "1", f"{cpu['client']:.3f}")
+    if cpu["exited"]:
+        table.add_row(f"[yellow]exited during the run: {cpu['exited']}[/yellow]", "", "")
+    return table
+
+
 def plot_latencies(results: Sequence[RequestResult], path: str) -> None:
     """Histograms of TTFT and end-to-end latency of the successful requests, with p50/p95/p99 marked."""
     import matplotlib
