@@ -76,9 +76,16 @@ def test_a_process_gone_before_the_end_is_reported(burner: subprocess.Popen[str]
 
 
 def test_auto_finds_processes_by_their_command_line() -> None:
-    # argv[0] chosen at exec (Popen returns once the exec succeeded): it looks like a proxy in /proc/PID/cmdline
-    fake = subprocess.Popen(["tokenbus-proxy", "60"], executable="/bin/sleep")
+    # argv[0] chosen at exec: the process looks like a proxy in /proc/PID/cmdline once it says it is up
+    fake = subprocess.Popen(
+        ["tokenbus-proxy", "-c", "print('up', flush=True); import sys; sys.stdin.read()"],
+        executable=sys.executable,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+        assert fake.stdout is not None and fake.stdout.readline() == "up\n"
         assert Proc(fake.pid, "proxy") in find_auto()
     finally:
         fake.kill()

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import uvloop
@@ -167,7 +168,7 @@ def main(opts: argparse.Namespace) -> int:
     cpu: CpuMeter | None = None
     if opts.cpu_pids:
         try:
-            procs = parse_pids(opts.cpu_pids)
+            procs = parse_pids(opts.cpu_pids, urlsplit(cfg.url).port)
         except ValueError as e:
             console.print(f"[red]{e}[/red]")
             return 2

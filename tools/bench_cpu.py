@@ -2,8 +2,9 @@
 
 Read from /proc/PID/stat (utime + stime, in clock ticks) at the start and the end of the run, so the figure
 covers exactly the measured window and costs nothing while the load runs. `auto` finds this user's
-tokenbus processes by their command line; a process that exits during the run counts up to its last sample
-(none is taken in between, so its CPU after the first sample is lost: the report names such processes).
+tokenbus processes by their command line, narrowed to one cluster when the proxy behind the bench's URL
+was started by `tokenbus up` (others may run their own clusters on a shared machine). A process that exits
+during the run is left out (its CPU after the first sample is unknown) and named in the report.
 """
 
 from __future__ import annotations
@@ -56,8 +57,74 @@ def _argv(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
-def find_auto() -> list[Proc]:
-    """This user's tokenbus processes (`--cpu-pids auto`)."""
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def _listener_inodes(port: int) -> set[str]:
+    """Socket inodes listening on `port` (TCP, IPv4 or IPv6)."""
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (PROC / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(inode)
+    return inodes
+
+
+def _owner_of(inodes: set[str], candidates: list[int]) -> int | None:
+    wanted = {f"socket:[{i}]" for i in inodes}
+    for pid in candidates:
+        try:
+            fds = list((PROC / str(pid) / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in wanted:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+def _cluster_root(proxy_pid: int) -> int | None:
+    """The `tokenbus up` that started this proxy, if one did."""
+    parent = _ppid(proxy_pid)
+    if parent is None:
+        return None
+    argv = _argv(parent)
+    if argv[1:4] == ["-m", "tools", "up"] or (
+        len(argv) > 2 and os.path.basename(argv[1]) == "tokenbus" and argv[2] == "up"
+    ):
+        return parent
+    return None
+
+
+def _descends_from(pid: int, root: int) -> bool:
+    seen = 0
+    while pid > 1 and seen < 64:  # bounded: a PID reused mid-walk cannot loop us
+        if pid == root:
+            return True
+        parent = _ppid(pid)
+        if parent is None:
+            return False
+        pid, seen = parent, seen + 1
+    return False
+
+
+def find_auto(port: int | None = None) -> list[Proc]:
+    """This user's tokenbus processes (`--cpu-pids auto`); with `port`, only the cluster of the `tokenbus up`
+    whose proxy listens there, when there is one."""
     uid = os.getuid()
     found = []
     for entry in PROC.iterdir():
@@ -72,13 +139,19 @@ def find_auto() -> list[Proc]:
         kind = classify(_argv(pid))
         if kind is not None:
             found.append(Proc(pid, kind))
+    if port is not None:
+        proxy = _owner_of(_listener_inodes(port), [p.pid for p in found if p.kind == "proxy"])
+        root = _cluster_root(proxy) if proxy is not None else None
+        if root is not None:
+            found = [p for p in found if _descends_from(p.pid, root)]
     return sorted(found, key=lambda p: (KINDS.index(p.kind), p.pid))
 
 
-def parse_pids(spec: str) -> list[Proc]:
-    """`auto`, or a comma-separated PID list (each PID's kind from its command line, else "other")."""
+def parse_pids(spec: str, port: int | None = None) -> list[Proc]:
+    """`auto` (see find_auto; `port`: the proxy's), or a comma-separated PID list (each PID's kind from its
+    command line, else "other")."""
     if spec == "auto":
-        return find_auto()
+        return find_auto(port)
     procs = []
     for part in spec.split(","):
         part = part.strip()

@@ -42,7 +42,8 @@ std::optional<RequestError> read_number(dom::element value, std::string_view fie
 std::optional<RequestError> read_max_tokens(dom::element value, std::string_view field, std::uint32_t& out) {
   std::int64_t n = 0;
   if (value.get_int64().get(n)) return field_error(field, "must be an integer");
-  if (n < 0) return field_error(field, "must be non-negative");
+  // OpenAI's minimum: 0 would otherwise reach the engine as "its default", a longer answer than asked for.
+  if (n < 1) return field_error(field, "must be at least 1");
   if (n > std::numeric_limits<std::uint32_t>::max()) return field_error(field, "is too large");
   out = static_cast<std::uint32_t>(n);
   return std::nullopt;
@@ -94,6 +95,18 @@ std::optional<RequestError> read_prompt(dom::element value, std::string& out) {
     return read_string(list.at(0).value_unsafe(), "prompt", out);
   }
   return read_string(value, "prompt", out);
+}
+
+// Fields asking for output the engines do not give (several choices, log-probabilities, the prompt echoed)
+// are accepted only with the value that asks for nothing: a 400 beats an answer silently missing them.
+bool is_int(dom::element value, std::int64_t expected) {
+  std::int64_t n = 0;
+  return !value.get_int64().get(n) && n == expected;
+}
+
+bool is_false(dom::element value) {
+  bool b = true;
+  return !value.get_bool().get(b) && !b;
 }
 
 std::optional<RequestError> read_stop(dom::element value, v1::SamplingParams& params) {
@@ -151,12 +164,15 @@ std::optional<RequestError> read_field(std::string_view key, dom::element value,
   }
   if (key == "stream") return read_bool(value, key, out.stream);
   if (key == "stream_options") return read_stream_options(value, out);
-  if (key == "n") {
-    std::int64_t n = 0;
-    if (value.get_int64().get(n) || n != 1) return field_error(key, "must be 1 (several choices are not supported)");
+  if (key == "n" || key == "best_of") {
+    if (!is_int(value, 1)) return field_error(key, "must be 1 (several choices are not supported)");
     return std::nullopt;
   }
-  return std::nullopt;  // other OpenAI fields (user, logprobs, ...) are accepted and ignored
+  if (key == "logprobs" || key == "top_logprobs" || key == "echo") {
+    if (!is_false(value) && !is_int(value, 0)) return field_error(key, "is not supported");
+    return std::nullopt;
+  }
+  return std::nullopt;  // other OpenAI fields (user, tools, ...) are accepted and ignored
 }
 
 }  // namespace

