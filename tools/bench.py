@@ -19,11 +19,12 @@ from rich.text import Text
 
 from tools.bench_client import RequestResult, TokenCounter, openai_stream, plain_stream
 from tools.bench_cpu import CpuMeter, parse_pids
-from tools.bench_report import cpu_table, plot_latencies, push_summary, summarize, summary_table
+from tools.bench_report import cpu_table, plot_latencies, push_summary, quantiles_ms, summarize, summary_table
 
 HARD_DEADLINE_EXTRA_S = 30.0  # requests still open this long after the duration are cut and count as failures
 PROGRESS_INTERVAL_S = 0.5
 FAILURE_BACKOFF_S = 0.05
+LAG_PROBE_INTERVAL_S = 0.01  # how often the client measures its own event loop's lag
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,17 @@ async def run_bench(
     return results, duration_s
 
 
+async def probe_loop_lag(lags: list[float]) -> None:
+    """Appends how late each 10 ms sleep of this event loop woke up: the wait any ready stream saw too."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + LAG_PROBE_INTERVAL_S
+        await asyncio.sleep(LAG_PROBE_INTERVAL_S)
+        lags.append(loop.time() - due)
+
+
 async def _run_with_progress(
-    cfg: BenchConfig, console: Console, cpu: CpuMeter | None
+    cfg: BenchConfig, console: Console, cpu: CpuMeter | None, lags: list[float]
 ) -> tuple[list[RequestResult], float]:
     counter = TokenCounter()
     done = failures = 0
@@ -148,10 +158,12 @@ async def _run_with_progress(
 
     with Live(Text("starting..."), console=console, refresh_per_second=4, transient=True) as live:
         ticker = asyncio.create_task(progress(live), name="bench-progress")
+        lag_probe = asyncio.create_task(probe_loop_lag(lags), name="bench-lag-probe")
         try:
             return await run_bench(cfg, counter, on_result, cpu)
         finally:
             ticker.cancel()
+            lag_probe.cancel()
 
 
 def main(opts: argparse.Namespace) -> int:
@@ -176,8 +188,10 @@ def main(opts: argparse.Namespace) -> int:
             console.print("[yellow]--cpu-pids auto: no tokenbus process of this user found[/yellow]")
         cpu = CpuMeter(procs)
     client_cpu_start = time.process_time()
-    results, duration_s = uvloop.run(_run_with_progress(cfg, console, cpu))
+    lags: list[float] = []
+    results, duration_s = uvloop.run(_run_with_progress(cfg, console, cpu, lags))
     summary = summarize(results, cfg.concurrency, duration_s)
+    summary["client_loop_lag_ms"] = quantiles_ms(lags)
     console.print(summary_table(summary))
     if cpu is not None:
         summary["cpu_cores"] = cpu.summary(duration_s)

@@ -24,7 +24,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
 
 
-def _quantiles_ms(values_s: Sequence[float]) -> dict[str, float | None]:
+def quantiles_ms(values_s: Sequence[float]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for name, q in QUANTILES:
         v = percentile(values_s, q)
@@ -41,8 +41,8 @@ def summarize(results: Sequence[RequestResult], concurrency: int, duration_s: fl
         "duration_s": round(duration_s, 3),
         "requests": len(results),
         "failures": len(results) - len(good),
-        "ttft_ms": _quantiles_ms([r.ttft_s for r in good if r.ttft_s is not None]),
-        "e2e_ms": _quantiles_ms([r.e2e_s for r in good]),
+        "ttft_ms": quantiles_ms([r.ttft_s for r in good if r.ttft_s is not None]),
+        "e2e_ms": quantiles_ms([r.e2e_s for r in good]),
         "tokens_per_s": round(tokens / duration_s, 2) if duration_s > 0 else 0.0,
         "requests_per_s": round(len(good) / duration_s, 3) if duration_s > 0 else 0.0,
     }
@@ -64,6 +64,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_row("failures", f"[red]{failures}[/red]" if failures else "0", "", "")
     table.add_row("tokens/s", f"{summary['tokens_per_s']:.1f}", "", "")
     table.add_row("requests/s", f"{summary['requests_per_s']:.2f}", "", "")
+    if "client_loop_lag_ms" in summary:
+        lag = summary["client_loop_lag_ms"]
+        table.add_section()
+        table.add_row("client loop lag (ms)", *(ms(lag[n]) for n, _ in QUANTILES))
     return table
 
 

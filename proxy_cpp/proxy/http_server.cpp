@@ -3,6 +3,7 @@
 #include <utility>  // before Asio: Boost 1.74's awaitable.hpp needs it under g++ 12
 
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -25,6 +26,7 @@
 #include "common/log.hpp"
 #include "proxy/connection.hpp"
 #include "proxy/handlers.hpp"
+#include "proxy/metrics.hpp"
 
 namespace tokenbus::proxy {
 namespace {
@@ -36,6 +38,8 @@ using boost::system::error_code;
 // remaining bytes are drained (bounded), so that the client reads the answer instead of a reset.
 constexpr std::size_t kLingerBytes = 4 * 1024 * 1024;
 constexpr std::chrono::seconds kLingerTime{2};
+// How often each I/O thread measures its own lag (a timer's lateness), for the loop-lag histogram.
+constexpr std::chrono::milliseconds kLagProbeInterval{10};
 
 std::string peer_name(const tcp::socket& socket) {
   error_code ec;
@@ -48,21 +52,24 @@ struct Worker {
   net::io_context context{1};
   std::optional<net::executor_work_guard<net::io_context::executor_type>> work{context.get_executor()};
   std::list<Connection*> connections;  // touched only on this worker's thread
+  net::steady_timer lag_probe{context};  // cancelled by stop(), which ends the probe loop
   std::thread thread;
 };
 
 }  // namespace
 
 struct HttpServer::Impl {
-  Impl(Router& router, Metrics& metrics, int threads) : handlers(router, metrics) {
+  Impl(Router& router, Metrics& metrics, int threads) : metrics(metrics), handlers(router, metrics) {
     for (int i = 0; i < std::max(threads, 1); ++i) workers.push_back(std::make_unique<Worker>());
   }
 
   net::awaitable<void> accept_loop();
   net::awaitable<void> session(Worker& worker, tcp::socket socket);
   net::awaitable<void> linger(Connection& c);
+  net::awaitable<void> probe_lag(Worker& worker);
   void connection_ended();
 
+  Metrics& metrics;
   Handlers handlers;
   std::vector<std::unique_ptr<Worker>> workers;
   std::optional<tcp::acceptor> acceptor;  // on workers[0]
@@ -103,6 +110,17 @@ net::awaitable<void> HttpServer::Impl::accept_loop() {
     });
   }
   log(LogLevel::kInfo, "proxy", "stopped accepting");
+}
+
+net::awaitable<void> HttpServer::Impl::probe_lag(Worker& worker) {
+  error_code ec;
+  while (!stopping) {
+    const auto due = std::chrono::steady_clock::now() + kLagProbeInterval;
+    worker.lag_probe.expires_at(due);
+    co_await worker.lag_probe.async_wait(net::redirect_error(net::use_awaitable, ec));
+    if (ec) break;  // cancelled: stopping
+    metrics.observe_loop_lag(std::chrono::duration<double>(std::chrono::steady_clock::now() - due).count());
+  }
 }
 
 void HttpServer::Impl::connection_ended() {
@@ -208,6 +226,7 @@ void HttpServer::start() {
   });
   for (std::size_t i = 0; i < impl_->workers.size(); ++i) {
     Worker& worker = *impl_->workers[i];
+    net::co_spawn(worker.context, impl_->probe_lag(worker), net::detached);
     worker.thread = std::thread([&worker] { worker.context.run(); });
   }
   log(LogLevel::kInfo, "proxy", "serving on %zu I/O threads", impl_->workers.size());
@@ -224,6 +243,7 @@ bool HttpServer::stop(std::chrono::milliseconds grace) {
   // write fails, and a streaming response's client watch reports the client gone, cancelling the call.
   for (auto& worker : impl_->workers) {
     net::post(worker->context, [w = worker.get()] {
+      w->lag_probe.cancel();
       for (Connection* c : w->connections) {
         error_code ec;
         c->stream.socket().shutdown(tcp::socket::shutdown_both, ec);

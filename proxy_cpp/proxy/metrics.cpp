@@ -50,6 +50,13 @@ struct Metrics::Impl {
                                     .Help("Generated tokens streamed to clients")
                                     .Register(registry)
                                     .Add({});
+  prometheus::Histogram& loop_lag =
+      prometheus::BuildHistogram()
+          .Name("tokenbus_proxy_io_loop_lag_seconds")
+          .Help("How late each I/O thread's 10 ms probe timer fired: the wait a ready connection sees")
+          .Register(registry)
+          .Add({}, prometheus::Histogram::BucketBoundaries{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                                                           0.025, 0.05, 0.1, 0.25});
   prometheus::Gauge& snapshot_version = prometheus::BuildGauge()
                                             .Name("tokenbus_proxy_snapshot_version")
                                             .Help("Version of the routing snapshot held (0: none yet)")
@@ -90,6 +97,7 @@ void Metrics::stream_ended() { impl_->in_flight.Decrement(); }
 void Metrics::observe_ttft(double seconds) { impl_->ttft.Observe(seconds); }
 void Metrics::observe_e2e(double seconds) { impl_->e2e.Observe(seconds); }
 void Metrics::count_tokens(std::uint64_t tokens) { impl_->tokens.Increment(static_cast<double>(tokens)); }
+void Metrics::observe_loop_lag(double seconds) { impl_->loop_lag.Observe(seconds); }
 
 std::string Metrics::render(const Router& router) {
   const std::shared_ptr<const Snapshot> snapshot = router.snapshot();

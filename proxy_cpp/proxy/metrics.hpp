@@ -26,6 +26,8 @@ class Metrics {
   void observe_ttft(double seconds);
   void observe_e2e(double seconds);
   void count_tokens(std::uint64_t tokens);
+  // How late an I/O thread's periodic probe timer fired: time that thread's connections waited for it.
+  void observe_loop_lag(double seconds);
 
   // The Prometheus text exposition, with the snapshot gauges read from `router` at this moment.
   std::string render(const Router& router);
