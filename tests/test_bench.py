@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tools.bench import BenchConfig, run_bench
+from tools.bench import BenchConfig, run_bench, split_concurrency
 from tools.bench_client import DONE, RequestResult, TokenCounter, openai_stream, parse_sse_line, plain_stream
 from tools.bench_report import percentile, push_summary, summarize
 
@@ -244,6 +244,26 @@ async def test_bench_cli_json_line_and_plot(server: tuple[str, FakeProxy], tmp_p
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "TTFT" in err  # the table goes to stderr, stdout stays one JSON line
     assert len(out.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("concurrency", "processes", "shares"), [(256, 2, [128, 128]), (5, 2, [3, 2]), (2, 4, [1, 1]), (7, 1, [7])]
+)
+def test_split_concurrency(concurrency: int, processes: int, shares: list[int]) -> None:
+    assert split_concurrency(concurrency, processes) == shares
+
+
+async def test_bench_cli_over_several_processes_merges_their_requests(server: tuple[str, FakeProxy]) -> None:
+    url, fake = server
+    code, out, err = await _run_cli(
+        "--url", url, "--concurrency", "4", "--processes", "2", "--duration", "0.3", "--max-tokens", "3"
+    )
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["concurrency"] == 4 and summary["failures"] == 0
+    # every request any process made is in the summary: the fake server saw exactly those
+    assert summary["requests"] == len(fake.payloads) >= 4
+    assert summary["client_loop_lag_ms"]["p50"] is not None
 
 
 async def test_bench_cli_exit_code_on_failures(server: tuple[str, FakeProxy]) -> None:

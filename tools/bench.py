@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,6 +49,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-tokens", type=_positive_int, default=32, help="tokens per request (OpenAI endpoint)")
     p.add_argument("--endpoint", choices=("chat", "plain"), default="chat", help="OpenAI SSE or plain text")
     p.add_argument("--prompt", default="What is machine learning?")
+    p.add_argument(
+        "--processes",
+        "-p",
+        type=_positive_int,
+        default=1,
+        help="split the clients over this many processes (one Python event loop lags behind hundreds of streams)",
+    )
     p.add_argument("--plot", metavar="FILE.png", help="write TTFT and end-to-end latency histograms here")
     p.add_argument("--pushgateway", metavar="URL", help="push the summary to this Prometheus Pushgateway")
     p.add_argument(
@@ -130,6 +139,42 @@ async def probe_loop_lag(lags: list[float]) -> None:
         lags.append(loop.time() - due)
 
 
+def split_concurrency(concurrency: int, processes: int) -> list[int]:
+    """Clients per process, as even as possible, none empty."""
+    processes = min(processes, concurrency)
+    return [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+
+
+@dataclass(frozen=True)
+class HelperRun:
+    """What a helper process sends back: its requests, its loop lag and the CPU it used."""
+
+    results: list[RequestResult]
+    duration_s: float
+    lags: list[float]
+    cpu_s: float
+
+
+def _helper_ready() -> None:
+    """Run once in each helper before the load starts, so process start-up and imports are not in the window."""
+
+
+def _helper_process(cfg: BenchConfig) -> HelperRun:
+    """A helper process's share of the clients, on its own event loop."""
+    cpu_start = time.process_time()
+    lags: list[float] = []
+
+    async def run() -> tuple[list[RequestResult], float]:
+        probe = asyncio.create_task(probe_loop_lag(lags), name="bench-lag-probe")
+        try:
+            return await run_bench(cfg, TokenCounter())
+        finally:
+            probe.cancel()
+
+    results, duration_s = uvloop.run(run())
+    return HelperRun(results, duration_s, lags, time.process_time() - cpu_start)
+
+
 async def _run_with_progress(
     cfg: BenchConfig, console: Console, cpu: CpuMeter | None, lags: list[float]
 ) -> tuple[list[RequestResult], float]:
@@ -189,14 +234,32 @@ def main(opts: argparse.Namespace) -> int:
         cpu = CpuMeter(procs)
     client_cpu_start = time.process_time()
     lags: list[float] = []
-    results, duration_s = uvloop.run(_run_with_progress(cfg, console, cpu, lags))
+    own_share, *helper_shares = split_concurrency(cfg.concurrency, opts.processes)
+    helper_cpu_s = 0.0
+    # spawn, not fork: a forked child would inherit this process's state (rich Live, loops) mid-use
+    with ProcessPoolExecutor(max(1, len(helper_shares)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for ready in [pool.submit(_helper_ready) for _ in helper_shares]:
+            ready.result()
+        helpers: list[Future[HelperRun]] = [
+            pool.submit(_helper_process, replace(cfg, concurrency=n)) for n in helper_shares
+        ]
+        if helpers:
+            console.print(f"{len(helpers) + 1} client processes: {[own_share, *helper_shares]} streams each")
+        results, duration_s = uvloop.run(_run_with_progress(replace(cfg, concurrency=own_share), console, cpu, lags))
+        for helper in helpers:
+            run = helper.result()
+            results += run.results
+            duration_s = max(duration_s, run.duration_s)
+            lags += run.lags
+            helper_cpu_s += run.cpu_s
     summary = summarize(results, cfg.concurrency, duration_s)
     summary["client_loop_lag_ms"] = quantiles_ms(lags)
     console.print(summary_table(summary))
     if cpu is not None:
         summary["cpu_cores"] = cpu.summary(duration_s)
         # the bench client itself, for comparison: it shares the machine, but is not part of the total
-        summary["cpu_cores"]["client"] = round((time.process_time() - client_cpu_start) / duration_s, 3)
+        client_cpu_s = time.process_time() - client_cpu_start + helper_cpu_s
+        summary["cpu_cores"]["client"] = round(client_cpu_s / duration_s, 3)
         console.print(cpu_table(summary["cpu_cores"]))
     errors: dict[str, int] = {}
     for r in results:
