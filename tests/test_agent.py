@@ -228,3 +228,21 @@ async def test_agent_runs_real_sim_replicas_replaces_a_crashed_one_and_stops_the
                 pids = _pids(agent, s.deployments["demo"][0].replica_id)
         assert agent.proc.returncode == 0
         assert len(pids) == 2 and all(_gone(pid) for pid in pids)
+
+
+@pytest.mark.skipif(_replica_path_missing() is not None, reason=str(_replica_path_missing()))
+async def test_replica_processes_end_when_their_agent_is_killed(tmp_path: Path) -> None:
+    head = HeadProcess(tmp_path)
+    with stopped_at_exit(head):
+        await head.started()
+        agent = start_agent(tmp_path, head.router)
+        with stopped_at_exit(agent):
+            await registered(head.router)
+            async with snapshots(head) as sub:
+                await admin(head.router, "deploy", {"name": "demo", "engine": "sim", "replicas": 1})
+                s = await sub.wait_for(lambda s: bool(s.deployments.get("demo")), timeout=60)
+            pids = _pids(agent, s.deployments["demo"][0].replica_id)
+            assert len(pids) == 2
+            # no clean stop: the kernel tells the replica (parent-death signal), the worker sees its ring peer go
+            agent.proc.kill()
+            await wait_until(lambda: all(_gone(pid) for pid in pids), what="replica and worker gone")

@@ -3,6 +3,7 @@
 // (open streams get 10 s to finish), 1 when the model worker is gone, 2 on bad arguments or rings.
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
 
@@ -68,6 +69,13 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // A replica outlives no agent: if the agent dies (even by SIGKILL), the kernel sends us SIGTERM, which
+  // shuts down cleanly like any other stop. An agent already gone before this line left us with init.
+  ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+  if (::getppid() == 1) {
+    log(LogLevel::kError, "replica", "replica %s: the agent that started it is gone", options.replica_id.c_str());
+    return 1;
+  }
   const int signal_fd = ::signalfd(-1, &signals, SFD_CLOEXEC);
   if (signal_fd < 0) {
     log(LogLevel::kError, "replica", "signalfd: %s", std::strerror(errno));
