@@ -32,8 +32,8 @@ CHAT_PROMPT_TOKENS = 4  # the sim counts the words of the messages' contents
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     c = LocalCluster(tmp_path_factory.mktemp("openai"))
-    c.start()
     try:
+        c.start()
         spec = {
             "name": "demo",
             "engine": "sim",
@@ -228,6 +228,13 @@ def test_sampling_parameters_are_accepted(client: OpenAI) -> None:
     assert r.choices[0].message.content == expected_text(1, 3)
 
 
+@pytest.mark.parametrize(("param", "value"), [("echo", True), ("best_of", 2), ("logprobs", 1)])
+def test_unsupported_completion_options_are_400(client: OpenAI, param: str, value: Any) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="demo", prompt="x", extra_body={param: value})
+    assert info.value.body["param"] == param  # type: ignore[index]
+
+
 @pytest.mark.parametrize(
     ("param", "value"),
     [
@@ -237,7 +244,10 @@ def test_sampling_parameters_are_accepted(client: OpenAI) -> None:
         ("presence_penalty", 3),
         ("frequency_penalty", -2.5),
         ("max_tokens", -1),
-        ("n", 2),
+        ("max_tokens", 0),  # OpenAI's minimum is 1; 0 must not mean "the engine's default"
+        ("n", 2),  # several choices, log-probabilities: not supported, so refused rather than left out
+        ("logprobs", True),
+        ("top_logprobs", 3),
         ("temperature", "hot"),
         ("seed", "x"),
         ("stop", [1]),
