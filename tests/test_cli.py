@@ -4,6 +4,7 @@ process supervision `tokenbus up` relies on (real child processes)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 import types
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 import zmq
 
+from node_agent.binaries import bin_dir
 from schemas.messages import AdminReply, AdminRequest, decode
 from tools import cli
 from tools.procs import Children
@@ -86,7 +89,7 @@ def test_other_commands_parse() -> None:
     assert parse("scale", "demo", "4").replicas == 4
     assert parse("delete", "demo", "--head", "tcp://10.0.0.1:6000").head == "tcp://10.0.0.1:6000"
     up = parse("up")
-    assert (up.engine, up.replicas, up.port, up.state_dir) == ("sim", 2, 8000, ".tokenbus")
+    assert (up.engine, up.replicas, up.port, up.state_dir) == ("vllm", 2, 8000, ".tokenbus")
     bench = parse("bench", "-c", "256", "-d", "30", "--plot", "x.png", "--pushgateway", "http://127.0.0.1:9091")
     assert (bench.concurrency, bench.duration, bench.max_tokens, bench.endpoint) == (256, 30.0, 32, "chat")
     assert (bench.url, bench.model, bench.plot) == ("http://127.0.0.1:8000", "demo", "x.png")
@@ -321,33 +324,19 @@ def test_bench_entry_point_runs_as_a_real_process() -> None:
     assert out.returncode == 0 and "--concurrency" in out.stdout
 
 
-# --- tokenbus up, end to end with a stand-in proxy -------------------------------------------------------------
-
-FAKE_PROXY = """#!{python}
-# stands in for tokenbus-proxy: binds --listen, answers GET /readyz with 200
-import sys
-from aiohttp import web
-host, port = sys.argv[sys.argv.index("--listen") + 1].rsplit(":", 1)
-app = web.Application()
-app.router.add_get("/readyz", lambda request: web.Response(text="ready"))
-web.run_app(app, host=host, port=int(port), print=lambda *a: print("LISTENING", host + ":" + port, flush=True))
-"""
+# --- tokenbus up, end to end with the real binaries ------------------------------------------------------------
 
 
-def test_up_starts_the_cluster_and_stops_every_process_on_sigint(tmp_path: Path) -> None:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "tokenbus-proxy").write_text(FAKE_PROXY.format(python=sys.executable))
-    (bin_dir / "tokenbus-replica").write_text("#!/bin/sh\nexit 1\n")  # never ready: not needed by `up` here
-    for binary in bin_dir.iterdir():
-        binary.chmod(0o755)
+@pytest.mark.skipif(not (bin_dir() / "tokenbus-proxy").exists(), reason="binaries not built (make build)")
+def test_up_serves_a_streamed_answer_and_stops_every_process_on_sigint(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     state = tmp_path / "state"
-    env = {**os.environ, "TOKENBUS_BIN_DIR": str(bin_dir), "COLUMNS": "300"}
+    env = {**os.environ, "COLUMNS": "300"}
+    cmd = [sys.executable, "-m", "tools", "up", "--engine", "sim", "--port", str(port), "--state-dir", str(state)]
     up = subprocess.Popen(
-        [sys.executable, "-m", "tools", "up", "--port", str(port), "--state-dir", str(state), "--ready-timeout", "60"],
+        [*cmd, "--ready-timeout", "60"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -366,6 +355,14 @@ def test_up_starts_the_cluster_and_stops_every_process_on_sigint(tmp_path: Path)
         pids = {line.split()[1]: int(line.split()[3]) for line in lines if line.startswith("started ")}
         assert set(pids) == {"head", "agent", "proxy"}
         assert all(_alive(pid) for pid in pids.values())
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/demo?max_tokens=8", data=b"What is machine learning?", method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            assert len(resp.read().split()) == 8  # eight sim tokens, one word each
+        agent_log = (state / "logs" / "agent.log").read_text()
+        replica_pids = [int(p) for p in re.findall(r"replica \S+: \w+ started, pid (\d+)", agent_log)]
+        assert len(replica_pids) == 4  # two replicas, each a tokenbus-replica and a model worker
         up.send_signal(signal.SIGINT)
         rest, _ = up.communicate(timeout=60)
     finally:
@@ -374,6 +371,6 @@ def test_up_starts_the_cluster_and_stops_every_process_on_sigint(tmp_path: Path)
             up.wait()
     assert up.returncode == 0, rest
     assert [line.split()[1] for line in rest.splitlines() if line.startswith("stopped ")] == ["proxy", "agent", "head"]
-    assert not any(_alive(pid) for pid in pids.values())
+    assert not any(_alive(pid) for pid in [*pids.values(), *replica_pids])
     assert {p.name for p in (state / "logs").iterdir()} == {"head.log", "agent.log", "proxy.log"}
     assert "deployment demo" in (state / "logs" / "head.log").read_text()

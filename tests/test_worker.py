@@ -38,27 +38,15 @@ class Rings:
             os.close(fd)
 
 
-def spawn_worker(rings: Rings, log_path: Path, engine_args: dict[str, Any], rid: str = "r1") -> subprocess.Popen:
+def spawn_worker(
+    rings: Rings, log_path: Path, engine_args: dict[str, Any], rid: str = "r1", engine: str = "sim"
+) -> subprocess.Popen:
+    """A real `python -m model_worker` on the worker's ends of the rings, in its own process group."""
+    cmd = [sys.executable, "-m", "model_worker", "--replica-id", rid, "--engine", engine]
+    cmd += ["--engine-args", json.dumps(engine_args), "--req-ring", _fds_arg(rings.req)]
+    cmd += ["--resp-ring", _fds_arg(rings.resp)]
     with log_path.open("wb") as log:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "model_worker",
-                "--replica-id",
-                rid,
-                "--engine",
-                "sim",
-                "--engine-args",
-                json.dumps(engine_args),
-                "--req-ring",
-                _fds_arg(rings.req),
-                "--resp-ring",
-                _fds_arg(rings.resp),
-            ],
-            pass_fds=(*rings.req, *rings.resp),
-            stderr=log,
-        )
+        return subprocess.Popen(cmd, pass_fds=(*rings.req, *rings.resp), stderr=log, start_new_session=True)
 
 
 class Replica:

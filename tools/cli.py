@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from tools import admin_cmds, bench, up
+from tools import admin_cmds, bench, tiny_model, up
 
 # run by another module's own argument parser: everything after the name is passed through untouched
 PASSTHROUGH = ("head", "agent")
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_parser(sub)
     admin_cmds.add_parsers(sub)
     bench.add_parser(sub)
+    tiny_model.add_parser(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from rich.console import Console
 from bus.endpoints import DEFAULT_PUB, DEFAULT_ROUTER
 from tools.admin_cmds import admin_request
 from tools.procs import Child, Children
+from tools.tiny_model import make_with_progress
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BINARIES = ("tokenbus-proxy", "tokenbus-replica")
@@ -30,6 +32,11 @@ DEFAULT_ROUTER_PORT = int(DEFAULT_ROUTER.rsplit(":", 1)[1])
 DEFAULT_PUB_PORT = int(DEFAULT_PUB.rsplit(":", 1)[1])
 POLL_INTERVAL_S = 0.5
 DEPLOYMENT = "demo"
+TINY_MODEL = Path("models") / "tiny-llama"  # under the state directory
+# The demo's vLLM replicas: the tiny model in float32 (its weights' type; bf16 is slow on most CPUs), a context
+# long enough for a chat, and a deadline for the engine start: two replicas starting at once on 2 busy cores
+# took 80-90 s here (about 30 s alone), so 300 s leaves room.
+VLLM_DEMO_ARGS: dict[str, Any] = {"max_model_len": 1024, "dtype": "float32", "ready_timeout_s": 300}
 
 
 class StartupError(Exception):
@@ -38,19 +45,25 @@ class StartupError(Exception):
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("up", help="start a local cluster serving `demo`; Ctrl-C stops it")
-    p.add_argument("--engine", default="sim", choices=("sim", "vllm"))
+    p.add_argument("--engine", default="vllm", choices=("sim", "vllm"), help="vllm serves the embedded tiny model")
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--port", type=int, default=8000, help="the proxy's HTTP port on 127.0.0.1")
     p.add_argument("--state-dir", default=".tokenbus", help="head database and child logs")
-    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for /readyz")
+    p.add_argument("--ready-timeout", type=float, default=360.0, help="seconds to wait for /readyz")
     p.set_defaults(func=main)
 
 
-def demo_deployment(engine: str, replicas: int) -> dict[str, Any]:
+def demo_deployment(engine: str, replicas: int, model_dir: Path | None = None) -> dict[str, Any]:
+    """`demo`: the sim, or vLLM serving `model_dir`."""
+    if engine == "sim":
+        engine_args: dict[str, Any] = {"token_delay_ms": 20}
+    else:
+        assert model_dir is not None
+        engine_args = {"model": str(model_dir), **VLLM_DEMO_ARGS}
     return {
         "name": DEPLOYMENT,
         "engine": engine,
-        "engine_args": {"token_delay_ms": 20} if engine == "sim" else {},
+        "engine_args": engine_args,
         "replicas": replicas,
         "max_concurrency": 256,
     }
@@ -103,6 +116,16 @@ def ensure_binaries(console: Console) -> Path:
     return directory
 
 
+def ensure_tiny_model(state_dir: Path, console: Console) -> Path:
+    """The embedded tiny model under the state directory, generated when missing (vLLM brings what it needs)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise StartupError("engine vllm needs vLLM installed (`make deps` installs it); or `tokenbus up --engine sim`")
+    try:
+        return make_with_progress(state_dir / TINY_MODEL, console)
+    except (ImportError, FileExistsError) as e:
+        raise StartupError(f"cannot make the tiny model: {e}") from e
+
+
 def _child_died(child: Child) -> StartupError:
     return StartupError(
         f"{child.name} (pid {child.pid}) exited with code {child.proc.returncode}; "
@@ -153,6 +176,7 @@ async def _bring_up(opts: argparse.Namespace, children: Children, console: Conso
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     bin_dir = ensure_binaries(console)
+    model_dir = ensure_tiny_model(state_dir, console) if opts.engine == "vllm" else None
     if not _port_free(opts.port):
         raise StartupError(f"port {opts.port} on 127.0.0.1 is in use: choose another with --port")
     router_port = _port_or_free(DEFAULT_ROUTER_PORT)
@@ -174,7 +198,7 @@ async def _bring_up(opts: argparse.Namespace, children: Children, console: Conso
         console.print(f"started {name:5} pid {child.pid:>7}  log {child.log_path}")
 
     deadline = time.monotonic() + opts.ready_timeout
-    await _deploy(router, demo_deployment(opts.engine, opts.replicas), children, deadline)
+    await _deploy(router, demo_deployment(opts.engine, opts.replicas, model_dir), children, deadline)
     console.print(f"deployed [bold]{DEPLOYMENT}[/bold]: {opts.replicas} x {opts.engine}")
     await _wait_ready(f"http://127.0.0.1:{opts.port}/readyz", children, deadline, console)
     ready = f"[green]ready[/green]: head {router} (pub {pub}), proxy http://127.0.0.1:{opts.port}\n"
