@@ -182,7 +182,13 @@ class VllmEngine:
         self._finish(state, "abort")
 
     def stats(self) -> EngineStats:
-        return self._load
+        # vLLM reports its scheduler's load only while it steps: after the last request of a burst ends it goes
+        # idle with its last report (say running=16) standing. The requests open here bound what can be true.
+        open_now = len(self._open)
+        running = min(self._load.running, open_now)
+        waiting = min(self._load.waiting, open_now - running)
+        kv_usage = self._load.kv_usage if open_now else 0.0
+        return EngineStats(running, waiting, kv_usage)
 
     async def shutdown(self) -> None:
         for request_id in list(self._open):
@@ -262,6 +268,7 @@ class VllmEngine:
         self._sink.finish(
             state.request.id, reason, state.prompt_tokens, state.completion_tokens, error_code, error_message
         )
+        self._sink.load_changed()  # one request fewer bounds the load (see stats())
 
     def _aborted(self, task: asyncio.Task[None]) -> None:
         self._aborts.discard(task)

@@ -167,7 +167,9 @@ async def test_overlong_prompt_and_invalid_sampling_values_get_400(worker: Runni
 async def test_unknown_engine_args_exit_2_naming_them(tmp_path: Path) -> None:
     rings = Rings(create_ring_fds(1 << 16), create_ring_fds(1 << 16))
     replica = Replica(rings)
-    proc = spawn_worker(rings, tmp_path / "bad.log", {**ENGINE_ARGS, "max_modle_len": 5, "tp": 2}, engine="vllm")
+    proc = spawn_worker(
+        rings, tmp_path / "bad.log", {**ENGINE_ARGS, "max_modle_len": 5, "tp": 2}, rid="v1", engine="vllm"
+    )
     try:
         assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 120.0) == 2
         log = (tmp_path / "bad.log").read_text()
