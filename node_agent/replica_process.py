@@ -269,11 +269,18 @@ class ReplicaProcess:
         log.warning("replica %s: drain ended with calls still open", self.replica_id)
 
     async def _terminate(self) -> None:
-        """SIGTERM to both process groups, SIGKILL after the grace; records the exit code."""
+        """SIGTERM to both processes, SIGKILL to their groups after the grace; records the exit code.
+
+        SIGTERM goes to the two processes alone, not their groups: an engine's own children (vLLM's engine core and
+        workers) must be shut down by the engine, which also frees their shared memory; signalled directly they die
+        and leave their /dev/shm segments behind. The groups' SIGKILL then ends whatever is left.
+        """
         first: tuple[str, int] | None = None
         if self._first_exit is not None and self._first_exit.done() and not self._first_exit.cancelled():
             first = self._first_exit.result()
-        self._signal(signal.SIGTERM)
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
         waits = [p.wait() for p in self._procs.values()]
         try:
             await asyncio.wait_for(asyncio.gather(*waits), TERM_GRACE_S)
