@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 
 from bus.endpoints import DEFAULT_ROUTER as DEFAULT_HEAD
+from tools.arg_types import non_negative_int, positive_int
 from tools.status_view import status_tables
 
 DEFAULT_TIMEOUT_S = 5.0
@@ -26,20 +27,6 @@ def parse_engine_arg(text: str) -> tuple[str, Any]:
         return key, raw
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", default=DEFAULT_HEAD, help=f"the head's ROUTER endpoint (default {DEFAULT_HEAD})")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for the head")
@@ -49,8 +36,8 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("deploy", help="create or update a deployment")
     p.add_argument("name")
     p.add_argument("--engine", default="sim", choices=("sim", "vllm"))
-    p.add_argument("--replicas", type=_non_negative_int, default=1)
-    p.add_argument("--max-concurrency", type=_positive_int, default=256, help="open requests per replica")
+    p.add_argument("--replicas", type=non_negative_int, default=1)
+    p.add_argument("--max-concurrency", type=positive_int, default=256, help="open requests per replica")
     p.add_argument(
         "--engine-arg",
         action="append",
@@ -64,7 +51,7 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("scale", help="change a deployment's replica count")
     p.add_argument("name")
-    p.add_argument("replicas", type=_non_negative_int)
+    p.add_argument("replicas", type=non_negative_int)
     _common(p)
     p.set_defaults(func=scale)
 

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from tools.arg_types import positive_float, positive_int
 from tools.bench_client import RequestResult, TokenCounter, openai_stream, plain_stream
 from tools.bench_cpu import CpuMeter, parse_pids
 from tools.bench_report import cpu_table, plot_latencies, push_summary, quantiles_ms, summarize, summary_table
@@ -44,15 +45,15 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="closed-loop streaming load against a proxy; latency and throughput")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the proxy's base URL")
     p.add_argument("--model", default="demo", help="deployment name")
-    p.add_argument("--concurrency", "-c", type=_positive_int, default=16, help="concurrent streaming clients")
-    p.add_argument("--duration", "-d", type=_positive_float, default=10.0, help="seconds to start requests for")
-    p.add_argument("--max-tokens", type=_positive_int, default=32, help="tokens per request (OpenAI endpoint)")
+    p.add_argument("--concurrency", "-c", type=positive_int, default=16, help="concurrent streaming clients")
+    p.add_argument("--duration", "-d", type=positive_float, default=10.0, help="seconds to start requests for")
+    p.add_argument("--max-tokens", type=positive_int, default=32, help="tokens per request (OpenAI endpoint)")
     p.add_argument("--endpoint", choices=("chat", "plain"), default="chat", help="OpenAI SSE or plain text")
     p.add_argument("--prompt", default="What is machine learning?")
     p.add_argument(
         "--processes",
         "-p",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="split the clients over this many processes (one Python event loop lags behind hundreds of streams)",
     )
@@ -64,20 +65,6 @@ def add_parser(sub: Any) -> None:
         help="report the CPU cores these processes used during the run (auto: this user's tokenbus processes)",
     )
     p.set_defaults(func=main)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 async def run_bench(
