@@ -80,6 +80,10 @@ class OutputSink(Protocol):
     def load_changed(self) -> None:
         """`stats()` may now return something else (the sink decides when to read it)."""
 
+    def engine_failed(self, message: str) -> None:
+        """The engine can serve nothing more (e.g. vLLM's engine core died): the worker exits, so that its agent
+        reports the replica EXITED and the head replaces it, instead of a READY replica answering only errors."""
+
 
 class Engine(Protocol):
     async def start(self) -> EngineInfo:

@@ -27,6 +27,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.inputs import tokens_input
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 from vllm.v1.metrics.stats import IterationStats, MultiModalCacheStats, SchedulerStats
 
@@ -244,6 +245,10 @@ class VllmEngine:
                     reason = delta.finish_reason
         except asyncio.CancelledError:
             raise
+        except EngineDeadError as e:  # unrecoverable: this replica must go
+            self._end(state, "error", 500, f"the engine died: {e}")
+            self._sink.engine_failed(f"vLLM's engine core is dead: {e}")
+            return
         except (VLLMClientError, ValueError) as e:
             self._end(state, "error", 400, str(e))
             return

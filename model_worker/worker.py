@@ -38,6 +38,7 @@ class Worker:
         self._stats_sent: EngineStats | None = None
         self._stats_sent_at = float("-inf")
         self.replica_gone = asyncio.Event()  # set when the response ring's consumer is found gone
+        self.engine_dead = asyncio.Event()  # set when the engine reports it can serve nothing more
 
     def _send(self, record: list[Any]) -> None:
         # called from engine callbacks: a failure here must not escape into the engine's bookkeeping
@@ -54,6 +55,10 @@ class Worker:
         self.load_changed()
 
     # --- OutputSink -------------------------------------------------------------------------------------
+    def engine_failed(self, message: str) -> None:
+        log.error("worker %s engine failed: %s", self._replica_id, message)
+        self.engine_dead.set()
+
     def tokens(self, request_id: int, text: str, n_tokens: int) -> None:
         self._send([records.TOKENS, request_id, text, n_tokens])
 
@@ -180,6 +185,7 @@ async def _run(opts: argparse.Namespace, receiver: RingReceiver, sender: RingSen
         loop.add_signal_handler(sig, stopping.set)
     stop_wait = asyncio.create_task(stopping.wait(), name="stop-signal")
     gone_wait = asyncio.create_task(worker.replica_gone.wait(), name="replica-gone")
+    dead_wait = asyncio.create_task(worker.engine_dead.wait(), name="engine-dead")
     try:
         log.info("worker %s starting engine %s", rid, opts.engine)
         start = asyncio.create_task(worker.engine.start(), name="engine-start")
@@ -198,7 +204,7 @@ async def _run(opts: argparse.Namespace, receiver: RingReceiver, sender: RingSen
             info["max_model_len"],
         )
         receive = asyncio.create_task(worker.receive(receiver), name="receive")
-        await asyncio.wait({receive, stop_wait, gone_wait}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({receive, stop_wait, gone_wait, dead_wait}, return_when=asyncio.FIRST_COMPLETED)
         if receive.done() and not isinstance(receive.exception(), PeerGone):
             receive.result()  # an unexpected failure: raise it, logged by serve()
         peer_gone = receive.done() or worker.replica_gone.is_set()
@@ -209,8 +215,12 @@ async def _run(opts: argparse.Namespace, receiver: RingReceiver, sender: RingSen
                 await asyncio.wait_for(sender.drain(), DRAIN_TIMEOUT_S)
             except (TimeoutError, PeerGone):
                 log.warning("worker %s replica did not take the last %d records", rid, sender.queued)
+        if worker.engine_dead.is_set():
+            log.info("worker %s stopped (engine failed)", rid)
+            return 1
         log.info("worker %s stopped (%s)", rid, "replica gone" if peer_gone else "signal")
         return 0
     finally:
         stop_wait.cancel()
+        dead_wait.cancel()
         gone_wait.cancel()

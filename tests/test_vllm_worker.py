@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -174,6 +175,42 @@ async def test_unknown_engine_args_exit_2_naming_them(tmp_path: Path) -> None:
         assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 120.0) == 2
         log = (tmp_path / "bad.log").read_text()
         assert "worker v1 bad engine configuration: unknown vllm engine args ['max_modle_len', 'tp']" in log
+    finally:
+        _kill_group(proc)
+        replica.close()
+        rings.close()
+
+
+def _engine_core_of(worker_pid: int) -> int | None:
+    """The pid of vLLM's engine core process among the worker's children."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == worker_pid and b"EngineCore" in cmdline + (stat.parent / "comm").read_bytes():
+            return int(stat.parent.name)
+    return None
+
+
+async def test_a_dead_engine_core_fails_its_requests_and_ends_the_worker(tmp_path: Path) -> None:
+    rings = Rings(create_ring_fds(1 << 20), create_ring_fds(1 << 20))
+    replica = Replica(rings)
+    proc = spawn_worker(rings, tmp_path / "dead.log", ENGINE_ARGS, rid="v2", engine="vllm")
+    try:
+        await replica.until(lambda recs: any(r[0] == READY for r in recs), READY_DEADLINE_S)
+        replica.sender.send(submit(41, PROMPT, 2000))
+        await replica.until(lambda recs: any(r[0] == TOKENS and r[1] == 41 for r in recs))
+        core = _engine_core_of(proc.pid)
+        assert core is not None, "no EngineCore child found"
+        os.kill(core, signal.SIGKILL)
+        await replica.until(lambda recs: any(r[0] == FINISH and r[1] == 41 for r in recs))
+        finish = replica.of(41)[-1]
+        assert finish[2] == "error" and finish[5] == 500
+        # the worker exits (code 1), so its agent reports the replica EXITED and the head replaces it
+        assert await asyncio.wait_for(asyncio.to_thread(proc.wait), 60.0) == 1
+        assert "engine failed" in (tmp_path / "dead.log").read_text()
     finally:
         _kill_group(proc)
         replica.close()
