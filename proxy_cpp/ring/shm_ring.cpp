@@ -87,6 +87,21 @@ bool process_alive(pid_t pid) {
   return state != 'Z' && state != 'X';
 }
 
+// The announcing half of the wake-up protocol, for either side: raise our flag, fence, look again. True when the
+// caller should sleep: the peer, publishing after our fence, is bound to see the flag and wake us.
+template <class Ready>
+bool arm_wait(std::uint32_t& waiting_flag, Ready ready) {
+  if (ready()) return false;
+  auto waiting = atomic(waiting_flag);
+  waiting.store(1, std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (ready()) {
+    waiting.store(0, std::memory_order_relaxed);
+    return false;
+  }
+  return true;
+}
+
 // One wait of either side: announce, re-check, sleep on `fd` until woken or the deadline, repeat.
 template <class Side>
 WaitResult wait_on(Side& side, int fd, std::uint32_t& waiting_flag, std::chrono::milliseconds timeout) {
@@ -278,15 +293,7 @@ bool Producer::has_room() const {
 }
 
 bool Producer::prepare_wait() {
-  if (has_room()) return false;
-  auto waiting = atomic(region_.header().producer_waiting);
-  waiting.store(1, std::memory_order_relaxed);
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (has_room()) {
-    waiting.store(0, std::memory_order_relaxed);
-    return false;
-  }
-  return true;
+  return arm_wait(region_.header().producer_waiting, [this] { return has_room(); });
 }
 
 WaitResult Producer::wait_for_space(std::chrono::milliseconds timeout) {
@@ -343,15 +350,7 @@ void Consumer::release() {
 }
 
 bool Consumer::prepare_wait() {
-  if (has_data()) return false;
-  auto waiting = atomic(region_.header().consumer_waiting);
-  waiting.store(1, std::memory_order_relaxed);
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (has_data()) {
-    waiting.store(0, std::memory_order_relaxed);
-    return false;
-  }
-  return true;
+  return arm_wait(region_.header().consumer_waiting, [this] { return has_data(); });
 }
 
 WaitResult Consumer::wait_for_data(std::chrono::milliseconds timeout) {
