@@ -23,7 +23,7 @@ from test_worker import FINISH, READY, STATS, TOKENS, Replica, Rings, Running, s
 from model_worker.ring import create_ring_fds
 
 MODEL_DIR = os.environ.get("TOKENBUS_TINY_MODEL", "")
-MAX_MODEL_LEN = 512
+MAX_MODEL_LEN = 2048  # the tiny model's positions: a generation long enough to cancel on a fast machine
 ENGINE_ARGS = {"model": MODEL_DIR, "max_model_len": MAX_MODEL_LEN, "dtype": "float32"}
 READY_DEADLINE_S = 300.0  # two engines starting at once on 2 loaded cores took 90 s
 PROMPT = "What is machine learning?"
@@ -134,14 +134,16 @@ async def test_stats_count_running_requests_and_all_complete(worker: Running) ->
 async def test_cancel_finishes_abort_and_running_returns_to_zero_within_1s(worker: Running) -> None:
     replica = worker.replica
     start = len(replica.records)
-    replica.sender.send(submit(21, PROMPT, 0))  # max_tokens 0: the default, clamped to the context left
+    # Asks for more than the context holds (clamped to what is left, ~2040 tokens: seconds of work even on a fast
+    # machine); STATS is coalesced to one per 100 ms, so 256 tokens could all be out before running=1 is reported.
+    replica.sender.send(submit(21, PROMPT, MAX_MODEL_LEN))
     await replica.until(lambda recs: any(r[:2] == [STATS, 1] for r in recs[start:]))
     await replica.until(lambda recs: any(r[:2] == [TOKENS, 21] for r in recs[start:]))
     replica.sender.send([2, 21])
     await replica.until(replica.finished(21), deadline_s=1.0)
     finish = replica.of(21)[-1]
     assert finish[2] == "abort" and finish[4] == sum(r[3] for r in replica.of(21)[:-1])
-    assert finish[4] < 256  # cut short: the default max_tokens is 256
+    assert finish[4] < MAX_MODEL_LEN - finish[3]  # cut short of the context left
     at_finish = len(replica.records)
     await replica.until(lambda recs: any(r[:3] == [STATS, 0, 0] for r in recs[at_finish:]), deadline_s=1.0)
     replica.sender.send([2, 21])  # cancelling a finished request is harmless
@@ -159,7 +161,7 @@ async def test_overlong_prompt_and_invalid_sampling_values_get_400(worker: Runni
     await replica.until(finished(31, 32, 33))
     overlong, invalid = replica.of(31)[-1], replica.of(32)[-1]
     assert overlong[2] == "error" and overlong[3] > MAX_MODEL_LEN and overlong[4:6] == [0, 400]
-    assert "maximum context length of 512 tokens" in overlong[6]
+    assert f"maximum context length of {MAX_MODEL_LEN} tokens" in overlong[6]
     assert invalid[2] == "error" and invalid[5] == 400 and "top_p" in invalid[6]
     assert [r[0] for r in replica.of(31) + replica.of(32)] == [FINISH, FINISH]
     assert replica.of(33)[-1][2] == "length"  # the engine serves on
