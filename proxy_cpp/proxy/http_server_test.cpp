@@ -310,6 +310,11 @@ TEST_F(ProxyTest, ModelsAndMetrics) {
   EXPECT_NE(metrics.body.find("tokenbus_proxy_snapshot_version 4294967297"), std::string::npos);
   EXPECT_NE(metrics.body.find("tokenbus_proxy_snapshot_staleness_seconds"), std::string::npos);
   EXPECT_NE(metrics.body.find("tokenbus_proxy_ttft_seconds_count 1"), std::string::npos);
+  const std::string demo_r1 = "{address=\"" + replica_.address() + "\",deployment=\"demo\",replica=\"demo-r1\"}";
+  EXPECT_NE(metrics.body.find("tokenbus_proxy_replica_routed_total" + demo_r1 + " 1"), std::string::npos)
+      << metrics.body;
+  EXPECT_NE(metrics.body.find("tokenbus_proxy_replica_in_flight" + demo_r1 + " 0"), std::string::npos);
+  EXPECT_NE(metrics.body.find("tokenbus_proxy_replica_routable" + demo_r1 + " 1"), std::string::npos);
 }
 
 // Opens a raw connection, starts a plain stream of "hang" on `deployment`, and returns once the first

@@ -7,6 +7,8 @@
 #include <prometheus/text_serializer.h>
 
 #include <array>
+#include <map>
+#include <vector>
 
 #include "proxy/router.hpp"
 
@@ -103,7 +105,35 @@ std::string Metrics::render(const Router& router) {
   const std::shared_ptr<const Snapshot> snapshot = router.snapshot();
   impl_->snapshot_version.Set(snapshot ? static_cast<double>(snapshot->version) : 0.0);
   impl_->snapshot_staleness.Set(router.staleness_seconds());
-  return prometheus::TextSerializer().Serialize(impl_->registry.Collect());
+  std::vector<prometheus::MetricFamily> families = impl_->registry.Collect();
+  // Per-replica series follow the snapshot (replicas come and go), so they are built afresh for each scrape.
+  prometheus::Registry replicas;
+  auto& in_flight = prometheus::BuildGauge()
+                        .Name("tokenbus_proxy_replica_in_flight")
+                        .Help("This proxy's requests open on each replica of the snapshot held")
+                        .Register(replicas);
+  auto& routed = prometheus::BuildCounter()
+                     .Name("tokenbus_proxy_replica_routed_total")
+                     .Help("Requests this proxy routed to each replica since its address appeared")
+                     .Register(replicas);
+  auto& score = prometheus::BuildGauge()
+                    .Name("tokenbus_proxy_replica_score")
+                    .Help("Each replica's routing score now (lowest wins): own in-flight + reported running + waiting")
+                    .Register(replicas);
+  auto& routable = prometheus::BuildGauge()
+                       .Name("tokenbus_proxy_replica_routable")
+                       .Help("1 when the replica is READY and healthy in the snapshot held")
+                       .Register(replicas);
+  for (const ReplicaRouteView& r : router.replica_views()) {
+    const std::map<std::string, std::string> labels{{"deployment", r.deployment}, {"replica", r.id},
+                                                    {"address", r.address}};
+    in_flight.Add(labels).Set(static_cast<double>(r.in_flight));
+    routed.Add(labels).Increment(static_cast<double>(r.routed));
+    score.Add(labels).Set(static_cast<double>(r.score));
+    routable.Add(labels).Set(r.routable ? 1.0 : 0.0);
+  }
+  for (prometheus::MetricFamily& family : replicas.Collect()) families.push_back(std::move(family));
+  return prometheus::TextSerializer().Serialize(families);
 }
 
 }  // namespace tokenbus::proxy

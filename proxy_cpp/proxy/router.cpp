@@ -23,6 +23,16 @@ struct Router::Table {
   bool any_routable = false;
 };
 
+namespace {
+
+// A replica's routing score: this proxy's own in-flight requests there plus the load its engine last
+// reported (running + waiting), which also counts other proxies' requests.
+std::int64_t load_score(const ReplicaLoad& load, std::int64_t in_flight) {
+  return in_flight + load.running + load.waiting;
+}
+
+}  // namespace
+
 ReplicaHandle::ReplicaHandle(std::string address) : address_(std::move(address)) {}
 
 Lease& Lease::operator=(Lease&& other) noexcept {
@@ -122,7 +132,7 @@ RouteResult Router::route(std::string_view deployment) {
       any_routable = true;
       const std::int64_t in_flight = e.handle->in_flight();
       if (e.replica->max_concurrency > 0 && in_flight >= e.replica->max_concurrency) continue;
-      const std::int64_t score = in_flight + e.replica->load.running + e.replica->load.waiting;
+      const std::int64_t score = load_score(e.replica->load, in_flight);
       if (score < best_score) {  // strict: the first of equal scores after the cursor wins
         best = &e;
         best_score = score;
@@ -132,11 +142,26 @@ RouteResult Router::route(std::string_view deployment) {
     if (best == nullptr) return {RouteOutcome::kOverloaded, {}};
     const std::int64_t before = best->handle->in_flight_.fetch_add(1, std::memory_order_relaxed);
     if (best->replica->max_concurrency <= 0 || before < best->replica->max_concurrency) {
+      best->handle->routed_.fetch_add(1, std::memory_order_relaxed);
       return {RouteOutcome::kRouted, Lease(best->handle)};
     }
     best->handle->in_flight_.fetch_sub(1, std::memory_order_relaxed);
   }
   return {RouteOutcome::kOverloaded, {}};
+}
+
+std::vector<ReplicaRouteView> Router::replica_views() const {
+  std::vector<ReplicaRouteView> views;
+  const std::shared_ptr<const Table> table = table_.load();
+  if (!table) return views;
+  for (const auto& [name, route] : table->routes) {
+    for (const Table::Entry& e : route.entries) {
+      const std::int64_t in_flight = e.handle->in_flight();
+      views.push_back({name, e.replica->id, e.replica->addr, e.replica->routable(), in_flight, e.handle->routed(),
+                       load_score(e.replica->load, in_flight)});
+    }
+  }
+  return views;
 }
 
 std::shared_ptr<const Snapshot> Router::snapshot() const {

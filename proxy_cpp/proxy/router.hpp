@@ -28,6 +28,8 @@ class ReplicaHandle {
 
   const std::string& address() const { return address_; }
   std::int64_t in_flight() const { return in_flight_.load(std::memory_order_relaxed); }
+  // Requests routed here since the address first appeared in a snapshot.
+  std::uint64_t routed() const { return routed_.load(std::memory_order_relaxed); }
 
   // The replica's channel, created on first use and reused by every later request (replica_stream.cpp).
   ReplicaChannel& channel();
@@ -37,6 +39,7 @@ class ReplicaHandle {
   friend class Lease;
   const std::string address_;
   std::atomic<std::int64_t> in_flight_{0};
+  std::atomic<std::uint64_t> routed_{0};
   std::once_flag channel_once_;
   std::shared_ptr<ReplicaChannel> channel_;  // shared_ptr: ReplicaChannel is incomplete here
 };
@@ -65,6 +68,17 @@ enum class RouteOutcome {
   kOverloaded,          // every routable replica is at max_concurrency: 429
 };
 
+// One replica as the router sees it now: for /metrics, so that a skewed spread can be explained.
+struct ReplicaRouteView {
+  std::string deployment;
+  std::string id;
+  std::string address;
+  bool routable = false;
+  std::int64_t in_flight = 0;
+  std::uint64_t routed = 0;
+  std::int64_t score = 0;  // what route() compares: lower wins
+};
+
 struct RouteResult {
   RouteOutcome outcome = RouteOutcome::kNoSnapshot;
   Lease lease;  // set when routed
@@ -89,6 +103,8 @@ class Router {
   RouteResult route(std::string_view deployment);
 
   std::shared_ptr<const Snapshot> snapshot() const;
+  // Every replica of the snapshot held, with its routing score and counts at this moment.
+  std::vector<ReplicaRouteView> replica_views() const;
   // A snapshot is held and at least one replica in it is routable.
   bool ready() const;
 

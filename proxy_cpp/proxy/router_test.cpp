@@ -75,6 +75,24 @@ TEST(Router, CountsItsOwnInFlightRequests) {
   EXPECT_EQ(first.lease.replica()->in_flight(), 1);
 }
 
+TEST(Router, ViewsShowEachReplicasScoreAndRoutedCount) {
+  Router router;
+  EXPECT_TRUE(router.replica_views().empty());
+  router.apply(snapshot(1, {replica("r1", 3, 1), replica("r2", 0, 0, 8, ReplicaState::kDraining)}));
+  RouteResult held = router.route("demo");
+  { RouteResult done = router.route("demo"); }
+  const std::vector<ReplicaRouteView> views = router.replica_views();
+  ASSERT_EQ(views.size(), 2u);
+  EXPECT_EQ(views[0].id, "r1");
+  EXPECT_TRUE(views[0].routable);
+  EXPECT_EQ(views[0].routed, 2u);
+  EXPECT_EQ(views[0].in_flight, 1);
+  EXPECT_EQ(views[0].score, 1 + 3 + 1);
+  EXPECT_EQ(views[1].id, "r2");
+  EXPECT_FALSE(views[1].routable);
+  EXPECT_EQ(views[1].routed, 0u);
+}
+
 TEST(Router, BreaksTiesRoundRobin) {
   Router router;
   router.apply(snapshot(1, {replica("r1", 1, 0), replica("r2", 1, 0), replica("r3", 1, 0)}));
