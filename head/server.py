@@ -30,6 +30,7 @@ from schemas.messages import (
     Register,
     RegisterAck,
     ReplicaEvent,
+    Reregister,
     Snapshot,
     SnapshotReplica,
     SnapshotRequest,
@@ -182,11 +183,13 @@ class Head:
         if isinstance(msg, (Heartbeat, ReplicaEvent)):
             node = state.node_for(identity, msg.node_id)
             if node is None:
-                # no reply: the agent hears no heartbeat from us, loses the head and re-registers
+                # Declared lost while it was stalled, or known to a previous head: it registers again at once, with
+                # the replicas it still runs, rather than after its own liveness for us runs out.
                 kind = type(msg).__name__
                 log.info(
-                    "%s from unknown node %s (peer %s): ignored until it registers", kind, msg.node_id, _peer(identity)
+                    "%s from unknown node %s (peer %s): asked to register again", kind, msg.node_id, _peer(identity)
                 )
+                await self._send(identity, envelope, Reregister(msg.node_id))
                 return False
             state.heard(node, now)
             if isinstance(msg, Heartbeat):

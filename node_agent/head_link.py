@@ -22,6 +22,7 @@ from schemas.messages import (
     Register,
     RegisterAck,
     ReplicaStatus,
+    Reregister,
     StartReplica,
     StopReplica,
     decode,
@@ -184,7 +185,12 @@ class HeadLink:
                 log.info("heartbeat interval set to the head's %.3f s", msg.heartbeat_interval_s)
                 self.heartbeat_s = msg.heartbeat_interval_s
             return True
-        if isinstance(msg, (StartReplica, StopReplica)):
+        if isinstance(msg, Reregister):
+            if self.registered:
+                log.warning("the head at %s does not know node %s: registering again", self._endpoint, msg.node_id)
+                self.registered = False
+                self._beat()  # a Register now, not at the next interval
+        elif isinstance(msg, (StartReplica, StopReplica)):
             self._on_command(msg)
         elif not isinstance(msg, Heartbeat):
             log.warning("dropped an unexpected %s from the head", type(msg).__name__)

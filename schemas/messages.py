@@ -28,6 +28,7 @@ class Kind(enum.IntEnum):
     START_REPLICA = 0x04
     STOP_REPLICA = 0x05
     REPLICA_EVENT = 0x06
+    REREGISTER = 0x07
     SNAPSHOT = 0x10
     SNAPSHOT_REQUEST = 0x11
     ADMIN_REQUEST = 0x20
@@ -224,6 +225,22 @@ class RegisterAck(Message):
 
 
 @dataclass(frozen=True)
+class Reregister(Message):
+    """Head → agent, in answer to a heartbeat or event from a node it does not know (declared lost while the agent
+    was stalled, or the head restarted): register again now, instead of after the agent's own liveness runs out."""
+
+    KIND: ClassVar[Kind] = Kind.REREGISTER
+    node_id: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"node_id": self.node_id}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Reregister:
+        return cls(_req(d, "node_id", str))
+
+
+@dataclass(frozen=True)
 class Heartbeat(Message):
     """Sent both ways. From an agent it carries its replicas' status; from the head, `replicas` is empty."""
 
@@ -383,6 +400,7 @@ MESSAGE_TYPES: dict[Kind, type[Message]] = {
     for cls in (
         Register,
         RegisterAck,
+        Reregister,
         Heartbeat,
         StartReplica,
         StopReplica,

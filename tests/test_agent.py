@@ -118,6 +118,26 @@ async def test_agent_reregisters_after_a_head_restart(tmp_path: Path) -> None:
             await head2.wait_for_log("node n1 registered")
 
 
+async def test_an_agent_declared_lost_while_stalled_registers_again_at_once(tmp_path: Path) -> None:
+    head = HeadProcess(tmp_path)
+    with stopped_at_exit(head):
+        await head.started()
+        agent = start_agent(tmp_path, head.router, bin_dir=tmp_path)
+        with stopped_at_exit(agent):
+            await registered(head.router)
+            os.kill(agent.proc.pid, signal.SIGSTOP)  # a starved agent: it sends nothing, reads nothing
+            try:
+                await head.wait_for_log("node n1 lost")
+            finally:
+                os.kill(agent.proc.pid, signal.SIGCONT)
+            await head.wait_for_log("Heartbeat from unknown node n1 .* asked to register again")
+            await agent.wait_for_log("registered with the head", count=2)
+            await registered(head.router)
+            # It re-registered on the head's word, over the same connection: it never lost the head itself.
+            assert "the head at" in agent.log_text() and "does not know node n1" in agent.log_text()
+            assert "lost (silent for" not in agent.log_text()
+
+
 async def test_agent_reports_a_replica_that_cannot_start(tmp_path: Path) -> None:
     empty = tmp_path / "no-binaries"
     empty.mkdir()

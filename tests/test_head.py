@@ -27,9 +27,11 @@ from schemas.messages import (
     AdminReply,
     AdminRequest,
     Heartbeat,
+    Register,
     RegisterAck,
     ReplicaLoad,
     ReplicaState,
+    Reregister,
     Snapshot,
     SnapshotRequest,
     StartReplica,
@@ -209,19 +211,23 @@ async def test_restart_keeps_deployments_adopts_replicas_and_versions_grow(
             assert after.version > before.version
             assert after.deployments == {"demo": ()}  # the deployment persisted; no replica known yet
 
-            # the agent's heartbeat reaches a head that does not know it: logged, and no answer (no head
-            # heartbeats either), so the agent's liveness of the head runs out and it re-registers
+            # the agent's heartbeat reaches a head that does not know it: logged, and answered with REREGISTER
             with caplog.at_level(logging.INFO, logger="head"):
                 await wait_until(lambda: any("from unknown node n1" in r.getMessage() for r in caplog.records))
-            assert not await n1.sock.poll(0, zmq.POLLIN)
+            assert decode(await n1.sock.recv_multipart()) == Reregister("n1")
 
-            await n1.register(replicas=(ready,))  # re-registers listing what it still runs: adopted
+            # re-registers listing what it still runs (past the REREGISTERs its beats drew meanwhile): adopted
+            await n1.send(Register("n1", "127.0.0.1", n1.cpu_slots, 0, 1 << 30, (ready,)))
+            await n1.expect(RegisterAck, skip=(Heartbeat, Reregister))
             adopted = await sub.wait_for(lambda s: rid in replicas_of(s, "demo"), timeout=10)
             assert adopted.version > after.version
             status = await admin(head2.router_endpoint, "status")
             assert [d["replicas_list"][0]["id"] for d in status["deployments"]] == [rid]
-            # adopted, so nothing new is started: the next message the agent gets is a head heartbeat
-            assert isinstance(decode(await n1.sock.recv_multipart()), Heartbeat)
+            # adopted, so nothing new is started: after the REREGISTERs answering beats sent before it registered,
+            # the next message the agent gets is a head heartbeat
+            while isinstance(msg := decode(await n1.sock.recv_multipart()), Reregister):
+                pass
+            assert isinstance(msg, Heartbeat)
     finally:
         n1.close()
         await sub_cm.__aexit__(None, None, None)

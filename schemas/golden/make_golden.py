@@ -11,6 +11,7 @@ from schemas.messages import (
     ReplicaLoad,
     ReplicaState,
     ReplicaStatus,
+    Reregister,
     Snapshot,
     SnapshotReplica,
     StartReplica,
@@ -37,6 +38,7 @@ GOLDEN: dict[str, Message] = {
     ),
     "snapshot_empty": Snapshot(epoch=1, version=1 << 32, deployments={}),
     "register": Register("node-a", "127.0.0.1", 4, 0, 8 << 30),
+    "reregister": Reregister("node-a"),
     "heartbeat": Heartbeat(
         "node-a",
         (ReplicaStatus("demo-r1", "demo", ReplicaState.READY, "127.0.0.1:40001", ReplicaLoad(3, 0, 0.5)),),
