@@ -37,6 +37,7 @@ log = logging.getLogger("model_worker")
 
 DEFAULT_MAX_TOKENS = 256  # for a request with max_tokens 0; the engine arg `default_max_tokens` changes it
 OWN_ARGS = ("default_max_tokens",)  # engine args tokenbus reads itself; every other one is vLLM's
+ENGINE_CHECK_INTERVAL_S = 1.0  # how often an idle engine core's death is looked for
 # Without a GPU: a small KV cache (GiB) rather than vLLM's share of RAM; no core pinning (vLLM's "auto" binding
 # pins every replica's model threads to the same first cores, so two replicas would share one core and leave
 # the other idle), and OpenMP threads for half the cores, so that two replicas (or one and its engine and
@@ -129,6 +130,7 @@ class VllmEngine:
         self._load = EngineStats(0, 0, 0.0)
         self._aborts: set[asyncio.Task[None]] = set()  # llm.abort calls in flight, kept referenced
         self._seq = 0  # makes vLLM request ids unique across reuses of a replica's id
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> EngineInfo:
         self._llm = AsyncLLM.from_vllm_config(
@@ -137,7 +139,18 @@ class VllmEngine:
             disable_log_stats=False,  # stats must be collected for our stat logger
         )
         self._tokenizer = self._llm.get_tokenizer()
+        self._watchdog = asyncio.create_task(self._watch_engine_core(self._llm), name="vllm-engine-watchdog")
         return {"engine": "vllm", "model": self._model, "max_model_len": self._max_model_len}
+
+    async def _watch_engine_core(self, llm: AsyncLLM) -> None:
+        """Notices an engine core that dies while idle, so the replica is replaced before a request finds it dead.
+
+        vLLM's own monitor thread marks the client `errored` the moment the core process exits, but tells no one;
+        reading that flag once per interval is the cheapest way to hear of it.
+        """
+        while not llm.errored:
+            await asyncio.sleep(ENGINE_CHECK_INTERVAL_S)  # a health-check cadence, not a synchronisation
+        self._sink.engine_failed("vLLM's engine core exited")
 
     def submit(self, request: Request) -> None:
         if request.id in self._open:
@@ -192,6 +205,8 @@ class VllmEngine:
         return EngineStats(running, waiting, kv_usage)
 
     async def shutdown(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()  # a shutdown ends the engine core: not a failure
         for request_id in list(self._open):
             self.abort(request_id)
         if self._llm is not None:

@@ -217,3 +217,13 @@ async def test_a_dead_engine_core_fails_its_requests_and_ends_the_worker(tmp_pat
         _kill_group(proc)
         replica.close()
         rings.close()
+
+
+# Last in the module: it ends the module's worker, idle since every test before waited for its requests' ends.
+async def test_an_engine_core_dying_while_idle_ends_the_worker(worker: Running) -> None:
+    core = _engine_core_of(worker.proc.pid)
+    assert core is not None, "no EngineCore child found"
+    os.kill(core, signal.SIGKILL)
+    # no request arrives: the worker finds out by itself and exits 1, so its replica is replaced
+    assert await asyncio.wait_for(asyncio.to_thread(worker.proc.wait), 60.0) == 1
+    assert "engine failed: vLLM's engine core exited" in worker.log()
