@@ -1,4 +1,5 @@
-"""`tokenbus bench`: percentile/summary math, SSE parsing, and whole runs against a real aiohttp SSE server."""
+"""`tokenbus bench`: percentile/summary math, SSE parsing, whole runs of both clients (Python, and the C++
+tokenbus-loadgen) against a real aiohttp SSE server, and the loadgen against a real sim cluster."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,13 @@ from aiohttp import web
 
 from tools.bench import BenchConfig, run_bench, split_concurrency
 from tools.bench_client import DONE, RequestResult, TokenCounter, openai_stream, parse_sse_line, plain_stream
+from tools.bench_cpu import CpuMeter
+from tools.bench_loadgen import LoadgenRun, loadgen_argv, loadgen_path, run_loadgen
 from tools.bench_report import percentile, push_summary, summarize
+
+needs_loadgen = pytest.mark.skipif(not loadgen_path().exists(), reason="tokenbus-loadgen not built (make build)")
+# each CLI test runs with both clients; the C++ one only once built
+CLIENTS = ["python", pytest.param("cpp", marks=needs_loadgen)]
 
 # --- math --------------------------------------------------------------------------------------------------
 
@@ -86,6 +94,8 @@ class FakeProxy:
 
     def __init__(self) -> None:
         self.payloads: list[dict[str, Any]] = []
+        self.plain_queries: list[dict[str, str]] = []
+        self.unstall = asyncio.Event()  # set at teardown: ends the handlers of "stall" requests
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -111,6 +121,9 @@ class FakeProxy:
                 return resp
             if mode == "incomplete":
                 return resp
+            if mode == "stall":  # a server that stops answering mid-stream
+                await self.unstall.wait()
+                return resp
         await resp.write(_event({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}))
         if mode != "no-usage":
             usage = {"prompt_tokens": 2, "completion_tokens": n + 100, "total_tokens": n + 102}
@@ -120,6 +133,7 @@ class FakeProxy:
 
     async def plain(self, request: web.Request) -> web.StreamResponse:
         prompt = await request.text()
+        self.plain_queries.append(dict(request.query))
         resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
         await resp.prepare(request)
         for word in (" alpha", " beta", " gamma"):
@@ -140,6 +154,7 @@ async def server() -> AsyncIterator[tuple[str, FakeProxy]]:
     await site.start()
     port = runner.addresses[0][1]
     yield f"http://127.0.0.1:{port}", fake
+    fake.unstall.set()
     await runner.cleanup()
 
 
@@ -195,9 +210,10 @@ async def test_openai_stream_connection_refused() -> None:
 async def test_plain_stream(server: tuple[str, FakeProxy]) -> None:
     counter = TokenCounter()
     async with aiohttp.ClientSession() as session:
-        r = await plain_stream(session, server[0], "demo", "what is it", counter)
+        r = await plain_stream(session, server[0], "demo", "what is it", 5, counter)
     assert r.ok and r.tokens == 4 and r.ttft_s is not None
     assert counter.chunks >= 1
+    assert server[1].plain_queries == [{"max_tokens": "5"}]
 
 
 async def test_run_bench_closed_loop(server: tuple[str, FakeProxy]) -> None:
@@ -221,9 +237,12 @@ async def _run_cli(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_bench_cli_json_line_and_plot(server: tuple[str, FakeProxy], tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_bench_cli_json_line_and_plot(server: tuple[str, FakeProxy], tmp_path: Path, client: str) -> None:
     plot = tmp_path / "lat.png"
     code, out, err = await _run_cli(
+        "--client",
+        client,
         "--url",
         server[0],
         "--concurrency",
@@ -240,6 +259,8 @@ async def test_bench_cli_json_line_and_plot(server: tuple[str, FakeProxy], tmp_p
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["concurrency"] == 2 and summary["failures"] == 0 and summary["requests"] >= 2
+    assert summary["requests"] == len(server[1].payloads)  # every request the server saw is counted
+    assert summary["client"] == client and summary["client_loop_lag_ms"]["p50"] is not None
     assert summary["ttft_ms"]["p50"] is not None and summary["tokens_per_s"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "TTFT" in err  # the table goes to stderr, stdout stays one JSON line
@@ -256,7 +277,7 @@ def test_split_concurrency(concurrency: int, processes: int, shares: list[int]) 
 async def test_bench_cli_over_several_processes_merges_their_requests(server: tuple[str, FakeProxy]) -> None:
     url, fake = server
     code, out, err = await _run_cli(
-        "--url", url, "--concurrency", "4", "--processes", "2", "--duration", "0.3", "--max-tokens", "3"
+        "--client", "python", "--url", url, "-c", "4", "--processes", "2", "--duration", "0.3", "--max-tokens", "3"
     )
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
@@ -266,9 +287,10 @@ async def test_bench_cli_over_several_processes_merges_their_requests(server: tu
     assert summary["client_loop_lag_ms"]["p50"] is not None
 
 
-async def test_bench_cli_exit_code_on_failures(server: tuple[str, FakeProxy]) -> None:
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_bench_cli_exit_code_on_failures(server: tuple[str, FakeProxy], client: str) -> None:
     code, out, err = await _run_cli(
-        "--url", server[0], "--concurrency", "1", "--duration", "0.1", "--prompt", "error-event"
+        "--client", client, "--url", server[0], "--concurrency", "1", "--duration", "0.1", "--prompt", "error-event"
     )
     assert code == 1
     summary = json.loads(out.strip().splitlines()[-1])
@@ -276,10 +298,14 @@ async def test_bench_cli_exit_code_on_failures(server: tuple[str, FakeProxy]) ->
     assert "replica lost" in err
 
 
-async def test_bench_cli_plain_endpoint(server: tuple[str, FakeProxy]) -> None:
-    code, out, err = await _run_cli("--url", server[0], "--endpoint", "plain", "-c", "2", "-d", "0.1")
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_bench_cli_plain_endpoint(server: tuple[str, FakeProxy], client: str) -> None:
+    code, out, err = await _run_cli(
+        "--client", client, "--url", server[0], "--endpoint", "plain", "-c", "2", "-d", "0.1", "--max-tokens", "7"
+    )
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["requests"] >= 2
+    assert all(q == {"max_tokens": "7"} for q in server[1].plain_queries)
 
 
 @pytest.fixture
@@ -330,3 +356,175 @@ async def test_push_summary_to_a_real_pushgateway(pushgateway: tuple[str, subpro
         line.startswith("tokenbus_bench_ttft_ms{") and 'quantile="0.5"' in line and line.endswith(" 50")
         for line in lines
     ), lines
+
+
+# --- the C++ client, tokenbus-loadgen ----------------------------------------------------------------------
+
+
+def _loadgen_cfg(url: str, prompt: str = "ok", max_tokens: int = 4, **kw: Any) -> BenchConfig:
+    return BenchConfig(
+        url=url, model="demo", concurrency=1, duration_s=0.05, max_tokens=max_tokens, prompt=prompt, **kw
+    )
+
+
+def test_loadgen_argv() -> None:
+    cfg = replace(_loadgen_cfg("http://localhost:8011/", "--port 1"), endpoint="plain", concurrency=3)
+    assert loadgen_argv(Path("/b/lg"), cfg, 2.5) == [
+        "/b/lg",
+        *("--host", "localhost", "--port", "8011", "--concurrency", "3", "--duration-s", "0.05"),
+        *("--grace-s", "2.5", "--endpoint", "plain", "--model", "demo", "--max-tokens", "4", "--prompt", "--port 1"),
+    ]
+    assert loadgen_argv(Path("lg"), _loadgen_cfg("http://[::1]"), 1.0)[1:5] == ["--host", "::1", "--port", "80"]
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("https://h:1", "wants http://HOST"),
+        ("h:1", "wants http://HOST"),
+        ("http://h:1/proxy", "no path"),
+        ("http://h:99999", "out of range"),
+        ("http://h:x", "--url 'http://h:x'"),
+    ],
+)
+def test_loadgen_argv_refuses_urls_it_cannot_serve(url: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        loadgen_argv(Path("lg"), _loadgen_cfg(url), 1.0)
+
+
+async def _loadgen(cfg: BenchConfig, grace_s: float = 5.0) -> LoadgenRun:
+    return await asyncio.wait_for(run_loadgen(loadgen_path(), cfg, grace_s, TokenCounter()), 60)
+
+
+@needs_loadgen
+@pytest.mark.parametrize(("mode", "max_tokens", "tokens"), [("ok", 4, 104), ("split", 5, 105), ("no-usage", 6, 6)])
+async def test_loadgen_counts_like_the_python_client(
+    server: tuple[str, FakeProxy], mode: str, max_tokens: int, tokens: int
+) -> None:
+    url, fake = server
+    run = await _loadgen(_loadgen_cfg(url, mode, max_tokens))
+    assert run.results and all(r.ok and r.tokens == tokens for r in run.results), run.results
+    assert all(r.ttft_s is not None and 0 < r.ttft_s <= r.e2e_s for r in run.results)
+    assert len(fake.payloads) == len(run.results) and run.duration_s >= 0.05
+    async with aiohttp.ClientSession() as session:
+        await openai_stream(session, url, "demo", mode, max_tokens, TokenCounter())
+    assert all(p == fake.payloads[-1] for p in fake.payloads)  # the same request body as the Python client's
+
+
+@needs_loadgen
+@pytest.mark.parametrize(
+    ("mode", "error"),
+    [
+        ("http-500", 'HTTP 500: {"error": {"message": "engine failed"}}'),
+        ("error-event", 'error event: {"message":"replica lost"}'),
+        ("incomplete", "incomplete stream (no [DONE])"),
+        ("huge-line", "an SSE line longer than 1048576 bytes"),
+    ],
+)
+async def test_loadgen_failures(server: tuple[str, FakeProxy], mode: str, error: str) -> None:
+    run = await _loadgen(_loadgen_cfg(server[0], mode))
+    assert run.results and all(not r.ok and r.error == error for r in run.results), run.results
+    assert len(server[1].payloads) == len(run.results)  # a failed connection is replaced, not reused mid-message
+
+
+@needs_loadgen
+async def test_loadgen_cuts_a_stalled_stream_at_the_hard_deadline(server: tuple[str, FakeProxy]) -> None:
+    start = time.monotonic()
+    run = await _loadgen(_loadgen_cfg(server[0], "stall"), grace_s=0.3)
+    assert [(r.ok, r.tokens, r.error) for r in run.results] == [(False, 1, "hard deadline")]
+    assert run.results[0].ttft_s is not None
+    assert time.monotonic() - start < 10.0
+
+
+@needs_loadgen
+async def test_loadgen_refused_connections_are_failures_not_a_hang() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    run_cli = _run_cli("--client", "cpp", "--url", f"http://127.0.0.1:{port}", "-c", "2", "-d", "0.3")
+    code, out, err = await asyncio.wait_for(run_cli, 30)
+    assert code == 1
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["requests"] == summary["failures"] >= 2
+    assert "connect: Connection refused" in err
+
+
+@needs_loadgen
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("--url", "http://127.0.0.1:notaport"), "--url 'http://127.0.0.1:notaport'"),
+        (("--url", "http://127.0.0.1:1/v1"), "no path"),
+        (("--processes", "2"), "--processes applies to --client python only"),
+    ],
+)
+async def test_bench_cli_cpp_usage_errors(args: tuple[str, ...], error: str) -> None:
+    code, out, err = await asyncio.wait_for(_run_cli("--client", "cpp", "-d", "0.1", *args), 30)
+    assert code == 2 and out == ""
+    assert error in err
+
+
+# --- the C++ client against a real sim cluster -------------------------------------------------------------
+
+SIM_MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def sim_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    if not loadgen_path().exists():
+        pytest.skip("tokenbus-loadgen not built (make build)")
+    from cluster_harness import LocalCluster
+
+    c = LocalCluster(tmp_path_factory.mktemp("bench-cluster"))
+    try:
+        c.start()
+        spec = {"name": "demo", "engine": "sim", "engine_args": {"token_delay_ms": 2}, "max_concurrency": 128}
+
+        async def deploy() -> None:
+            await c.admin("deploy", spec)
+            await c.wait_ready("demo", 1)
+
+        asyncio.run(deploy())
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("endpoint", ["chat", "plain"])
+async def test_loadgen_against_a_sim_cluster(sim_cluster: Any, endpoint: str) -> None:
+    cfg = BenchConfig(sim_cluster.proxy_url, "demo", concurrency=16, duration_s=1.0, max_tokens=SIM_MAX_TOKENS)
+    counter = TokenCounter()
+    seen: list[RequestResult] = []
+    cpu = CpuMeter([])
+    lags: list[float] = []
+    run = await asyncio.wait_for(
+        run_loadgen(loadgen_path(), replace(cfg, endpoint=endpoint), 30.0, counter, seen.append, cpu, lags), 120
+    )
+    assert len(run.results) >= 16 and seen == run.results
+    errors = {r.error for r in run.results if not r.ok}
+    assert not errors, f"{errors}\n{sim_cluster.logs()}"
+    assert all(r.tokens == SIM_MAX_TOKENS for r in run.results)
+    assert all(r.ttft_s is not None and 0 < r.ttft_s <= r.e2e_s for r in run.results)
+    # the last progress line's running total: words (plain), or content chunks (chat), which the proxy may
+    # coalesce under backpressure (usage still counts every token)
+    if endpoint == "plain":
+        assert counter.chunks == SIM_MAX_TOKENS * len(run.results)
+    else:
+        assert 0 < counter.chunks <= SIM_MAX_TOKENS * len(run.results)
+    assert max(r.e2e_s - r.ttft_s for r in run.results if r.ttft_s is not None) > 0.01  # tokens timed as they came
+    assert 1.0 <= run.duration_s < 30.0 and run.cpu_s > 0 and lags
+
+
+@pytest.mark.timeout(180)
+async def test_bench_cli_cpp_against_a_sim_cluster(sim_cluster: Any) -> None:
+    url = sim_cluster.proxy_url
+    args = ("--client", "cpp", "--url", url, "-c", "32", "-d", "1", "--max-tokens", str(SIM_MAX_TOKENS))
+    code, out, err = await asyncio.wait_for(_run_cli(*args, "--cpu-pids", "auto"), 120)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["client"] == "cpp" and summary["failures"] == 0 and summary["requests"] >= 32
+    expected_rate = summary["requests"] * SIM_MAX_TOKENS / summary["duration_s"]
+    assert summary["tokens_per_s"] == pytest.approx(expected_rate, rel=0.01)
+    assert summary["cpu_cores"]["client"] > 0 and summary["cpu_cores"]["by_kind"]["proxy"] > 0
+    assert "bench client (not in total)" in err

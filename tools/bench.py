@@ -7,10 +7,10 @@ import asyncio
 import json
 import multiprocessing
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -22,12 +22,15 @@ from rich.text import Text
 from tools.arg_types import positive_float, positive_int
 from tools.bench_client import RequestResult, TokenCounter, openai_stream, plain_stream
 from tools.bench_cpu import CpuMeter, parse_pids
+from tools.bench_loadgen import LoadgenError, loadgen_path, run_loadgen
 from tools.bench_report import cpu_table, plot_latencies, push_summary, quantiles_ms, summarize, summary_table
 
 HARD_DEADLINE_EXTRA_S = 30.0  # requests still open this long after the duration are cut and count as failures
 PROGRESS_INTERVAL_S = 0.5
 FAILURE_BACKOFF_S = 0.05
 LAG_PROBE_INTERVAL_S = 0.01  # how often the client measures its own event loop's lag
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,15 +50,22 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", default="demo", help="deployment name")
     p.add_argument("--concurrency", "-c", type=positive_int, default=16, help="concurrent streaming clients")
     p.add_argument("--duration", "-d", type=positive_float, default=10.0, help="seconds to start requests for")
-    p.add_argument("--max-tokens", type=positive_int, default=32, help="tokens per request (OpenAI endpoint)")
+    p.add_argument("--max-tokens", type=positive_int, default=32, help="tokens per request")
     p.add_argument("--endpoint", choices=("chat", "plain"), default="chat", help="OpenAI SSE or plain text")
     p.add_argument("--prompt", default="What is machine learning?")
+    p.add_argument(
+        "--client",
+        choices=("cpp", "python"),
+        help=f"cpp: the C++ {loadgen_path().name} from the binaries' directory, one thread (the default when "
+        "it is built); python: aiohttp clients in this process (and --processes helpers)",
+    )
     p.add_argument(
         "--processes",
         "-p",
         type=positive_int,
         default=1,
-        help="split the clients over this many processes (one Python event loop lags behind hundreds of streams)",
+        help="--client python only: split the clients over this many processes (one Python event loop lags "
+        "behind hundreds of streams); --client cpp refuses more than 1 (its one thread carries thousands)",
     )
     p.add_argument("--plot", metavar="FILE.png", help="write TTFT and end-to-end latency histograms here")
     p.add_argument("--pushgateway", metavar="URL", help="push the summary to this Prometheus Pushgateway")
@@ -89,7 +99,7 @@ async def run_bench(
 
         def one_request() -> Coroutine[Any, Any, RequestResult]:
             if cfg.endpoint == "plain":
-                return plain_stream(session, url, cfg.model, cfg.prompt, counter)
+                return plain_stream(session, url, cfg.model, cfg.prompt, cfg.max_tokens, counter)
             return openai_stream(session, url, cfg.model, cfg.prompt, cfg.max_tokens, counter)
 
         async def client() -> None:
@@ -162,40 +172,92 @@ def _helper_process(cfg: BenchConfig) -> HelperRun:
     return HelperRun(results, duration_s, lags, time.process_time() - cpu_start)
 
 
-async def _run_with_progress(
-    cfg: BenchConfig, console: Console, cpu: CpuMeter | None, lags: list[float]
-) -> tuple[list[RequestResult], float]:
-    counter = TokenCounter()
-    done = failures = 0
+class Progress:
+    """What the live line shows: finished and failed requests, and content tokens so far (for tok/s)."""
 
-    def on_result(result: RequestResult) -> None:
-        nonlocal done, failures
-        done += 1
-        failures += not result.ok
+    def __init__(self) -> None:
+        self.counter = TokenCounter()
+        self.done = 0
+        self.failures = 0
 
-    async def progress(live: Live) -> None:
+    def on_result(self, result: RequestResult) -> None:
+        self.done += 1
+        self.failures += not result.ok
+
+
+async def _with_progress(cfg: BenchConfig, console: Console, progress: Progress, work: Awaitable[T]) -> T:
+    """Awaits `work` under a live line of its progress."""
+
+    async def tick(live: Live) -> None:
         start = last_at = time.perf_counter()
         last_chunks = 0
         while True:
             await asyncio.sleep(PROGRESS_INTERVAL_S)
             now = time.perf_counter()
-            rate = (counter.chunks - last_chunks) / (now - last_at)
-            last_chunks, last_at = counter.chunks, now
+            chunks = progress.counter.chunks
+            rate = (chunks - last_chunks) / (now - last_at)
+            last_chunks, last_at = chunks, now
             live.update(
                 Text(
-                    f"elapsed {now - start:5.1f}/{cfg.duration_s:.0f} s   requests {done}   "
-                    f"failures {failures}   {rate:8.0f} tok/s"
+                    f"elapsed {now - start:5.1f}/{cfg.duration_s:.0f} s   requests {progress.done}   "
+                    f"failures {progress.failures}   {rate:8.0f} tok/s"
                 )
             )
 
     with Live(Text("starting..."), console=console, refresh_per_second=4, transient=True) as live:
-        ticker = asyncio.create_task(progress(live), name="bench-progress")
-        lag_probe = asyncio.create_task(probe_loop_lag(lags), name="bench-lag-probe")
+        ticker = asyncio.create_task(tick(live), name="bench-progress")
         try:
-            return await run_bench(cfg, counter, on_result, cpu)
+            return await work
         finally:
             ticker.cancel()
-            lag_probe.cancel()
+
+
+async def _python_clients(
+    cfg: BenchConfig, console: Console, cpu: CpuMeter | None, lags: list[float]
+) -> tuple[list[RequestResult], float]:
+    progress = Progress()
+    lag_probe = asyncio.create_task(probe_loop_lag(lags), name="bench-lag-probe")
+    try:
+        return await _with_progress(cfg, console, progress, run_bench(cfg, progress.counter, progress.on_result, cpu))
+    finally:
+        lag_probe.cancel()
+
+
+def _run_python(
+    cfg: BenchConfig, processes: int, console: Console, cpu: CpuMeter | None, lags: list[float]
+) -> tuple[list[RequestResult], float, float]:
+    """Results, duration and the helper processes' CPU seconds of a run by the Python clients."""
+    own_share, *helper_shares = split_concurrency(cfg.concurrency, processes)
+    helper_cpu_s = 0.0
+    # spawn, not fork: a forked child would inherit this process's state (rich Live, loops) mid-use
+    with ProcessPoolExecutor(max(1, len(helper_shares)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for ready in [pool.submit(_helper_ready) for _ in helper_shares]:
+            ready.result()
+        helpers: list[Future[HelperRun]] = [
+            pool.submit(_helper_process, replace(cfg, concurrency=n)) for n in helper_shares
+        ]
+        if helpers:
+            console.print(f"{len(helpers) + 1} client processes: {[own_share, *helper_shares]} streams each")
+        results, duration_s = uvloop.run(_python_clients(replace(cfg, concurrency=own_share), console, cpu, lags))
+        for helper in helpers:
+            run = helper.result()
+            results += run.results
+            duration_s = max(duration_s, run.duration_s)
+            lags += run.lags
+            helper_cpu_s += run.cpu_s
+    return results, duration_s, helper_cpu_s
+
+
+def _run_cpp(
+    cfg: BenchConfig, console: Console, cpu: CpuMeter | None, lags: list[float]
+) -> tuple[list[RequestResult], float, float]:
+    """Results, duration and the loadgen's CPU seconds of a run by tokenbus-loadgen (its loop lag into `lags`)."""
+    progress = Progress()
+    work = run_loadgen(loadgen_path(), cfg, HARD_DEADLINE_EXTRA_S, progress.counter, progress.on_result, cpu, lags)
+    run = uvloop.run(_with_progress(cfg, console, progress, work))
+    if run.log:
+        console.print(run.log.rstrip(), style="dim", highlight=False, markup=False)
+    return run.results, run.duration_s, run.cpu_s
 
 
 def main(opts: argparse.Namespace) -> int:
@@ -219,32 +281,31 @@ def main(opts: argparse.Namespace) -> int:
         if not procs:
             console.print("[yellow]--cpu-pids auto: no tokenbus process of this user found[/yellow]")
         cpu = CpuMeter(procs)
+    client = opts.client or ("cpp" if loadgen_path().exists() else "python")
+    if client == "cpp" and opts.processes > 1:
+        console.print("[red]--processes applies to --client python only (one loadgen carries every stream)[/red]")
+        return 2
+    if client == "cpp" and not loadgen_path().exists():
+        console.print(f"[red]{loadgen_path()} is missing: run `make build` (or use --client python)[/red]")
+        return 2
     client_cpu_start = time.process_time()
-    lags: list[float] = []
-    own_share, *helper_shares = split_concurrency(cfg.concurrency, opts.processes)
-    helper_cpu_s = 0.0
-    # spawn, not fork: a forked child would inherit this process's state (rich Live, loops) mid-use
-    with ProcessPoolExecutor(max(1, len(helper_shares)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        for ready in [pool.submit(_helper_ready) for _ in helper_shares]:
-            ready.result()
-        helpers: list[Future[HelperRun]] = [
-            pool.submit(_helper_process, replace(cfg, concurrency=n)) for n in helper_shares
-        ]
-        if helpers:
-            console.print(f"{len(helpers) + 1} client processes: {[own_share, *helper_shares]} streams each")
-        results, duration_s = uvloop.run(_run_with_progress(replace(cfg, concurrency=own_share), console, cpu, lags))
-        for helper in helpers:
-            run = helper.result()
-            results += run.results
-            duration_s = max(duration_s, run.duration_s)
-            lags += run.lags
-            helper_cpu_s += run.cpu_s
+    lags: list[float] = []  # the client's loop lag: this process's (python) or the loadgen's (cpp)
+    if client == "cpp":
+        try:
+            results, duration_s, helper_cpu_s = _run_cpp(cfg, console, cpu, lags)
+        except (LoadgenError, ValueError) as e:
+            console.print(str(e), style="red", highlight=False, markup=False)
+            return 2
+    else:
+        results, duration_s, helper_cpu_s = _run_python(cfg, opts.processes, console, cpu, lags)
     summary = summarize(results, cfg.concurrency, duration_s)
+    summary["client"] = client
     summary["client_loop_lag_ms"] = quantiles_ms(lags)
     console.print(summary_table(summary))
     if cpu is not None:
         summary["cpu_cores"] = cpu.summary(duration_s)
         # the bench client itself, for comparison: it shares the machine, but is not part of the total
+        # (this process, plus its helpers or the loadgen)
         client_cpu_s = time.process_time() - client_cpu_start + helper_cpu_s
         summary["cpu_cores"]["client"] = round(client_cpu_s / duration_s, 3)
         console.print(cpu_table(summary["cpu_cores"]))

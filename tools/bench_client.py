@@ -121,19 +121,20 @@ async def openai_stream(
 
 
 async def plain_stream(
-    session: aiohttp.ClientSession, url: str, model: str, prompt: str, counter: TokenCounter
+    session: aiohttp.ClientSession, url: str, model: str, prompt: str, max_tokens: int, counter: TokenCounter
 ) -> RequestResult:
-    """POST /v1/chat/{model} with a text/plain prompt. Tokens are the words of the text (one per sim token).
-
-    The plain endpoint takes no parameters, so the deployment's default max_tokens applies. A stream cut before
-    its last chunk surfaces as a ClientPayloadError from aiohttp.
+    """POST /v1/chat/{model}?max_tokens=N with a text/plain prompt. Tokens are the words of the text (one per sim
+    token). A stream cut before its last chunk surfaces as a ClientPayloadError from aiohttp.
     """
     start = time.perf_counter()
     ttft: float | None = None
     parts: list[bytes] = []
     try:
         async with session.post(
-            f"{url}/v1/chat/{model}", data=prompt.encode(), headers={"Content-Type": "text/plain"}
+            f"{url}/v1/chat/{model}",
+            params={"max_tokens": str(max_tokens)},
+            data=prompt.encode(),
+            headers={"Content-Type": "text/plain"},
         ) as resp:
             if resp.status != 200:
                 return RequestResult(False, time.perf_counter() - start, error=await _error_of(resp))
