@@ -162,6 +162,7 @@ class RingSender:
         self._queue: deque[bytes] = deque()  # records the ring had no room for, in order
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._peer_check: asyncio.TimerHandle | None = None
+        self._wake_scheduled = False
         self._gone = False
 
     def send(self, record: Any) -> None:
@@ -174,10 +175,20 @@ class RingSender:
         data = msgpack.packb(record)
         if not self._producer.fits(len(data)):
             raise ValueError(f"a record of {len(data)} bytes exceeds the ring's largest ({self._producer.max_payload})")
-        if self._queue or not self._producer.try_write(data):
+        if self._queue or not self._producer.try_write(data, wake=False):
             self._queue.append(data)
             if len(self._queue) == 1:
                 self._start_waiting()
+        elif not self._wake_scheduled:
+            # One wake-up for everything this loop iteration writes (the sim engine's tokens due together, a
+            # vLLM step's outputs): the consumer, if asleep, is woken once, right after the iteration's callbacks.
+            self._wake_scheduled = True
+            asyncio.get_running_loop().call_soon(self._wake_consumer)
+
+    def _wake_consumer(self) -> None:
+        self._wake_scheduled = False
+        if not self._gone:
+            self._producer.wake_consumer()
 
     async def drain(self) -> None:
         """Returns once every queued record is in the ring; raises PeerGone if the consumer is gone first."""

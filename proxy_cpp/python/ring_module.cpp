@@ -34,12 +34,13 @@ class Closable {
 using PyProducer = Closable<Producer>;
 using PyConsumer = Closable<Consumer>;
 
-bool try_write(PyProducer& self, py::handle buffer) {
+bool try_write(PyProducer& self, py::handle buffer, bool wake) {
   Producer& producer = self.get();
   Py_buffer view;
   if (PyObject_GetBuffer(buffer.ptr(), &view, PyBUF_SIMPLE) != 0) throw py::error_already_set();
-  const bool written = producer.try_write(view.buf, static_cast<std::size_t>(view.len));
+  const bool written = producer.append(view.buf, static_cast<std::size_t>(view.len));
   PyBuffer_Release(&view);
+  if (written && wake) producer.wake_consumer();
   return written;
 }
 
@@ -63,8 +64,11 @@ PYBIND11_MODULE(_ring, m) {
   py::class_<PyProducer>(m, "Producer")
       .def(py::init<int, int, int>(), py::arg("mem_fd"), py::arg("data_fd"), py::arg("space_fd"),
            "Attaches as the producer (writes this pid to producer_pid).")
-      .def("try_write", &try_write, py::arg("buffer"),
-           "Appends one record (any bytes-like object); False when the ring has no room now (or it is too big).")
+      .def("try_write", &try_write, py::arg("buffer"), py::arg("wake") = true,
+           "Appends one record (any bytes-like object); False when the ring has no room now (or it is too big). "
+           "With wake=False the consumer is not woken: call wake_consumer() after the burst.")
+      .def("wake_consumer", [](PyProducer& self) { self.get().wake_consumer(); },
+           "Wakes the consumer if it sleeps (after records written with wake=False).")
       .def("fits", [](PyProducer& self, std::size_t size) { return self.get().fits(size); }, py::arg("size"),
            "Whether a payload of `size` bytes may ever be written (at most capacity / 4).")
       .def("prepare_wait", [](PyProducer& self) { return self.get().prepare_wait(); },

@@ -254,7 +254,7 @@ Producer::Producer(const RingFds& fds) : Endpoint(fds, Role::kProducer) {
   write_pos_ = atomic(region_.header().write_pos).load(std::memory_order_relaxed);
 }
 
-bool Producer::try_write(const void* payload, std::size_t size) {
+bool Producer::append(const void* payload, std::size_t size) {
   if (!fits(size)) return false;
   RingHeader& h = region_.header();
   const std::uint64_t capacity = region_.capacity();
@@ -277,13 +277,16 @@ bool Producer::try_write(const void* payload, std::size_t size) {
   write_pos_ += total;
   wanted_ = 0;
   atomic(h.write_pos).store(write_pos_, std::memory_order_release);
+  return true;
+}
+
+void Producer::wake_consumer() {
   // Pairs with the consumer's fence in prepare_wait(): either it sees the new write_pos, or we see its flag.
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  auto waiting = atomic(h.consumer_waiting);
+  auto waiting = atomic(region_.header().consumer_waiting);
   if (waiting.load(std::memory_order_relaxed) != 0 && waiting.exchange(0, std::memory_order_relaxed) != 0) {
     signal_eventfd(data_fd_);
   }
-  return true;
 }
 
 bool Producer::has_room() const {

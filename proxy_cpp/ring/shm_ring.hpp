@@ -102,8 +102,17 @@ class Producer : public Endpoint {
   bool fits(std::size_t size) const { return size <= region_.max_payload(); }
   // Appends one record and wakes the consumer if it sleeps. False when the ring has no room for it now
   // (or when !fits(size): check fits() to tell the two apart).
-  bool try_write(const void* payload, std::size_t size);
+  bool try_write(const void* payload, std::size_t size) {
+    if (!append(payload, size)) return false;
+    wake_consumer();
+    return true;
+  }
   bool try_write(std::span<const std::byte> payload) { return try_write(payload.data(), payload.size()); }
+  // Appends one record without the wake-up, so that a burst of records costs the sleeping consumer one
+  // wake-up: the caller must call wake_consumer() after the burst (the consumer may sleep through until then).
+  bool append(const void* payload, std::size_t size);
+  // Wakes the consumer if it announced a sleep: the producer's half of the wake-up protocol.
+  void wake_consumer();
 
   // Announces that the producer is about to sleep on space_fd (sets producer_waiting, seq_cst fence) and
   // re-checks: true when the ring still has no room for the last refused record (or is completely full
