@@ -21,8 +21,9 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
-from tools.bench import BenchConfig, run_bench
+from tools.bench import HARD_DEADLINE_EXTRA_S, BenchConfig, run_bench
 from tools.bench_client import TokenCounter
+from tools.bench_loadgen import loadgen_path, run_loadgen
 from tools.bench_report import summarize
 from tools.local_cluster import LocalCluster, free_port
 from tools.procs import Children
@@ -48,6 +49,9 @@ async def _wait_http_ok(url: str, deadline: float, children: Children) -> None:
 
 async def _bench(url: str, opts: argparse.Namespace) -> dict[str, Any]:
     cfg = BenchConfig(url, DEPLOYMENT, opts.concurrency, opts.duration, opts.max_tokens)
+    if loadgen_path().exists():  # the C++ client, as `tokenbus bench` uses by default: it measures, not queues
+        run = await run_loadgen(loadgen_path(), cfg, HARD_DEADLINE_EXTRA_S, TokenCounter())
+        return summarize(run.results, opts.concurrency, run.duration_s)
     results, duration_s = await run_bench(cfg, TokenCounter())
     return summarize(results, opts.concurrency, duration_s)
 
