@@ -473,21 +473,11 @@ SIM_MAX_TOKENS = 16
 def sim_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     if not loadgen_path().exists():
         pytest.skip("tokenbus-loadgen not built (make build)")
-    from cluster_harness import LocalCluster
+    from cluster_harness import deployed_cluster
 
-    c = LocalCluster(tmp_path_factory.mktemp("bench-cluster"))
-    try:
-        c.start()
-        spec = {"name": "demo", "engine": "sim", "engine_args": {"token_delay_ms": 2}, "max_concurrency": 128}
-
-        async def deploy() -> None:
-            await c.admin("deploy", spec)
-            await c.wait_ready("demo", 1)
-
-        asyncio.run(deploy())
+    spec = {"name": "demo", "engine": "sim", "engine_args": {"token_delay_ms": 2}, "max_concurrency": 128}
+    with deployed_cluster(tmp_path_factory.mktemp("bench-cluster"), spec) as (c, _):
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.mark.timeout(180)

@@ -32,18 +32,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 @pytest.fixture(scope="module")
 def replica_addresses(cluster: LocalCluster) -> list[str]:
-    async def deploy() -> list[str]:
-        spec = {
-            "name": "demo",
-            "engine": "sim",
-            "engine_args": {"token_delay_ms": TOKEN_DELAY_MS, "seed": SIM_SEED},
-            "replicas": 2,
-            "max_concurrency": 256,
-        }
-        await cluster.admin("deploy", spec)
-        return await cluster.wait_ready("demo", 2)
-
-    return asyncio.run(deploy())
+    spec = {
+        "name": "demo",
+        "engine": "sim",
+        "engine_args": {"token_delay_ms": TOKEN_DELAY_MS, "seed": SIM_SEED},
+        "replicas": 2,
+        "max_concurrency": 256,
+    }
+    return asyncio.run(cluster.deploy(spec))
 
 
 async def plain_stream(session: aiohttp.ClientSession, url: str, prompt: str) -> tuple[list[str], float]:

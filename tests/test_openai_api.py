@@ -7,7 +7,6 @@ text is a pure function of (engine seed, request seed or prompt), so every expec
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from cluster_harness import LocalCluster
+from cluster_harness import LocalCluster, deployed_cluster
 from openai import OpenAI
 
 from model_worker.sim_engine import sim_words
@@ -31,25 +30,15 @@ CHAT_PROMPT_TOKENS = 4  # the sim counts the words of the messages' contents
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path_factory.mktemp("openai"))
-    try:
-        c.start()
-        spec = {
-            "name": "demo",
-            "engine": "sim",
-            "engine_args": {"token_delay_ms": 1, "seed": SIM_SEED, "max_model_len": MAX_MODEL_LEN},
-            "replicas": 2,
-            "max_concurrency": 64,
-        }
-
-        async def deploy() -> None:
-            await c.admin("deploy", spec)
-            await c.wait_ready("demo", 2)
-
-        asyncio.run(deploy())
+    spec = {
+        "name": "demo",
+        "engine": "sim",
+        "engine_args": {"token_delay_ms": 1, "seed": SIM_SEED, "max_model_len": MAX_MODEL_LEN},
+        "replicas": 2,
+        "max_concurrency": 64,
+    }
+    with deployed_cluster(tmp_path_factory.mktemp("openai"), spec) as (c, _):
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import aiohttp
 import httpx
 import openai
 import pytest
-from cluster_harness import LocalCluster, replica_stats
+from cluster_harness import LocalCluster, deployed_cluster, replica_stats
 from openai import AsyncOpenAI, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -58,25 +58,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalClu
     """The cluster and its two replicas' gRPC addresses."""
     # vLLM saturates the cores in bursts: the production heartbeat (1 s, lost after 3 s) rides them out where
     # the sim tests' 0.5 s may not. (The vllm engine sets its own CPU defaults: KV cache size, threads.)
-    c = LocalCluster(tmp_path_factory.mktemp("vllm"), heartbeat_s=1.0)
-    try:
-        c.start()
-        spec = {
-            "name": "demo",
-            "engine": "vllm",
-            "engine_args": ENGINE_ARGS,
-            "replicas": 2,
-            "max_concurrency": 64,
-        }
-
-        async def deploy() -> list[str]:
-            await c.admin("deploy", spec)
-            return await c.wait_ready("demo", 2, timeout=READY_DEADLINE_S)
-
-        addresses = asyncio.run(deploy())
-        yield c, addresses
-    finally:
-        c.stop()
+    spec = {"name": "demo", "engine": "vllm", "engine_args": ENGINE_ARGS, "replicas": 2, "max_concurrency": 64}
+    with deployed_cluster(tmp_path_factory.mktemp("vllm"), spec, READY_DEADLINE_S, heartbeat_s=1.0) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -65,9 +65,8 @@ async def bench_tokenbus(opts: argparse.Namespace, state_dir: Path, console: Con
     cluster.start()
     try:
         spec = {"name": DEPLOYMENT, "engine": "vllm", "engine_args": _engine_args(opts), "replicas": 1}
-        await cluster.admin("deploy", spec)
         with console.status("tokenbus: waiting for the vLLM replica"):
-            await cluster.wait_ready(DEPLOYMENT, 1, timeout=READY_DEADLINE_S)
+            await cluster.deploy(spec, timeout=READY_DEADLINE_S)
         with console.status(f"tokenbus: {opts.concurrency} streams for {opts.duration:.0f} s"):
             return await _bench(cluster.proxy_url, opts)
     finally:

@@ -89,6 +89,11 @@ class LocalCluster:
         finally:
             client.close()
 
+    async def deploy(self, spec: dict[str, Any], timeout: float = STARTUP_DEADLINE_S) -> list[str]:
+        """Deploys `spec` and waits for all its replicas to be READY; their gRPC addresses."""
+        await self.admin("deploy", spec)
+        return await self.wait_ready(spec["name"], spec.get("replicas", 1), timeout)
+
     async def wait_ready(self, deployment: str, replicas: int, timeout: float = STARTUP_DEADLINE_S) -> list[str]:
         """Polls until `replicas` replicas of `deployment` are READY and the proxy is ready; their gRPC addresses."""
         deadline = time.monotonic() + timeout
