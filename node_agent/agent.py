@@ -13,6 +13,9 @@ from schemas.messages import ReplicaEvent, ReplicaState, ReplicaStatus, StartRep
 log = logging.getLogger("node_agent")
 
 SHUTDOWN_GRACE_S = TERM_GRACE_S + 5.0  # the bound on stopping every replica at the agent's own exit
+# How often each replica's Stats are read; a change of its running or waiting requests goes to the head at once,
+# so the routing snapshot follows load within about this (plus the publish), not a heartbeat.
+LOAD_POLL_S = 0.25
 
 
 class Agent:
@@ -48,8 +51,9 @@ class Agent:
             msg,
             host=self._host,
             bin_dir=self._bin_dir,
-            stats_interval_s=self._link.heartbeat_s,
+            stats_interval_s=LOAD_POLL_S,
             on_change=self._changed,
+            on_load=self._load_changed,
         )
         self._replicas[rid] = replica
         task = asyncio.create_task(replica.run(), name=f"replica-{rid}")
@@ -73,6 +77,10 @@ class Agent:
         code = f" (exit code {replica.exit_code})" if exited else ""
         log.info("replica %s is %s%s", replica.replica_id, replica.state.value, code)
         if self._link is not None:
+            self._link.send(ReplicaEvent(self.node_id, replica.status()))
+
+    def _load_changed(self, replica: ReplicaProcess) -> None:
+        if self._link is not None:  # not logged: under load this is several times a second
             self._link.send(ReplicaEvent(self.node_id, replica.status()))
 
     def _forget(self, rid: str) -> None:

@@ -59,6 +59,7 @@ class ReplicaProcess:
         bin_dir: Path,
         stats_interval_s: float,
         on_change: Callable[[ReplicaProcess], None],
+        on_load: Callable[[ReplicaProcess], None],
     ) -> None:
         self.replica_id = spec.replica_id
         self.deployment = spec.deployment
@@ -67,6 +68,7 @@ class ReplicaProcess:
         self._bin_dir = bin_dir
         self._stats_interval = stats_interval_s
         self._on_change = on_change
+        self._on_load = on_load
         self.state = ReplicaState.STARTING
         self.address = ""
         self.load = ReplicaLoad()
@@ -237,13 +239,16 @@ class ReplicaProcess:
             await asyncio.sleep(HEALTH_POLL_S)  # the poll period, not synchronisation
 
     async def _poll_stats(self, stub: Any) -> None:
-        """Refreshes `load` every stats interval until cancelled."""
+        """Refreshes `load` every stats interval until cancelled; a change of running or waiting is reported at once
+        (`on_load`), so routing sees a burst or its end within an interval rather than at the next heartbeat."""
         from schemas.rpc import pb
 
         while True:
             try:
                 s = await stub.Stats(pb.StatsRequest(), timeout=RPC_TIMEOUT_S)
-                self.load = ReplicaLoad(s.running, s.waiting, float(s.kv_usage))
+                before, self.load = self.load, ReplicaLoad(s.running, s.waiting, float(s.kv_usage))
+                if (before.running, before.waiting) != (s.running, s.waiting):
+                    self._on_load(self)
             except grpc.aio.AioRpcError as e:
                 log.warning("replica %s stats failed: %s", self.replica_id, e.code())
             await asyncio.sleep(self._stats_interval)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import aiohttp
 import pytest
-from cluster_harness import LocalCluster, replica_stats
+from cluster_harness import LocalCluster, deployed_cluster, replica_stats
 
 from model_worker.sim_engine import sim_words
 
@@ -143,3 +143,39 @@ async def test_client_disconnect_leaves_no_request_in_the_engine(
     while await running() != 0 or sum([(await replica_stats(a)).in_flight for a in replica_addresses]):
         assert time.monotonic() < deadline, f"request still running after disconnect\n{cluster.logs()}"
         await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def slow_heartbeat_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    spec = {"name": "slow", "engine": "sim", "engine_args": {"token_delay_ms": 20}, "max_concurrency": 16}
+    with deployed_cluster(tmp_path_factory.mktemp("load"), spec, heartbeat_s=10.0) as (c, _):
+        yield c
+
+
+async def test_engine_load_reaches_the_head_between_heartbeats(slow_heartbeat_cluster: LocalCluster) -> None:
+    # Heartbeats 10 s apart: a load the head sees within 3 s came (most likely) by the agent's load reports.
+    c = slow_heartbeat_cluster
+
+    async def head_running() -> int:
+        status = await c.admin("status")
+        dep = next(d for d in status["deployments"] if d["name"] == "slow")
+        return sum(r["load"]["running"] for r in dep["replicas_list"])
+
+    async def until_running(n: int) -> None:
+        deadline = time.monotonic() + 3.0  # load reports take ~0.25 s; a heartbeat would land in it 3 times in 10
+        while (seen := await head_running()) != n:
+            assert time.monotonic() < deadline, f"the head still sees {seen} running, not {n}"
+            await asyncio.sleep(0.05)
+
+    async with aiohttp.ClientSession() as session:
+        responses = [
+            await session.post(f"{c.proxy_url}/v1/chat/slow", params={"max_tokens": "500"}, data=f"long {i}")
+            for i in range(4)
+        ]
+        try:
+            assert [r.status for r in responses] == [200] * 4
+            await until_running(4)  # 500 tokens x 20 ms: all four run for 10 s
+        finally:
+            for r in responses:
+                r.close()  # the client goes: the streams are cancelled
+        await until_running(0)
