@@ -517,4 +517,5 @@ async def test_bench_cli_cpp_against_a_sim_cluster(sim_cluster: Any) -> None:
     expected_rate = summary["requests"] * SIM_MAX_TOKENS / summary["duration_s"]
     assert summary["tokens_per_s"] == pytest.approx(expected_rate, rel=0.01)
     assert summary["cpu_cores"]["client"] > 0 and summary["cpu_cores"]["by_kind"]["proxy"] > 0
+    assert summary["cpu_cores"]["client_processes"] == 2  # this process and the loadgen
     assert "bench client (not in total)" in err

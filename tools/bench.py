@@ -308,6 +308,9 @@ def main(opts: argparse.Namespace) -> int:
         # (this process, plus its helpers or the loadgen)
         client_cpu_s = time.process_time() - client_cpu_start + helper_cpu_s
         summary["cpu_cores"]["client"] = round(client_cpu_s / duration_s, 3)
+        summary["cpu_cores"]["client_processes"] = (
+            2 if client == "cpp" else len(split_concurrency(cfg.concurrency, opts.processes))
+        )
         console.print(cpu_table(summary["cpu_cores"]))
     errors: dict[str, int] = {}
     for r in results:

@@ -81,7 +81,7 @@ def cpu_table(cpu: dict[str, Any]) -> Table:
         table.add_row(kind, str(cpu["processes"][kind]), f"{cores:.3f}")
     table.add_section()
     table.add_row("all tokenbus", str(sum(cpu["processes"].values())), f"{cpu['total']:.3f}")
-    table.add_row("bench client (not in total)", "1", f"{cpu['client']:.3f}")
+    table.add_row("bench client (not in total)", str(cpu.get("client_processes", 1)), f"{cpu['client']:.3f}")
     if cpu["exited"]:
         table.add_row(f"[yellow]exited during the run: {cpu['exited']}[/yellow]", "", "")
     return table
