@@ -162,7 +162,7 @@ class RingSender:
         self._queue: deque[bytes] = deque()  # records the ring had no room for, in order
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._peer_check: asyncio.TimerHandle | None = None
-        self._wake_scheduled = False
+        self._wake: asyncio.Handle | None = None  # the pending wake-up of the consumer, one per loop iteration
         self._gone = False
 
     def send(self, record: Any) -> None:
@@ -179,16 +179,14 @@ class RingSender:
             self._queue.append(data)
             if len(self._queue) == 1:
                 self._start_waiting()
-        elif not self._wake_scheduled:
+        elif self._wake is None:
             # One wake-up for everything this loop iteration writes (the sim engine's tokens due together, a
             # vLLM step's outputs): the consumer, if asleep, is woken once, right after the iteration's callbacks.
-            self._wake_scheduled = True
-            asyncio.get_running_loop().call_soon(self._wake_consumer)
+            self._wake = asyncio.get_running_loop().call_soon(self._wake_consumer)
 
     def _wake_consumer(self) -> None:
-        self._wake_scheduled = False
-        if not self._gone:
-            self._producer.wake_consumer()
+        self._wake = None
+        self._producer.wake_consumer()
 
     async def drain(self) -> None:
         """Returns once every queued record is in the ring; raises PeerGone if the consumer is gone first."""
@@ -252,5 +250,8 @@ class RingSender:
             waiter.cancel()
         self._drain_waiters = []
         self._queue.clear()
+        if self._wake is not None:  # what was written before the close still reaches a sleeping consumer
+            self._wake.cancel()
+            self._wake_consumer()
         self._wakeup.close()
         self._producer.close()

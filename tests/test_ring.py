@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import msgpack
@@ -101,6 +103,31 @@ async def test_records_from_another_process_arrive_in_order(ring: RingFds) -> No
     with pytest.raises(PeerGone):  # the producer exited
         await asyncio.wait_for(receiver.next_batch(), DEADLINE)
     receiver.close()
+
+
+def data_fd_fired(consumer: Any) -> bool:
+    return bool(select.select([consumer.data_fd], [], [], 0)[0])
+
+
+async def test_one_wake_up_per_loop_iteration_and_none_lost_at_close(ring: RingFds) -> None:
+    consumer = _ring.Consumer(*ring)  # a consumer that has announced its sleep on data_fd
+    assert consumer.prepare_wait()
+    sender = RingSender(ring)
+    sender.send([3, 1, "a", 1])
+    sender.send([3, 1, "b", 1])
+    assert not data_fd_fired(consumer)  # written, but the wake-up waits for the end of this loop iteration
+    await asyncio.sleep(0)  # one loop iteration: the deferred wake-up runs
+    assert data_fd_fired(consumer)
+    os.eventfd_read(consumer.data_fd)  # back to zero: asleep again, with the two records still unread
+    assert not consumer.prepare_wait()  # the ring is not empty: no sleep announced
+    while consumer.read() is not None:
+        consumer.release()
+    assert consumer.prepare_wait()
+    sender.send([3, 1, "last words", 1])
+    sender.close()  # before the loop could run the deferred wake-up: close() wakes the consumer itself
+    assert data_fd_fired(consumer)
+    assert msgpack.unpackb(consumer.read()) == [3, 1, "last words", 1]
+    consumer.close()
 
 
 async def test_a_full_ring_queues_in_order_and_flushes_as_space_frees(ring: RingFds) -> None:
