@@ -40,6 +40,9 @@ from schemas.messages import (
 log = logging.getLogger("head")
 
 RECONCILE_INTERVAL_S = 0.5
+# Snapshot versions go out at most this often: agents report load changes as they happen (several a second per
+# replica), and every proxy receives each version whole, so a large cluster's reports must coalesce.
+PUBLISH_MIN_INTERVAL_S = 0.05
 MAX_BATCH = 256  # messages handled before the timers get a turn
 
 
@@ -119,8 +122,12 @@ class Head:
         now = time.monotonic()
         next_heartbeat = now + self._heartbeat_s
         next_reconcile = now
+        next_publish = now
         while True:
-            timeout = max(0.0, min(next_heartbeat, next_reconcile) - time.monotonic())
+            wake_at = min(next_heartbeat, next_reconcile)
+            if next_publish > now:  # a change held back by the publish interval goes out when it ends
+                wake_at = min(wake_at, next_publish)
+            timeout = max(0.0, wake_at - time.monotonic())
             changed = False
             if await self._router.poll(timeout * 1000, zmq.POLLIN):
                 for _ in range(MAX_BATCH):
@@ -142,7 +149,8 @@ class Head:
                     commands = []
                 for cmd in commands:
                     await self._send_to_node(cmd)
-            await self._publish_if_changed()
+            if now >= next_publish and await self._publish_if_changed():
+                next_publish = now + PUBLISH_MIN_INTERVAL_S
 
     # --- messages --------------------------------------------------------------------------------------------
 
@@ -215,14 +223,16 @@ class Head:
         assert self._table is not None
         return Snapshot(self.epoch, self.version, self._table)
 
-    async def _publish_if_changed(self) -> None:
+    async def _publish_if_changed(self) -> bool:
+        """Publishes a new version if the routing table changed since the last; returns whether it did."""
         assert self._publisher is not None
         table = self._state.routing_table()
         if table == self._table:
-            return
+            return False
         self._table = table
         self._seq += 1
         await self._publisher.publish(self._current_snapshot())
+        return True
 
     async def _send_to_node(self, cmd: Command) -> None:
         node = self._state.nodes.get(cmd.node_id)

@@ -3,8 +3,10 @@ real DEALER sockets speaking the protocol, observed through a real SnapshotSubsc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from controlplane_helpers import (
 )
 
 from bus.admin import AdminError
-from head.server import Head
+from head.server import PUBLISH_MIN_INTERVAL_S, Head
 from schemas.messages import (
     AdminReply,
     AdminRequest,
@@ -103,6 +105,25 @@ async def test_deploy_places_a_replica_and_ready_makes_it_routable(tmp_path: Pat
         assert dep["replicas_list"] == [
             {"id": rid, "node": "n1", "state": "READY", "addr": "127.0.0.1:4001", "load": load.to_wire()}
         ]
+
+
+async def test_a_stream_of_load_reports_coalesces_into_few_snapshot_versions(tmp_path: Path) -> None:
+    async with running_head(tmp_path / "head.db") as head, agent(head, "n1") as n1, subscriber(head) as sub:
+        await admin(head.router_endpoint, "deploy", SIM)
+        rid = (await n1.expect(StartReplica)).replica_id
+        await n1.report(replica_status(rid, "demo", ReplicaState.READY, "127.0.0.1:4001"))
+        ready = await sub.wait_for(lambda s: rid in replicas_of(s, "demo"), timeout=10)
+        reports = 40
+        t0 = time.monotonic()
+        for running in range(1, reports + 1):  # a changing load every ~5 ms, as a busy agent's reports could be
+            load = ReplicaLoad(running=running, waiting=0, kv_usage=0.0)
+            await n1.report(replica_status(rid, "demo", ReplicaState.READY, "127.0.0.1:4001", load))
+            await asyncio.sleep(0.005)  # the pacing of the reports, not a synchronisation
+        last = await sub.wait_for(lambda s: s.deployments["demo"][0].load.running == reports, timeout=10)
+        elapsed = time.monotonic() - t0
+        # Each report changed the table; versions went out at most once per interval (plus the first at once).
+        versions = (last.version - ready.version) & 0xFFFFFFFF
+        assert 1 <= versions <= elapsed / PUBLISH_MIN_INTERVAL_S + 2, (versions, elapsed)
 
 
 async def test_placement_picks_the_node_with_most_free_slots(tmp_path: Path) -> None:
