@@ -210,11 +210,13 @@ async def test_client_disconnect_frees_the_engine_within_a_second(proxy_url: str
         stream = await c.completions.create(
             model="demo", prompt=PROMPT, max_tokens=2000, stream=True, temperature=0, extra_body={"ignore_eos": True}
         )
+        # Read by hand, not `async for ... break`: a broken-off async generator is closed by the loop at its next
+        # await, which would end the stream before the check below.
+        chunks = stream.__aiter__()
         seen = 0
-        async for chunk in stream:
+        while seen < 8:
+            chunk = await chunks.__anext__()
             seen += len(chunk.choices[0].text) if chunk.choices else 0
-            if seen >= 8:
-                break
         # the stream is open on a replica (exact: its count of open calls)
         assert (await open_and_running(replicas))[0] == 1
         await stream.close()
