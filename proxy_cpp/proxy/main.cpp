@@ -2,14 +2,13 @@
 //   tokenbus-proxy --listen 127.0.0.1:8000 --head-router tcp://127.0.0.1:5555 --head-pub tcp://127.0.0.1:5556
 //                  [--threads N]
 // Prints "LISTENING host:port" on stdout once bound; logs go to stderr.
-#include <absl/synchronization/mutex.h>
-
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
+#include "common/abseil.hpp"
 #include "common/log.hpp"
 #include "proxy/http_server.hpp"
 #include "proxy/metrics.hpp"
@@ -76,10 +75,7 @@ Options parse_args(int argc, char** argv) {
 int main(int argc, char** argv) {
   using namespace tokenbus;
   const Options options = parse_args(argc, argv);
-  // Debian builds Abseil without NDEBUG, which turns on absl::Mutex deadlock detection: a lock-order graph
-  // update on every gRPC mutex, measured at ~5% of the replica's CPU under load. gRPC's locks are not ours to
-  // debug in production.
-  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  disable_abseil_deadlock_detection();
 
   // Signals are taken synchronously by this thread (sigwait), so every thread started below inherits a
   // mask that blocks them.

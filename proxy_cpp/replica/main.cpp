@@ -1,7 +1,6 @@
 // tokenbus-replica --listen 127.0.0.1:0 --replica-id ID --req-ring M,D,S --resp-ring M,D,S
 // Prints "LISTENING host:port" on stdout once serving; logs go to stderr. Exits 0 after SIGTERM/SIGINT
 // (open streams get 10 s to finish), 1 when the model worker is gone, 2 on bad arguments or rings.
-#include <absl/synchronization/mutex.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -13,6 +12,7 @@
 #include <string>
 #include <string_view>
 
+#include "common/abseil.hpp"
 #include "common/log.hpp"
 #include "replica/replica_server.hpp"
 
@@ -35,10 +35,7 @@ int usage(const char* problem) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Debian builds Abseil without NDEBUG, which turns on absl::Mutex deadlock detection: a lock-order graph
-  // update on every gRPC mutex, measured at ~5% of the replica's CPU under load. gRPC's locks are not ours to
-  // debug in production.
-  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  tokenbus::disable_abseil_deadlock_detection();
   tokenbus::replica::ReplicaOptions options;
   std::string req_ring, resp_ring;
   for (int i = 1; i < argc; i += 2) {
