@@ -223,10 +223,18 @@ async def _python_clients(
         lag_probe.cancel()
 
 
+@dataclass(frozen=True)
+class ClientRun:
+    results: list[RequestResult]
+    duration_s: float
+    extra_cpu_s: float  # CPU seconds of the client's processes other than this one (helpers, or the loadgen)
+    processes: int  # client processes in all, this one included
+
+
 def _run_python(
     cfg: BenchConfig, processes: int, console: Console, cpu: CpuMeter | None, lags: list[float]
-) -> tuple[list[RequestResult], float, float]:
-    """Results, duration and the helper processes' CPU seconds of a run by the Python clients."""
+) -> ClientRun:
+    """A run by the Python clients: this process and `processes - 1` helpers."""
     own_share, *helper_shares = split_concurrency(cfg.concurrency, processes)
     helper_cpu_s = 0.0
     # spawn, not fork: a forked child would inherit this process's state (rich Live, loops) mid-use
@@ -245,19 +253,17 @@ def _run_python(
             duration_s = max(duration_s, run.duration_s)
             lags += run.lags
             helper_cpu_s += run.cpu_s
-    return results, duration_s, helper_cpu_s
+    return ClientRun(results, duration_s, helper_cpu_s, 1 + len(helper_shares))
 
 
-def _run_cpp(
-    cfg: BenchConfig, console: Console, cpu: CpuMeter | None, lags: list[float]
-) -> tuple[list[RequestResult], float, float]:
-    """Results, duration and the loadgen's CPU seconds of a run by tokenbus-loadgen (its loop lag into `lags`)."""
+def _run_cpp(cfg: BenchConfig, console: Console, cpu: CpuMeter | None, lags: list[float]) -> ClientRun:
+    """A run by tokenbus-loadgen, driven from this process (its loop lag into `lags`)."""
     progress = Progress()
     work = run_loadgen(loadgen_path(), cfg, HARD_DEADLINE_EXTRA_S, progress.counter, progress.on_result, cpu, lags)
     run = uvloop.run(_with_progress(cfg, console, progress, work))
     if run.log:
         console.print(run.log.rstrip(), style="dim", highlight=False, markup=False)
-    return run.results, run.duration_s, run.cpu_s
+    return ClientRun(run.results, run.duration_s, run.cpu_s, 2)
 
 
 def main(opts: argparse.Namespace) -> int:
@@ -292,12 +298,13 @@ def main(opts: argparse.Namespace) -> int:
     lags: list[float] = []  # the client's loop lag: this process's (python) or the loadgen's (cpp)
     if client == "cpp":
         try:
-            results, duration_s, helper_cpu_s = _run_cpp(cfg, console, cpu, lags)
+            run = _run_cpp(cfg, console, cpu, lags)
         except (LoadgenError, ValueError) as e:
             console.print(str(e), style="red", highlight=False, markup=False)
             return 2
     else:
-        results, duration_s, helper_cpu_s = _run_python(cfg, opts.processes, console, cpu, lags)
+        run = _run_python(cfg, opts.processes, console, cpu, lags)
+    results, duration_s = run.results, run.duration_s
     summary = summarize(results, cfg.concurrency, duration_s)
     summary["client"] = client
     summary["client_loop_lag_ms"] = quantiles_ms(lags)
@@ -306,11 +313,9 @@ def main(opts: argparse.Namespace) -> int:
         summary["cpu_cores"] = cpu.summary(duration_s)
         # the bench client itself, for comparison: it shares the machine, but is not part of the total
         # (this process, plus its helpers or the loadgen)
-        client_cpu_s = time.process_time() - client_cpu_start + helper_cpu_s
+        client_cpu_s = time.process_time() - client_cpu_start + run.extra_cpu_s
         summary["cpu_cores"]["client"] = round(client_cpu_s / duration_s, 3)
-        summary["cpu_cores"]["client_processes"] = (
-            2 if client == "cpp" else len(split_concurrency(cfg.concurrency, opts.processes))
-        )
+        summary["cpu_cores"]["client_processes"] = run.processes
         console.print(cpu_table(summary["cpu_cores"]))
     errors: dict[str, int] = {}
     for r in results:
