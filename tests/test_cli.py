@@ -23,7 +23,7 @@ import zmq
 from node_agent.binaries import bin_dir
 from schemas.messages import AdminReply, AdminRequest, decode
 from tools import cli
-from tools.procs import Children
+from tools.procs import RESTART_CAP_S, Children, Supervisor, alive, restart_delay
 from tools.up import curl_commands, demo_deployment
 
 # --- parsing -------------------------------------------------------------------------------------------------
@@ -319,6 +319,59 @@ def test_children_report_the_first_to_exit(tmp_path: Path) -> None:
     assert reports["sleeper"].how == "SIGTERM"
 
 
+def test_stop_all_kills_what_a_child_left_in_a_session_of_its_own(tmp_path: Path) -> None:
+    # as an agent's replicas: their own session, so they outlive the agent and its group's SIGKILL
+    code = (
+        "import subprocess, sys, time; "
+        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True); "
+        "print('orphan', g.pid, flush=True); time.sleep(300)"
+    )
+    children = Children()
+    parent = children.start("agent", [sys.executable, "-c", code], tmp_path / "agent.log")
+    orphan = int(_wait_for_line(tmp_path / "agent.log", "orphan").split()[1])
+    children.note_descendants()
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.proc.wait(20)
+    assert alive(orphan)
+    reports = children.stop_all()
+    assert [(r.name, r.how) for r in reports] == [
+        ("agent", "already exited"),
+        ("agent's child", "left behind: SIGKILL"),
+    ]
+    assert not alive(orphan)
+
+
+def test_restart_backoff_doubles_up_to_its_cap() -> None:
+    delays = [restart_delay(n) for n in range(1, 12)]
+    assert delays[:3] == [0.5, 1.0, 2.0]
+    assert all(a <= b for a, b in zip(delays, delays[1:], strict=False)) and delays[-1] == RESTART_CAP_S
+
+
+def test_supervisor_restarts_a_dead_child_after_its_backoff_and_reports_it(tmp_path: Path) -> None:
+    children = Children()
+    sleeper = children.start("head", [sys.executable, "-c", "import time; time.sleep(300)"], tmp_path / "h.log")
+    lines: list[str] = []
+    supervisor = Supervisor(children, lines.append)
+    os.kill(sleeper.pid, signal.SIGKILL)
+    sleeper.proc.wait(20)
+    died = time.monotonic()
+    supervisor.check(died)
+    assert lines == [] and children.get("head") is sleeper  # the first restart waits restart_delay(1)
+    supervisor.check(died + restart_delay(1))
+    new = children.get("head")
+    assert new is not sleeper and alive(new.pid) and new.restarts == 1 and new.cmd == sleeper.cmd
+    assert len(lines) == 1 and f"pid {sleeper.pid} exited with code -9" in lines[0] and str(new.pid) in lines[0]
+    os.kill(new.pid, signal.SIGKILL)  # dies again at once: the next restart waits twice as long
+    new.proc.wait(20)
+    again = time.monotonic()
+    supervisor.check(again)
+    supervisor.check(again + restart_delay(1))
+    assert children.get("head") is new
+    supervisor.check(again + restart_delay(2))
+    assert children.get("head").restarts == 2 and len(lines) == 2
+    assert [r.how for r in children.stop_all()] == ["SIGTERM"]
+
+
 def test_bench_entry_point_runs_as_a_real_process() -> None:
     out = subprocess.run([sys.executable, "-m", "tools", "bench", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--concurrency" in out.stdout
@@ -326,51 +379,144 @@ def test_bench_entry_point_runs_as_a_real_process() -> None:
 
 # --- tokenbus up, end to end with the real binaries ------------------------------------------------------------
 
+needs_binaries = pytest.mark.skipif(
+    not (bin_dir() / "tokenbus-proxy").exists(), reason="binaries not built (make build)"
+)
+UP_READY_S = 60.0
 
-@pytest.mark.skipif(not (bin_dir() / "tokenbus-proxy").exists(), reason="binaries not built (make build)")
-def test_up_serves_a_streamed_answer_and_stops_every_process_on_sigint(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    state = tmp_path / "state"
-    env = {**os.environ, "COLUMNS": "300"}
-    cmd = [sys.executable, "-m", "tools", "up", "--engine", "sim", "--port", str(port), "--state-dir", str(state)]
-    up = subprocess.Popen(
-        [*cmd, "--ready-timeout", "60"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    assert up.stdout is not None
-    lines: list[str] = []
-    try:
-        for line in up.stdout:
-            lines.append(line)
-            if "Ctrl-C stops everything" in line or "failed" in line:
+
+class Up:
+    """`tokenbus up --engine sim` as a real process on a free port; its output lines collected by a thread."""
+
+    def __init__(self, state: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.state = state
+        cmd = [sys.executable, "-m", "tools", "up", "--engine", "sim", "--port", str(self.port)]
+        self.proc = subprocess.Popen(
+            [*cmd, "--state-dir", str(state), "--ready-timeout", str(UP_READY_S)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "COLUMNS": "300"},
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, deadline_s: float = UP_READY_S) -> str:
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            found = next((line for line in list(self.lines) if text in line), None)
+            if found is not None:
+                return found
+            if "failed" in "".join(self.lines) or self.proc.poll() is not None:
                 break
-        out = "".join(lines)
-        assert "Ctrl-C stops everything" in out, out
-        assert f"curl -N -X POST http://127.0.0.1:{port}/v1/chat/demo" in out
-        pids = {line.split()[1]: int(line.split()[3]) for line in lines if line.startswith("started ")}
-        assert set(pids) == {"head", "agent", "proxy"}
-        assert all(_alive(pid) for pid in pids.values())
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not printed by up:\n{''.join(self.lines)}")
+
+    def pids(self) -> dict[str, int]:
+        return {line.split()[1]: int(line.split()[3]) for line in self.lines if line.startswith("started ")}
+
+    def replica_pids(self) -> set[int]:
+        """Every replica and worker process the agent(s) started, from the agent's log."""
+        agent_log = (self.state / "logs" / "agent.log").read_text()
+        return {int(p) for p in re.findall(r"replica \S+: \w+ started, pid (\d+)", agent_log)}
+
+    def request(self, max_tokens: int = 8) -> int:
+        """Words in a plain-text answer (one per sim token)."""
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/chat/demo?max_tokens=8", data=b"What is machine learning?", method="POST"
+            f"http://127.0.0.1:{self.port}/v1/chat/demo?max_tokens={max_tokens}",
+            data=b"What is machine learning?",
+            method="POST",
         )
         with urllib.request.urlopen(request, timeout=30) as resp:
-            assert len(resp.read().split()) == 8  # eight sim tokens, one word each
-        agent_log = (state / "logs" / "agent.log").read_text()
-        replica_pids = [int(p) for p in re.findall(r"replica \S+: \w+ started, pid (\d+)", agent_log)]
+            return len(resp.read().split())
+
+    def interrupt(self) -> str:
+        """SIGINT, then everything it printed while stopping."""
+        n = len(self.lines)
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(60)
+        self._reader.join(10)
+        return "".join(self.lines[n:])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _shm() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+@needs_binaries
+def test_up_serves_a_streamed_answer_and_stops_every_process_on_sigint(tmp_path: Path) -> None:
+    shm_before = _shm()
+    up = Up(tmp_path / "state")
+    try:
+        up.wait_for("Ctrl-C stops everything")
+        out = "".join(up.lines)
+        assert f"curl -N -X POST http://127.0.0.1:{up.port}/v1/chat/demo" in out
+        pids = up.pids()
+        assert set(pids) == {"head", "agent", "proxy"}
+        assert all(alive(pid) for pid in pids.values())
+        assert up.request() == 8  # eight sim tokens, one word each
+        replica_pids = up.replica_pids()
         assert len(replica_pids) == 4  # two replicas, each a tokenbus-replica and a model worker
-        up.send_signal(signal.SIGINT)
-        rest, _ = up.communicate(timeout=60)
+        rest = up.interrupt()
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
-    assert up.returncode == 0, rest
+        up.kill()
+    assert up.proc.returncode == 0, rest
     assert [line.split()[1] for line in rest.splitlines() if line.startswith("stopped ")] == ["proxy", "agent", "head"]
-    assert not any(_alive(pid) for pid in [*pids.values(), *replica_pids])
-    assert {p.name for p in (state / "logs").iterdir()} == {"head.log", "agent.log", "proxy.log"}
-    assert "deployment demo" in (state / "logs" / "head.log").read_text()
+    assert not any(alive(pid) for pid in [*pids.values(), *replica_pids])
+    assert {p.name for p in (up.state / "logs").iterdir()} == {"head.log", "agent.log", "proxy.log"}
+    assert "deployment demo" in (up.state / "logs" / "head.log").read_text()
+    assert _shm() - shm_before == set()
+
+
+@needs_binaries
+def test_up_restarts_a_killed_head_and_agent_and_sigint_still_stops_everything(tmp_path: Path) -> None:
+    shm_before = _shm()
+    up = Up(tmp_path / "state")
+    try:
+        up.wait_for("Ctrl-C stops everything")
+        first = up.pids()
+        os.kill(first["head"], signal.SIGKILL)
+        assert up.request() == 8  # the proxy serves from its last snapshot while the head is down
+        line = up.wait_for("restarted head")
+        assert f"pid {first['head']} exited with code -9" in line
+        new_head = int(re.search(r"new pid (\d+)", line).group(1))  # type: ignore[union-attr]
+        assert alive(new_head)
+        os.kill(first["agent"], signal.SIGKILL)
+        line = up.wait_for("restarted agent")
+        new_agent = int(re.search(r"new pid (\d+)", line).group(1))  # type: ignore[union-attr]
+        deadline = time.monotonic() + UP_READY_S
+        while True:  # the cluster serves again once the new agent and head have found each other
+            try:
+                if up.request() == 8:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "no answer after the head and agent restarts"
+            time.sleep(0.2)
+        replica_pids = up.replica_pids()
+        assert replica_pids and alive(new_agent)
+        rest = up.interrupt()
+    finally:
+        up.kill()
+    assert up.proc.returncode == 0, rest
+    assert [line.split()[1] for line in rest.splitlines() if line.startswith("stopped ")][:3] == [
+        "proxy",
+        "agent",
+        "head",
+    ]
+    assert not any(alive(pid) for pid in [*first.values(), new_head, new_agent, *replica_pids])
+    assert _shm() - shm_before == set()

@@ -1,7 +1,10 @@
 """`tokenbus up`: a local cluster (head, one agent, proxy) serving `demo`, until Ctrl-C.
 
-Every process it starts is stopped again by PID, newest first, on Ctrl-C, SIGTERM, a child dying or any
-startup error. Child logs go to <state-dir>/logs/.
+Once the cluster is ready, a child that dies (head, agent or proxy) is restarted with a capped backoff, each
+restart reported in one line, so what a user sees after killing one is the cluster's own recovery (the proxy
+serving on while the head is down, an agent re-adopting its replicas). Every process it starts, and every
+replica its agent started, is stopped again by PID, newest first, on Ctrl-C, SIGTERM or any startup error.
+Child logs go to <state-dir>/logs/.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from rich.console import Console
 
 from bus.endpoints import DEFAULT_PUB, DEFAULT_ROUTER
 from tools.admin_cmds import admin_request
-from tools.procs import Child, Children
+from tools.procs import Child, Children, Supervisor
 from tools.tiny_model import make_with_progress
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +84,8 @@ def curl_commands(port: int) -> list[str]:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        # as a listener binds: a previous run's connections in TIME_WAIT do not make the port busy
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -207,9 +212,10 @@ async def _bring_up(opts: argparse.Namespace, children: Children, console: Conso
     for cmd in curl_commands(opts.port):
         console.print(cmd, markup=False, highlight=False, soft_wrap=True)
     console.print("\nCtrl-C stops everything.")
-    while (dead := children.first_exited()) is None:
+    supervisor = Supervisor(children, lambda line: console.print(line, highlight=False, soft_wrap=True))
+    while True:  # until cancelled by a signal
+        supervisor.check()
         await asyncio.sleep(POLL_INTERVAL_S)
-    raise _child_died(dead)
 
 
 async def _run(opts: argparse.Namespace, children: Children, console: Console) -> int:
