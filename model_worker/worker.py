@@ -2,7 +2,9 @@
 
 One event loop, no thread: the receive task turns SUBMIT/CANCEL records into engine calls, and the engine
 reports through this worker (it is the engine's OutputSink), which packs TOKENS/FINISH records straight onto
-the response ring. Load goes out as STATS when it changes, coalesced to at most one record per 100 ms.
+the response ring. Load goes out as STATS when it changes, coalesced to at most one record per 100 ms, and at least
+once every STATS_MAX_GAP_S even when nothing changes: the replica reports the age of the last one, so a worker that
+is alive but stuck (or SIGSTOPped) shows a growing age that its agent's health check catches.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from model_worker.sim_engine import SimEngine
 log = logging.getLogger("model_worker")
 
 STATS_INTERVAL_S = 0.1
+STATS_MAX_GAP_S = 1.0  # schemas/README.md section 3: the longest time between two STATS records
 DRAIN_TIMEOUT_S = 2.0
 ENGINES = ("sim", "vllm")
 
@@ -35,6 +38,7 @@ class Worker:
         self._loop = loop
         self.engine: Engine | None = None  # set once built: the engine needs this sink to be built
         self._stats_timer: asyncio.TimerHandle | None = None
+        self._keepalive_timer: asyncio.TimerHandle | None = None
         self._stats_sent: EngineStats | None = None
         self._stats_sent_at = float("-inf")
         self.replica_gone = asyncio.Event()  # set when the response ring's consumer is found gone
@@ -53,6 +57,14 @@ class Worker:
         """READY, then a first STATS, so the replica knows the load from the start."""
         self._send([records.READY, dict(info)])
         self.load_changed()
+        self._keepalive()
+
+    def close(self) -> None:
+        """Cancels the STATS timers (the worker is stopping)."""
+        for timer in (self._stats_timer, self._keepalive_timer):
+            if timer is not None:
+                timer.cancel()
+        self._stats_timer = self._keepalive_timer = None
 
     # --- OutputSink -------------------------------------------------------------------------------------
     def engine_failed(self, message: str) -> None:
@@ -78,13 +90,20 @@ class Worker:
             when = max(self._loop.time(), self._stats_sent_at + STATS_INTERVAL_S)
             self._stats_timer = self._loop.call_at(when, self._send_stats)
 
-    def _send_stats(self) -> None:
+    def _send_stats(self, *, unchanged_too: bool = False) -> None:
         self._stats_timer = None
         assert self.engine is not None
         stats = self.engine.stats()
-        if stats != self._stats_sent:
+        if unchanged_too or stats != self._stats_sent:
             self._send([records.STATS, stats.running, stats.waiting, float(stats.kv_usage)])
             self._stats_sent, self._stats_sent_at = stats, self._loop.time()
+
+    def _keepalive(self) -> None:
+        """Sends STATS when none went out for STATS_MAX_GAP_S, and runs again when the next one is due."""
+        now = self._loop.time()
+        if now >= self._stats_sent_at + STATS_MAX_GAP_S:
+            self._send_stats(unchanged_too=True)
+        self._keepalive_timer = self._loop.call_at(self._stats_sent_at + STATS_MAX_GAP_S, self._keepalive)
 
     # --- request ring -----------------------------------------------------------------------------------
     async def receive(self, receiver: RingReceiver) -> None:
@@ -221,6 +240,7 @@ async def _run(opts: argparse.Namespace, receiver: RingReceiver, sender: RingSen
         log.info("worker %s stopped (%s)", rid, "replica gone" if peer_gone else "signal")
         return 0
     finally:
+        worker.close()
         stop_wait.cancel()
         dead_wait.cancel()
         gone_wait.cancel()

@@ -143,6 +143,25 @@ async def test_many_streams_each_complete_and_ordered(worker: Running) -> None:
         assert kinds == [TOKENS] * 8 + [FINISH], i
 
 
+async def test_an_idle_worker_still_sends_stats_every_second(worker: Running) -> None:
+    replica = worker.replica
+    await replica.until(lambda recs: any(r[0] == STATS for r in recs))
+    first = len(replica.records)
+    loop = asyncio.get_running_loop()
+    arrivals: list[float] = []
+
+    def three_more(recs: list[list[Any]]) -> bool:
+        # called after each batch read: stamps the records that batch brought
+        arrivals.extend(loop.time() for _ in recs[first + len(arrivals) :])
+        return len(arrivals) >= 3
+
+    await replica.until(three_more)
+    # nothing changed, yet the load is re-sent, about STATS_MAX_GAP_S apart (a busy machine may be late)
+    assert all(r[:3] == [STATS, 0, 0] for r in replica.records[first:])
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    assert all(0.5 < g < 3.0 for g in gaps), gaps
+
+
 @pytest.mark.parametrize("worker", [{"token_delay_ms": 5}], indirect=True)
 async def test_cancel_answers_finish_abort_and_stats_follow_load(worker: Running) -> None:
     replica = worker.replica
