@@ -12,6 +12,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from bus.bounded_recv import limit_frames, recv_bounded
 from schemas.messages import AdminReply, AdminRequest, MessageError, decode
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class AdminClient:
         if self._sock is None:
             self._sock = self._ctx.socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.setsockopt(zmq.MAXMSGSIZE, 8 * 1024 * 1024)
+            limit_frames(self._sock)
             self._sock.connect(self._endpoint)
         return self._sock
 
@@ -53,7 +54,9 @@ class AdminClient:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not await sock.poll(remaining * 1000, zmq.POLLIN):
                     raise AdminTimeout(f"no answer from the head at {self._endpoint} in {timeout} s")
-                frames = await sock.recv_multipart()
+                frames = await recv_bounded(sock, "admin-dealer")
+                if frames is None:
+                    continue  # over the bus limits: counted and logged
                 try:
                     reply = decode(frames)
                 except MessageError as e:
