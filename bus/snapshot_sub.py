@@ -2,8 +2,10 @@
 for the full snapshot at start and whenever a gap shows that one was missed.
 
 Versions are `epoch << 32 | seq`. A snapshot is applied only when its version is above the one held, so a
-stale or reordered message never rolls the view back. A gap is a version other than held + 1 within the same
-epoch; a new epoch (head restart) starts a new sequence and is not a gap.
+stale or reordered message never rolls the view back. A gap is a version other than held + 1 from the same head
+incarnation (`head_id`) and epoch; a new head starts a new sequence and is not a gap. A head on a new or lost
+database starts its versions low again: its snapshots are applied once the head that published the held one has
+been silent for its liveness period, so the subscriber follows it instead of ignoring it forever.
 """
 
 from __future__ import annotations
@@ -16,15 +18,14 @@ from collections.abc import Callable
 import zmq
 import zmq.asyncio
 
+from bus.endpoints import DEFAULT_HEARTBEAT_S, DEFAULT_LIVENESS
 from schemas.messages import Kind, MessageError, Snapshot, SnapshotRequest, decode
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_INTERVAL_S = 1.0
-
-
-def epoch_of(version: int) -> int:
-    return version >> 32
+# A head re-publishes at least every second; one silent this long is gone (the agents' rule for the head).
+DEFAULT_HEAD_SILENCE_S = DEFAULT_LIVENESS * DEFAULT_HEARTBEAT_S
 
 
 class SnapshotSubscriber:
@@ -34,11 +35,13 @@ class SnapshotSubscriber:
         pub: str,
         *,
         request_interval_s: float = DEFAULT_REQUEST_INTERVAL_S,
+        head_silence_s: float = DEFAULT_HEAD_SILENCE_S,
         ctx: zmq.asyncio.Context | None = None,
     ) -> None:
         self._router = router
         self._pub = pub
         self._request_interval = request_interval_s
+        self._head_silence_s = head_silence_s
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._sub: zmq.asyncio.Socket | None = None
         self._dealer: zmq.asyncio.Socket | None = None
@@ -46,6 +49,7 @@ class SnapshotSubscriber:
         self._snapshot: Snapshot | None = None
         self._last_heard: float | None = None  # monotonic time of the last message confirming the held version
         self._request_pending = False  # a SnapshotRequest is unanswered: re-sent every request interval
+        self._next_request = 0.0  # monotonic time to re-send it (set by each send, a gap's too)
         self._changed = asyncio.Condition()
         self._error: BaseException | None = None
         # counters (for status displays and tests)
@@ -53,6 +57,7 @@ class SnapshotSubscriber:
         self.applied = 0  # snapshots applied (newer than the one held)
         self.confirmations = 0  # snapshots of the held version again (re-publishes, answers)
         self.stale = 0  # snapshots older than the one held, ignored
+        self.head_changes = 0  # snapshots of a new head incarnation applied
 
     # --- the view ----------------------------------------------------------------------------------------
 
@@ -129,17 +134,15 @@ class SnapshotSubscriber:
             poller.register(self._sub, zmq.POLLIN)
             poller.register(self._dealer, zmq.POLLIN)
             await self._request()  # the full snapshot first: PUB only carries what happens from now on
-            next_request = time.monotonic() + self._request_interval
             while True:
-                timeout_ms = max(0.0, next_request - time.monotonic()) * 1000 if self._request_pending else None
+                timeout_ms = max(0.0, self._next_request - time.monotonic()) * 1000 if self._request_pending else None
                 events = dict(await poller.poll(timeout_ms))
                 if self._sub in events:
                     await self._on_frames(await self._sub.recv_multipart(), source="pub", answers_request=False)
                 if self._dealer in events:
                     await self._on_frames(await self._dealer.recv_multipart(), source="router", answers_request=True)
-                if self._request_pending and time.monotonic() >= next_request:
+                if self._request_pending and time.monotonic() >= self._next_request:
                     await self._request()
-                    next_request = time.monotonic() + self._request_interval
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # surfaced to waiters instead of dying silently
@@ -152,6 +155,7 @@ class SnapshotSubscriber:
     async def _request(self) -> None:
         assert self._dealer is not None
         self._request_pending = True
+        self._next_request = time.monotonic() + self._request_interval
         self.requests_sent += 1
         # NOBLOCK: with the head away the request is dropped, not queued; it is re-sent every interval
         try:
@@ -170,17 +174,40 @@ class SnapshotSubscriber:
             return
         if answers_request:
             self._request_pending = False
-        held = self.version
-        if held and not self._request_pending and epoch_of(msg.version) == epoch_of(held) and msg.version > held + 1:
-            log.info("snapshot gap: holding %#x, got %#x; asking for the full snapshot", held, msg.version)
+        held = self._snapshot
+        if held is not None and msg.head_id != held.head_id and msg.version <= held.version:
+            # a head whose versions start below ours (new database): followed once the old one is gone
+            if self.staleness_s() < self._head_silence_s:
+                self.stale += 1
+                return
+            log.warning(
+                "head %s silent for %.1f s: following head %s from version %#x (held %#x)",
+                held.head_id,
+                self.staleness_s(),
+                msg.head_id,
+                msg.version,
+                held.version,
+            )
+            await self._apply(msg)
+            return
+        held_version = self.version
+        same_head = held is not None and msg.head_id == held.head_id  # one head, one epoch: one sequence
+        if same_head and not self._request_pending and msg.version > held_version + 1:
+            log.info("snapshot gap: holding %#x, got %#x; asking for the full snapshot", held_version, msg.version)
             await self._request()
-        if msg.version < held:
+        if msg.version < held_version:
             self.stale += 1  # stale or reordered: never roll back
             return
         self._last_heard = time.monotonic()  # held or newer: the view is confirmed current
-        if msg.version == held:
+        if msg.version == held_version:
             self.confirmations += 1
             return
+        await self._apply(msg)
+
+    async def _apply(self, msg: Snapshot) -> None:
+        if self._snapshot is not None and msg.head_id != self._snapshot.head_id:
+            self.head_changes += 1
+        self._last_heard = time.monotonic()
         self.applied += 1
         self._snapshot = msg
         async with self._changed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from schemas.messages import (
     ReplicaEvent,
     Reregister,
     Snapshot,
-    SnapshotReplica,
+    SnapshotDeployment,
     SnapshotRequest,
     decode,
 )
@@ -68,12 +69,14 @@ class Head:
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._store = Store(db_path)
         self.epoch = self._store.next_epoch()
+        # this incarnation: lets proxies follow a head on a new or lost database, whose versions start low again
+        self.head_id = secrets.token_hex(8)
         self._seq = 0
         self._state = ClusterState(self._store.load_deployments(), heartbeat_s, liveness)
         self._republish_s = republish_interval_s
         self._router: zmq.asyncio.Socket | None = None
         self._publisher: SnapshotPublisher | None = None
-        self._table: dict[str, tuple[SnapshotReplica, ...]] | None = None  # the routing table last published
+        self._table: dict[str, SnapshotDeployment] | None = None  # the routing table last published
         self.router_endpoint = ""
         self.pub_endpoint = ""
 
@@ -93,7 +96,8 @@ class Head:
         self._publisher = SnapshotPublisher(self._pub_addr, republish_interval_s=self._republish_s, ctx=self._ctx)
         self.pub_endpoint = self._publisher.endpoint
         log.info(
-            "head started: epoch %d, %d deployments from %s; router bound on %s, snapshots published on %s",
+            "head %s started: epoch %d, %d deployments from %s; router bound on %s, snapshots published on %s",
+            self.head_id,
             self.epoch,
             len(self._state.deployments),
             self._store.path,
@@ -221,7 +225,7 @@ class Head:
 
     def _current_snapshot(self) -> Snapshot:
         assert self._table is not None
-        return Snapshot(self.epoch, self.version, self._table)
+        return Snapshot(self.head_id, self.epoch, self.version, self._table)
 
     async def _publish_if_changed(self) -> bool:
         """Publishes a new version if the routing table changed since the last; returns whether it did."""

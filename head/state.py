@@ -13,7 +13,14 @@ from typing import Any
 
 from bus.liveness import Liveness
 from head.store import Deployment
-from schemas.messages import Register, ReplicaLoad, ReplicaState, ReplicaStatus, SnapshotReplica
+from schemas.messages import (
+    Register,
+    ReplicaLoad,
+    ReplicaState,
+    ReplicaStatus,
+    SnapshotDeployment,
+    SnapshotReplica,
+)
 
 log = logging.getLogger("head")
 
@@ -50,6 +57,9 @@ class Replica:
     grpc_address: str = ""
     load: ReplicaLoad = field(default_factory=ReplicaLoad)
     confirmed: bool = False  # an agent report has mentioned it
+    healthy: bool = True  # the agent's active health verdict
+    max_model_len: int = 0  # as the replica reported it (0 = not yet)
+    started_at: float = 0.0  # unix seconds when its agent spawned it (0 = not reported)
     stopping: bool = False  # the head asked for it to stop
     stop_sent_at: float = 0.0
 
@@ -184,6 +194,9 @@ class ClusterState:
         r.confirmed = True
         r.grpc_address = status.grpc_address or r.grpc_address
         r.load = status.load
+        r.healthy = status.healthy
+        r.max_model_len = status.max_model_len or r.max_model_len
+        r.started_at = status.started_at or r.started_at
         if r.state is ReplicaState.DRAINING:
             r.stopping = True  # draining is on its way out whoever asked for it
 
@@ -233,14 +246,16 @@ class ClusterState:
         """A READY replica the head is stopping is shown (and routed) as DRAINING from the moment it decides."""
         return ReplicaState.DRAINING if r.stopping and r.state is ReplicaState.READY else r.state
 
-    def routing_table(self) -> dict[str, tuple[SnapshotReplica, ...]]:
-        """Every deployment (even with no replica) with its routable replicas: READY, or DRAINING (kept so the
-        proxy sees them leave and sends them nothing new)."""
-        table: dict[str, tuple[SnapshotReplica, ...]] = {}
+    def routing_table(self) -> dict[str, SnapshotDeployment]:
+        """Every deployment (even with no replica) with its settings and its routable replicas: READY, or DRAINING
+        (kept so the proxy sees them leave and sends them nothing new); one the agent finds unhealthy is listed
+        with `healthy` false, which the proxy does not route to."""
+        table: dict[str, SnapshotDeployment] = {}
         for name, d in sorted(self.deployments.items()):
+            mine = sorted((r for r in self.replicas.values() if r.deployment == name), key=lambda r: r.replica_id)
             reps = []
-            for r in sorted(self.replicas.values(), key=lambda r: r.replica_id):
-                if r.deployment != name or r.state not in (ReplicaState.READY, ReplicaState.DRAINING):
+            for r in mine:
+                if r.state not in (ReplicaState.READY, ReplicaState.DRAINING):
                     continue
                 state = self.shown_state(r)
                 reps.append(
@@ -251,10 +266,15 @@ class ClusterState:
                         state=state,
                         max_concurrency=d.max_concurrency,
                         load=r.load,
-                        healthy=state is ReplicaState.READY,
+                        healthy=state is ReplicaState.READY and r.healthy,
                     )
                 )
-            table[name] = tuple(reps)
+            table[name] = SnapshotDeployment(
+                max_model_len=min((r.max_model_len for r in mine if r.max_model_len), default=0),
+                first_token_timeout_s=d.first_token_timeout_s,
+                idle_timeout_s=d.idle_timeout_s,
+                replicas=tuple(reps),
+            )
         return table
 
     def status(self, now: float) -> dict[str, Any]:

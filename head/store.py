@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from schemas.messages import DEFAULT_FIRST_TOKEN_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S
+
 
 @dataclass
 class Deployment:
@@ -21,6 +23,8 @@ class Deployment:
     engine_args: dict[str, Any]
     replicas: int
     max_concurrency: int
+    first_token_timeout_s: float = DEFAULT_FIRST_TOKEN_TIMEOUT_S  # the proxy's deadlines for its streams (0 = none)
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
 
 
 _SCHEMA = """
@@ -30,9 +34,18 @@ CREATE TABLE IF NOT EXISTS deployments (
     engine TEXT NOT NULL,
     engine_args TEXT NOT NULL,
     replicas INTEGER NOT NULL,
-    max_concurrency INTEGER NOT NULL
+    max_concurrency INTEGER NOT NULL,
+    first_token_timeout_s REAL NOT NULL,
+    idle_timeout_s REAL NOT NULL
 );
 """
+# Columns added after the first release: a database written before them gains them, with their defaults.
+_ADDED_COLUMNS = {
+    "deployments": (
+        ("first_token_timeout_s", f"REAL NOT NULL DEFAULT {DEFAULT_FIRST_TOKEN_TIMEOUT_S}"),
+        ("idle_timeout_s", f"REAL NOT NULL DEFAULT {DEFAULT_IDLE_TIMEOUT_S}"),
+    ),
+}
 
 
 class Store:
@@ -41,6 +54,14 @@ class Store:
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None)  # autocommit; transactions are explicit
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, decl in columns:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     def next_epoch(self) -> int:
         """Increments and returns the persisted epoch: called once per head start."""
@@ -52,15 +73,28 @@ class Store:
 
     def load_deployments(self) -> list[Deployment]:
         rows = self._db.execute(
-            "SELECT name, engine, engine_args, replicas, max_concurrency FROM deployments ORDER BY name"
+            "SELECT name, engine, engine_args, replicas, max_concurrency, first_token_timeout_s, idle_timeout_s "
+            "FROM deployments ORDER BY name"
         ).fetchall()
-        return [Deployment(name, engine, json.loads(args), replicas, mc) for name, engine, args, replicas, mc in rows]
+        return [
+            Deployment(name, engine, json.loads(args), replicas, mc, first_token, idle)
+            for name, engine, args, replicas, mc, first_token, idle in rows
+        ]
 
     def put_deployment(self, d: Deployment) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO deployments (name, engine, engine_args, replicas, max_concurrency) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (d.name, d.engine, json.dumps(d.engine_args, sort_keys=True), d.replicas, d.max_concurrency),
+            "INSERT OR REPLACE INTO deployments "
+            "(name, engine, engine_args, replicas, max_concurrency, first_token_timeout_s, idle_timeout_s) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                d.name,
+                d.engine,
+                json.dumps(d.engine_args, sort_keys=True),
+                d.replicas,
+                d.max_concurrency,
+                d.first_token_timeout_s,
+                d.idle_timeout_s,
+            ),
         )
 
     def delete_deployment(self, name: str) -> None:

@@ -15,6 +15,10 @@ import msgpack
 
 WIRE_VERSION = 1
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024  # any bus payload larger than this is refused unread
+# A deployment's stream deadlines at the proxy, unless `tokenbus deploy` sets them (0 = no limit). Generous enough
+# for a long prefill on a slow machine; they exist to end streams on a replica that hangs, not to shape latency.
+DEFAULT_FIRST_TOKEN_TIMEOUT_S = 120.0  # from the call's start to its first token
+DEFAULT_IDLE_TIMEOUT_S = 60.0  # between two tokens
 
 
 class MessageError(ValueError):
@@ -58,6 +62,15 @@ def _opt(d: dict[str, Any], key: str, typ: type | tuple[type, ...], default: Any
     return _req(d, key, typ) if key in d and d[key] is not None else default
 
 
+N = TypeVar("N", int, float)
+
+
+def _non_negative(d: dict[str, Any], key: str, value: N) -> N:
+    if value < 0:
+        raise MessageError(f"field {key!r} must be >= 0, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class ReplicaLoad:
     running: int = 0
@@ -85,6 +98,9 @@ class ReplicaStatus:
     load: ReplicaLoad = field(default_factory=ReplicaLoad)
     exit_code: int | None = None
     detail: str = ""
+    healthy: bool = True  # the agent's active health verdict: false after 3 failed checks in a row
+    max_model_len: int = 0  # context length in tokens from the replica's gRPC Health (0 = not known yet)
+    started_at: float = 0.0  # unix seconds when the agent spawned it: a restarted head keeps the oldest
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -95,6 +111,9 @@ class ReplicaStatus:
             "load": self.load.to_wire(),
             "exit_code": self.exit_code,
             "detail": self.detail,
+            "healthy": self.healthy,
+            "max_model_len": self.max_model_len,
+            "started_at": float(self.started_at),
         }
 
     @classmethod
@@ -113,6 +132,10 @@ class ReplicaStatus:
             load=ReplicaLoad.from_wire(_req(d, "load", dict)),
             exit_code=_opt(d, "exit_code", int, None),
             detail=_opt(d, "detail", str, ""),
+            # optional: an agent older than these fields still decodes
+            healthy=_opt(d, "healthy", bool, True),
+            max_model_len=_non_negative(d, "max_model_len", _opt(d, "max_model_len", int, 0)),
+            started_at=float(_opt(d, "started_at", (int, float), 0.0)),
         )
 
 
@@ -319,30 +342,70 @@ class ReplicaEvent(Message):
 
 
 @dataclass(frozen=True)
-class Snapshot(Message):
-    """A full routing snapshot. `version` grows strictly, across head restarts too."""
+class SnapshotDeployment:
+    """One deployment in a routing snapshot: its proxy-side settings and its routable replicas (wire order)."""
 
-    KIND: ClassVar[Kind] = Kind.SNAPSHOT
-    epoch: int
-    version: int
-    deployments: dict[str, tuple[SnapshotReplica, ...]]
+    max_model_len: int  # context length in tokens, the smallest any replica reported (0 = unknown)
+    first_token_timeout_s: float  # the proxy ends a call with no token by then (0 = no limit)
+    idle_timeout_s: float  # ... or with no token for this long after one (0 = no limit)
+    replicas: tuple[SnapshotReplica, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         return {
+            "max_model_len": self.max_model_len,
+            "first_token_timeout_s": float(self.first_token_timeout_s),
+            "idle_timeout_s": float(self.idle_timeout_s),
+            "replicas": [r.to_wire() for r in self.replicas],
+        }
+
+    @classmethod
+    def from_wire(cls, d: Any) -> SnapshotDeployment:
+        if not isinstance(d, dict):
+            raise MessageError("snapshot deployment must be a map")
+        return cls(
+            max_model_len=_non_negative(d, "max_model_len", _req(d, "max_model_len", int)),
+            first_token_timeout_s=_non_negative(
+                d, "first_token_timeout_s", float(_req(d, "first_token_timeout_s", (int, float)))
+            ),
+            idle_timeout_s=_non_negative(d, "idle_timeout_s", float(_req(d, "idle_timeout_s", (int, float)))),
+            replicas=tuple(SnapshotReplica.from_wire(r) for r in _req(d, "replicas", list)),
+        )
+
+
+@dataclass(frozen=True)
+class Snapshot(Message):
+    """A full routing snapshot. `version` grows strictly within one head's life and across restarts on the same
+    database; `head_id` names the head's incarnation, so a subscriber can tell a head on a new database (whose
+    versions start low again) from a stale message."""
+
+    KIND: ClassVar[Kind] = Kind.SNAPSHOT
+    head_id: str
+    epoch: int
+    version: int
+    deployments: dict[str, SnapshotDeployment]
+
+    def replicas(self, deployment: str) -> tuple[SnapshotReplica, ...]:
+        """The deployment's replicas; none when the snapshot does not name it."""
+        d = self.deployments.get(deployment)
+        return d.replicas if d is not None else ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "head_id": self.head_id,
             "epoch": self.epoch,
             "version": self.version,
-            "deployments": {name: [r.to_wire() for r in reps] for name, reps in self.deployments.items()},
+            "deployments": {name: d.to_wire() for name, d in self.deployments.items()},
         }
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Snapshot:
         deps = _req(d, "deployments", dict)
-        out: dict[str, tuple[SnapshotReplica, ...]] = {}
-        for name, reps in deps.items():
-            if not isinstance(name, str) or not isinstance(reps, list):
-                raise MessageError("deployments must map names to lists of replicas")
-            out[name] = tuple(SnapshotReplica.from_wire(r) for r in reps)
-        return cls(_req(d, "epoch", int), _req(d, "version", int), out)
+        out: dict[str, SnapshotDeployment] = {}
+        for name, dep in deps.items():
+            if not isinstance(name, str):
+                raise MessageError("deployment names must be strings")
+            out[name] = SnapshotDeployment.from_wire(dep)
+        return cls(_req(d, "head_id", str), _req(d, "epoch", int), _req(d, "version", int), out)
 
 
 @dataclass(frozen=True)

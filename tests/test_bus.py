@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -26,6 +27,7 @@ from schemas.messages import (
     ReplicaLoad,
     ReplicaState,
     Snapshot,
+    SnapshotDeployment,
     SnapshotReplica,
     SnapshotRequest,
     decode,
@@ -39,10 +41,12 @@ def v(seq: int, epoch: int = EPOCH) -> int:
     return epoch << 32 | seq
 
 
-def snap(version: int) -> Snapshot:
-    """A snapshot whose content names its version, so a test can tell which one is held."""
+def snap(version: int, head_id: str | None = None) -> Snapshot:
+    """A snapshot whose content names its version, so a test can tell which one is held. Each epoch is its own
+    head incarnation unless `head_id` says otherwise."""
     rep = SnapshotReplica(f"r-{version:x}", "n1", "127.0.0.1:1", ReplicaState.READY, 4, ReplicaLoad(), True)
-    return Snapshot(version >> 32, version, {"demo": (rep,)})
+    deployment = SnapshotDeployment(max_model_len=64, first_token_timeout_s=1.0, idle_timeout_s=1.0, replicas=(rep,))
+    return Snapshot(head_id or f"head{version >> 32}", version >> 32, version, {"demo": deployment})
 
 
 class FakeHeadSockets:
@@ -113,7 +117,7 @@ async def test_stale_and_reordered_versions_are_ignored(fake_head: FakeHeadSocke
         await fake_head.publish(snap(v(7)))
         held = await sub.wait_for_version(v(6), timeout=10)
         assert held.version == v(7)
-        assert held.deployments["demo"][0].replica_id == f"r-{v(7):x}"
+        assert held.replicas("demo")[0].replica_id == f"r-{v(7):x}"
         assert sub.stale == 3  # v4, v5 and the older epoch; v6 again is a confirmation, not stale
         assert sub.applied == 2  # v6 (answer), v7
         assert sub.requests_sent == 1  # v7 follows v6: no gap
@@ -156,6 +160,41 @@ async def test_gap_in_an_epoch_triggers_a_request_but_a_new_epoch_does_not(fake_
         await fake_head.publish(snap(v(2, epoch=EPOCH + 1)))
         await sub.wait_for_version(v(1, epoch=EPOCH + 1), timeout=10)
         assert sub.requests_sent == 2
+
+
+async def test_a_head_on_a_new_database_is_followed_once_the_old_head_is_silent(fake_head: FakeHeadSockets) -> None:
+    """Its versions start below the held one: ignored while the old head still speaks, then followed."""
+    silence_s = 0.3
+    async with started(
+        SnapshotSubscriber(fake_head.router_endpoint, fake_head.pub_endpoint, head_silence_s=silence_s)
+    ) as sub:
+        await synced(fake_head, sub, v(6))
+        fresh = snap(v(1, epoch=1), head_id="fresh")
+        window_ends = time.monotonic() + 3 * silence_s
+        last_old = time.monotonic()
+        while last_old < window_ends:  # both heads speak for a while: the old one keeps the view
+            last_old = time.monotonic()
+            await fake_head.publish(snap(v(6)))
+            await fake_head.publish(fresh)
+            await asyncio.sleep(silence_s / 10)  # the old head's re-publish period
+        assert sub.version == v(6) and sub.stale > 0 and sub.head_changes == 0
+        # the old head is silent from its last publish on
+
+        async def followed() -> bool:
+            await fake_head.publish(fresh)
+            return sub.version == fresh.version
+
+        await wait_until(followed, what="the new head followed")
+        assert time.monotonic() - last_old >= silence_s
+        assert sub.snapshot == fresh and sub.head_changes == 1
+
+        # from now on the new head's own sequence counts: its next version applies, a gap asks again
+        await fake_head.publish(snap(v(2, epoch=1), head_id="fresh"))
+        await sub.wait_for_version(v(1, epoch=1), timeout=10)
+        requests = sub.requests_sent
+        await fake_head.publish(snap(v(5, epoch=1), head_id="fresh"))
+        _, req = await fake_head.next_request()
+        assert req.have_version == v(2, epoch=1) and sub.requests_sent == requests + 1
 
 
 async def test_start_request_is_repeated_until_answered(fake_head: FakeHeadSockets) -> None:

@@ -26,6 +26,8 @@ from controlplane_helpers import (
 from bus.admin import AdminError
 from head.server import PUBLISH_MIN_INTERVAL_S, Head
 from schemas.messages import (
+    DEFAULT_FIRST_TOKEN_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
     AdminReply,
     AdminRequest,
     Heartbeat,
@@ -57,7 +59,7 @@ async def agent(head: Head, node_id: str, cpu_slots: int = 4) -> AsyncIterator[F
 
 
 def replicas_of(s: Snapshot, deployment: str) -> dict[str, tuple[ReplicaState, str]]:
-    return {r.replica_id: (r.state, r.grpc_address) for r in s.deployments.get(deployment, ())}
+    return {r.replica_id: (r.state, r.grpc_address) for r in s.replicas(deployment)}
 
 
 async def test_deploy_places_a_replica_and_ready_makes_it_routable(tmp_path: Path) -> None:
@@ -66,7 +68,14 @@ async def test_deploy_places_a_replica_and_ready_makes_it_routable(tmp_path: Pat
         assert ack.node_id == "n1" and ack.heartbeat_interval_s == TEST_HEARTBEAT_S
         await admin(head.router_endpoint, "deploy", SIM)
         empty = await sub.wait_for(lambda s: "demo" in s.deployments, timeout=10)
-        assert empty.deployments["demo"] == ()  # a deployment appears even with no replica
+        assert empty.replicas("demo") == ()  # a deployment appears even with no replica
+        settings = empty.deployments["demo"]
+        assert (settings.max_model_len, settings.first_token_timeout_s, settings.idle_timeout_s) == (
+            0,
+            DEFAULT_FIRST_TOKEN_TIMEOUT_S,
+            DEFAULT_IDLE_TIMEOUT_S,
+        )
+        assert len(empty.head_id) == 16 and empty.head_id == head.head_id
 
         start = await n1.expect(StartReplica)
         assert (start.deployment, start.engine, start.engine_args, start.max_concurrency) == (
@@ -80,7 +89,7 @@ async def test_deploy_places_a_replica_and_ready_makes_it_routable(tmp_path: Pat
         await n1.report(replica_status(rid, "demo", ReplicaState.STARTING))
         await n1.report(replica_status(rid, "demo", ReplicaState.READY, "127.0.0.1:4001"))
         ready = await sub.wait_for(lambda s: rid in replicas_of(s, "demo"), timeout=10)
-        (rep,) = ready.deployments["demo"]
+        (rep,) = ready.replicas("demo")
         assert (rep.node, rep.grpc_address, rep.state, rep.max_concurrency, rep.healthy) == (
             "n1",
             "127.0.0.1:4001",
@@ -93,7 +102,7 @@ async def test_deploy_places_a_replica_and_ready_makes_it_routable(tmp_path: Pat
         # load from a heartbeat reaches the snapshot as a new version
         load = ReplicaLoad(running=3, waiting=1, kv_usage=0.25)
         n1.replicas[rid] = replica_status(rid, "demo", ReplicaState.READY, "127.0.0.1:4001", load)
-        loaded = await sub.wait_for(lambda s: s.deployments["demo"] and s.deployments["demo"][0].load == load, 10)
+        loaded = await sub.wait_for(lambda s: s.replicas("demo") and s.replicas("demo")[0].load == load, 10)
         assert loaded.version > ready.version
 
         status = await admin(head.router_endpoint, "status")
@@ -119,7 +128,7 @@ async def test_a_stream_of_load_reports_coalesces_into_few_snapshot_versions(tmp
             load = ReplicaLoad(running=running, waiting=0, kv_usage=0.0)
             await n1.report(replica_status(rid, "demo", ReplicaState.READY, "127.0.0.1:4001", load))
             await asyncio.sleep(0.005)  # the pacing of the reports, not a synchronisation
-        last = await sub.wait_for(lambda s: s.deployments["demo"][0].load.running == reports, timeout=10)
+        last = await sub.wait_for(lambda s: s.replicas("demo")[0].load.running == reports, timeout=10)
         elapsed = time.monotonic() - t0
         # Each report changed the table; versions went out at most once per interval (plus the first at once).
         versions = (last.version - ready.version) & 0xFFFFFFFF
@@ -164,7 +173,7 @@ async def test_scale_down_stops_starting_replicas_first_then_the_newest(tmp_path
         ids = [(await n1.expect(StartReplica)).replica_id for _ in range(3)]
         for i, rid in enumerate(ids[:2]):
             await n1.report(replica_status(rid, "demo", ReplicaState.READY, f"127.0.0.1:400{i}"))
-        await sub.wait_for(lambda s: len(s.deployments["demo"]) == 2, timeout=10)
+        await sub.wait_for(lambda s: len(s.replicas("demo")) == 2, timeout=10)
 
         await admin(head.router_endpoint, "scale", {"name": "demo", "replicas": 2})
         stop = await n1.expect(StopReplica)
@@ -230,7 +239,7 @@ async def test_restart_keeps_deployments_adopts_replicas_and_versions_grow(
             assert head2.epoch == epoch1 + 1
             after = await sub.wait_for(lambda s: s.epoch == head2.epoch, timeout=10)
             assert after.version > before.version
-            assert after.deployments == {"demo": ()}  # the deployment persisted; no replica known yet
+            assert list(after.deployments) == ["demo"] and after.replicas("demo") == ()  # persisted; no replica yet
 
             # the agent's heartbeat reaches a head that does not know it: logged, and answered with REREGISTER
             with caplog.at_level(logging.INFO, logger="head"):
@@ -323,7 +332,8 @@ async def test_snapshot_request_is_answered_with_the_current_snapshot(tmp_path: 
             assert await peer.poll(10_000, zmq.POLLIN)
             snap = decode(await peer.recv_multipart())
             assert isinstance(snap, Snapshot)
-            assert snap.version == head.version and snap.deployments == {"demo": ()}
+            assert snap.version == head.version and snap.head_id == head.head_id
+            assert list(snap.deployments) == ["demo"] and snap.replicas("demo") == ()
         finally:
             peer.close(linger=0)
 

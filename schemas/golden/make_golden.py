@@ -13,6 +13,7 @@ from schemas.messages import (
     ReplicaStatus,
     Reregister,
     Snapshot,
+    SnapshotDeployment,
     SnapshotReplica,
     StartReplica,
     StopReplica,
@@ -21,27 +22,45 @@ from schemas.messages import (
 HERE = Path(__file__).parent
 
 GOLDEN: dict[str, Message] = {
+    # every field away from its default, so a decoder that skips or defaults one is caught
     "snapshot": Snapshot(
+        head_id="5f3a9c0e1b2d4e6f",
         epoch=3,
         version=(3 << 32) | 17,
         deployments={
-            "demo": (
-                SnapshotReplica(
-                    "demo-r1", "node-a", "127.0.0.1:40001", ReplicaState.READY, 256, ReplicaLoad(5, 2, 0.25), True
-                ),
-                SnapshotReplica(
-                    "demo-r2", "node-b", "127.0.0.1:40002", ReplicaState.DRAINING, 64, ReplicaLoad(0, 0, 0.0), False
+            "demo": SnapshotDeployment(
+                max_model_len=2048,
+                first_token_timeout_s=7.5,
+                idle_timeout_s=2.25,
+                replicas=(
+                    SnapshotReplica(
+                        "demo-r1", "node-a", "127.0.0.1:40001", ReplicaState.READY, 256, ReplicaLoad(5, 2, 0.25), True
+                    ),
+                    SnapshotReplica(
+                        "demo-r2", "node-b", "127.0.0.1:40002", ReplicaState.DRAINING, 64, ReplicaLoad(0, 0, 0.0), False
+                    ),
                 ),
             ),
-            "empty": (),
+            "empty": SnapshotDeployment(max_model_len=0, first_token_timeout_s=0.0, idle_timeout_s=0.0),
         },
     ),
-    "snapshot_empty": Snapshot(epoch=1, version=1 << 32, deployments={}),
+    "snapshot_empty": Snapshot(head_id="00", epoch=1, version=1 << 32, deployments={}),
     "register": Register("node-a", "127.0.0.1", 4, 0, 8 << 30),
     "reregister": Reregister("node-a"),
     "heartbeat": Heartbeat(
         "node-a",
-        (ReplicaStatus("demo-r1", "demo", ReplicaState.READY, "127.0.0.1:40001", ReplicaLoad(3, 0, 0.5)),),
+        (
+            ReplicaStatus(
+                "demo-r1",
+                "demo",
+                ReplicaState.READY,
+                "127.0.0.1:40001",
+                ReplicaLoad(3, 0, 0.5),
+                healthy=False,
+                max_model_len=4096,
+                started_at=1764480000.5,
+            ),
+        ),
     ),
     "start_replica": StartReplica("demo-r1", "demo", "sim", {"token_delay_ms": 20, "seed": 7}, 256),
     "stop_replica": StopReplica("demo-r1", drain=True),
