@@ -4,7 +4,9 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <mutex>
 #include <thread>
 #include <variant>
@@ -16,6 +18,20 @@
 #include "tokenbus.grpc.pb.h"
 
 namespace tokenbus::replica {
+namespace {
+
+std::int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+std::chrono::milliseconds since(const std::atomic<std::int64_t>& then_ns) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::nanoseconds(now_ns() - then_ns.load(std::memory_order_relaxed)));
+}
+
+}  // namespace
+
 struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService {
   explicit Impl(ReplicaOptions options)
       : options_(std::move(options)), writer_(options_.request_ring), responses_(options_.response_ring) {
@@ -59,6 +75,7 @@ struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService
 
   grpc::ServerUnaryReactor* Health(grpc::CallbackServerContext* context, const tokenbus::v1::HealthRequest*,
                                    tokenbus::v1::HealthResponse* response) override {
+    last_control_call_ns_.store(now_ns(), std::memory_order_relaxed);
     {
       std::lock_guard lock(health_mutex_);
       response->set_serving(serving_);
@@ -73,6 +90,9 @@ struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService
 
   grpc::ServerUnaryReactor* Stats(grpc::CallbackServerContext* context, const tokenbus::v1::StatsRequest*,
                                   tokenbus::v1::StatsResponse* response) override {
+    last_control_call_ns_.store(now_ns(), std::memory_order_relaxed);
+    const auto age = since(last_stats_ns_).count();
+    response->set_stats_age_ms(static_cast<std::uint32_t>(std::min<std::int64_t>(age, UINT32_MAX)));
     response->set_running(running_.load(std::memory_order_relaxed));
     response->set_waiting(waiting_.load(std::memory_order_relaxed));
     response->set_kv_usage(kv_usage_.load(std::memory_order_relaxed));
@@ -112,6 +132,7 @@ struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService
   }
 
   void handle(const StatsRecord& stats) {
+    last_stats_ns_.store(now_ns(), std::memory_order_relaxed);
     running_.store(stats.running, std::memory_order_relaxed);
     waiting_.store(stats.waiting, std::memory_order_relaxed);
     kv_usage_.store(stats.kv_usage, std::memory_order_relaxed);
@@ -156,6 +177,9 @@ struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService
   std::atomic<std::uint32_t> running_{0};
   std::atomic<std::uint32_t> waiting_{0};
   std::atomic<float> kv_usage_{0};
+  // steady-clock times: the last STATS record from the worker, the last Health/Stats call from an agent
+  std::atomic<std::int64_t> last_stats_ns_{now_ns()};
+  std::atomic<std::int64_t> last_control_call_ns_{now_ns()};
   std::mutex health_mutex_;
   bool serving_ = false;
   std::string engine_;
@@ -192,6 +216,10 @@ bool ReplicaServer::start(std::string& error) {
 int ReplicaServer::port() const { return impl_->port_; }
 
 int ReplicaServer::worker_gone_fd() const { return impl_->worker_gone_fd_; }
+
+std::chrono::milliseconds ReplicaServer::since_last_control_call() const {
+  return since(impl_->last_control_call_ns_);
+}
 
 void ReplicaServer::shutdown(std::chrono::milliseconds grace) {
   Impl& impl = *impl_;

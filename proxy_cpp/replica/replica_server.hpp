@@ -33,6 +33,8 @@ class ReplicaServer {
   int port() const;
   // Readable (an eventfd) once the model worker is gone; every open stream has then been failed.
   int worker_gone_fd() const;
+  // Time since the last Health or Stats call (from an agent), or since construction before the first.
+  std::chrono::milliseconds since_last_control_call() const;
   // Stops accepting calls, lets open streams finish for up to `grace` (then cancels them), stops the
   // reader. Safe to call once; the destructor calls it if nobody did.
   void shutdown(std::chrono::milliseconds grace);

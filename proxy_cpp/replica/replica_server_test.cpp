@@ -392,6 +392,35 @@ TEST_F(ReplicaServerTest, StatsReportTheLastStatsRecordAndOpenCalls) {
   ASSERT_TRUE(eventually([&] { return stats().in_flight() == 0; }));
 }
 
+TEST_F(ReplicaServerTest, StatsAgeGrowsWithoutStatsRecordsAndRestartsWithEach) {
+  start_worker();
+  const auto send_stats = [&] {
+    worker_->send([](auto& pk) {
+      pk.pack_array(4);
+      pk.pack(3);
+      pk.pack(0);
+      pk.pack(0);
+      pk.pack(0.0);
+    });
+  };
+  // no STATS yet: the age counts from the replica's start, and grows
+  ASSERT_TRUE(eventually([&] { return stats().stats_age_ms() >= 200; }));
+  send_stats();
+  ASSERT_TRUE(eventually([&] { return stats().stats_age_ms() < 200; }));
+  ASSERT_TRUE(eventually([&] { return stats().stats_age_ms() >= 300; }));  // a silent worker: the age grows
+  send_stats();
+  ASSERT_TRUE(eventually([&] { return stats().stats_age_ms() < 300; }));
+}
+
+TEST_F(ReplicaServerTest, HealthAndStatsCallsCountAsAnAgentsCalls) {
+  start_worker();
+  stats();
+  EXPECT_LT(server_->since_last_control_call(), 5s);
+  ASSERT_TRUE(eventually([&] { return server_->since_last_control_call() >= 200ms; }));
+  health();
+  EXPECT_LT(server_->since_last_control_call(), 200ms);
+}
+
 TEST_F(ReplicaServerTest, CancellingTheCallWritesCancelForItsId) {
   start_worker();
   grpc::ClientContext context;
