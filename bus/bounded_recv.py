@@ -71,7 +71,7 @@ def _drop(
 ) -> None:
     """Releases the frames kept so far, discards the rest of the message, then counts and logs the drop once."""
     # the first frame is the peer's routing identity on a ROUTER; elsewhere the connected endpoint names the peer
-    peer = kept[0].hex() if kept and sock.socket_type == zmq.ROUTER else sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    peer = kept[0].hex() if kept and sock.type == zmq.ROUTER else sock.getsockopt_string(zmq.LAST_ENDPOINT)
     count = len(kept) + 1
     kept.clear()
     while frame.more:
