@@ -6,19 +6,18 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import types
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
+from cluster_harness import UP_READY_S, Up, shm_entries
 
 from node_agent.binaries import bin_dir
 from schemas.messages import AdminReply, AdminRequest, decode
@@ -382,84 +381,11 @@ def test_bench_entry_point_runs_as_a_real_process() -> None:
 needs_binaries = pytest.mark.skipif(
     not (bin_dir() / "tokenbus-proxy").exists(), reason="binaries not built (make build)"
 )
-UP_READY_S = 60.0
-
-
-class Up:
-    """`tokenbus up --engine sim` as a real process on a free port; its output lines collected by a thread."""
-
-    def __init__(self, state: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.state = state
-        cmd = [sys.executable, "-m", "tools", "up", "--engine", "sim", "--port", str(self.port)]
-        self.proc = subprocess.Popen(
-            [*cmd, "--state-dir", str(state), "--ready-timeout", str(UP_READY_S)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "COLUMNS": "300"},
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, text: str, deadline_s: float = UP_READY_S) -> str:
-        deadline = time.monotonic() + deadline_s
-        while time.monotonic() < deadline:
-            found = next((line for line in list(self.lines) if text in line), None)
-            if found is not None:
-                return found
-            if "failed" in "".join(self.lines) or self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} not printed by up:\n{''.join(self.lines)}")
-
-    def pids(self) -> dict[str, int]:
-        return {line.split()[1]: int(line.split()[3]) for line in self.lines if line.startswith("started ")}
-
-    def replica_pids(self) -> set[int]:
-        """Every replica and worker process the agent(s) started, from the agent's log."""
-        agent_log = (self.state / "logs" / "agent.log").read_text()
-        return {int(p) for p in re.findall(r"replica \S+: \w+ started, pid (\d+)", agent_log)}
-
-    def request(self, max_tokens: int = 8) -> int:
-        """Words in a plain-text answer (one per sim token)."""
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/v1/chat/demo?max_tokens={max_tokens}",
-            data=b"What is machine learning?",
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            return len(resp.read().split())
-
-    def interrupt(self) -> str:
-        """SIGINT, then everything it printed while stopping."""
-        n = len(self.lines)
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(60)
-        self._reader.join(10)
-        return "".join(self.lines[n:])
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _shm() -> set[str]:
-    return set(os.listdir("/dev/shm"))
 
 
 @needs_binaries
 def test_up_serves_a_streamed_answer_and_stops_every_process_on_sigint(tmp_path: Path) -> None:
-    shm_before = _shm()
+    shm_before = shm_entries()
     up = Up(tmp_path / "state")
     try:
         up.wait_for("Ctrl-C stops everything")
@@ -479,12 +405,12 @@ def test_up_serves_a_streamed_answer_and_stops_every_process_on_sigint(tmp_path:
     assert not any(alive(pid) for pid in [*pids.values(), *replica_pids])
     assert {p.name for p in (up.state / "logs").iterdir()} == {"head.log", "agent.log", "proxy.log"}
     assert "deployment demo" in (up.state / "logs" / "head.log").read_text()
-    assert _shm() - shm_before == set()
+    assert shm_entries() - shm_before == set()
 
 
 @needs_binaries
 def test_up_restarts_a_killed_head_and_agent_and_sigint_still_stops_everything(tmp_path: Path) -> None:
-    shm_before = _shm()
+    shm_before = shm_entries()
     up = Up(tmp_path / "state")
     try:
         up.wait_for("Ctrl-C stops everything")
@@ -519,4 +445,4 @@ def test_up_restarts_a_killed_head_and_agent_and_sigint_still_stops_everything(t
         "head",
     ]
     assert not any(alive(pid) for pid in [*first.values(), new_head, new_agent, *replica_pids])
-    assert _shm() - shm_before == set()
+    assert shm_entries() - shm_before == set()

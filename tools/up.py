@@ -189,7 +189,9 @@ async def _bring_up(opts: argparse.Namespace, children: Children, console: Conso
     while pub_port == router_port:
         pub_port = _free_port()
     router, pub = f"tcp://127.0.0.1:{router_port}", f"tcp://127.0.0.1:{pub_port}"
-    env = {**os.environ, "TOKENBUS_BIN_DIR": str(bin_dir), "PYTHONUNBUFFERED": "1"}
+    # XDG_STATE_HOME: the agent keeps its replica records (node_agent/state.py) under the state directory too, so a
+    # restarted agent re-adopts the replicas of this run and of no other
+    env = {**os.environ, "TOKENBUS_BIN_DIR": str(bin_dir), "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": str(state_dir)}
     tokenbus = [sys.executable, "-m", "tools"]
     console.print(f"state in {state_dir}; child logs in {logs}/")
     slots = str(max(opts.replicas, os.cpu_count() or 1))  # sim replicas need no core of their own

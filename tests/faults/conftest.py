@@ -1,0 +1,66 @@
+"""The fault suite's fixtures: sim clusters started as LocalCluster starts them (real head, agents, proxies,
+replicas and workers), a report per case, and a table of every case at the end of the run."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from faults.harness import REPORTS, CaseReport, Outcome
+from tools.local_cluster import LocalCluster
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Awaitable[LocalCluster]]]:
+    """`await make_cluster(spec, agents=.., proxies=..)`: a started cluster with `spec` deployed and READY."""
+    clusters: list[LocalCluster] = []
+
+    async def make(spec: dict[str, Any] | None = None, **cluster_args: Any) -> LocalCluster:
+        c = LocalCluster(tmp_path / f"cluster{len(clusters)}", **cluster_args)
+        clusters.append(c)
+        c.start()
+        if spec is not None:
+            await c.deploy(spec)
+        return c
+
+    yield make
+    for c in clusters:
+        c.stop()
+
+
+@pytest.fixture
+def case(request: pytest.FixtureRequest) -> CaseReport:
+    report = CaseReport(request.node.name)
+    REPORTS.append(report)
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not REPORTS:
+        return
+    tr = terminalreporter
+    tr.section("fault cases: what the clients saw")
+    tr.write_line(f"{'case':62} {'sent':>5} {'ok':>5} {'retried':>7} {'errors':>6} {'silent':>6}  recovery")
+    for rep in REPORTS:
+        counts = {o: sum(r.outcome is o for r in rep.results) for o in Outcome}
+        recovery = ", ".join(f"{k} {v:.2f} s" for k, v in rep.recovery_s.items())
+        tr.write_line(
+            f"{rep.name[:62]:62} {len(rep.results):5} {counts[Outcome.COMPLETED]:5} {counts[Outcome.RETRIED]:7} "
+            f"{counts[Outcome.ERROR]:6} {counts[Outcome.SILENT]:6}  {recovery}"
+        )
+    if path := os.environ.get("TOKENBUS_FAULT_REPORT"):  # the same table as JSON, for the issue's note
+        rows = [
+            {
+                "case": rep.name,
+                "sent": len(rep.results),
+                **{o.name.lower(): sum(r.outcome is o for r in rep.results) for o in Outcome},
+                "recovery_s": rep.recovery_s,
+            }
+            for rep in REPORTS
+        ]
+        Path(path).write_text(json.dumps(rows, indent=1))
