@@ -13,7 +13,13 @@ from typing import Any
 
 from head.state import ClusterState
 from head.store import Deployment, Store
-from schemas.messages import AdminReply, AdminRequest
+from schemas.messages import (
+    DEFAULT_FIRST_TOKEN_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_CONCURRENCY,
+    AdminReply,
+    AdminRequest,
+)
 
 log = logging.getLogger("head")
 
@@ -21,7 +27,7 @@ NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 ENGINES = ("sim", "vllm")
 MAX_REPLICAS = 1024
 MAX_ENGINE_ARGS_BYTES = 64 * 1024
-DEFAULT_MAX_CONCURRENCY = 256
+MAX_TIMEOUT_S = 24 * 3600.0  # a stream deadline beyond a day is a typo; 0 already means "no limit"
 
 
 class InvalidArgs(ValueError):
@@ -53,8 +59,23 @@ def _int(args: dict[str, Any], key: str, lo: int, hi: int) -> int:
     return value
 
 
+def _seconds(args: dict[str, Any], key: str, default: float) -> float:
+    if key not in args:
+        return default
+    value = args[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgs(f"{key} must be a number of seconds, got {type(value).__name__}")
+    if not 0 <= value <= MAX_TIMEOUT_S:  # also refuses NaN
+        raise InvalidArgs(f"{key} must be between 0 (no limit) and {MAX_TIMEOUT_S:.0f}, got {value}")
+    return float(value)
+
+
 def _deploy(args: dict[str, Any], state: ClusterState, store: Store) -> dict[str, Any]:
-    _check_keys(args, {"name", "engine"}, {"engine_args", "replicas", "max_concurrency"})
+    _check_keys(
+        args,
+        {"name", "engine"},
+        {"engine_args", "replicas", "max_concurrency", "first_token_timeout_s", "idle_timeout_s"},
+    )
     name = _name(args)
     engine = args["engine"]
     if engine not in ENGINES:
@@ -70,19 +91,24 @@ def _deploy(args: dict[str, Any], state: ClusterState, store: Store) -> dict[str
         raise InvalidArgs(f"engine_args is {len(encoded)} bytes of JSON, more than {MAX_ENGINE_ARGS_BYTES}")
     replicas = _int(args, "replicas", 0, MAX_REPLICAS) if "replicas" in args else 1
     mc = _int(args, "max_concurrency", 1, 1 << 20) if "max_concurrency" in args else DEFAULT_MAX_CONCURRENCY
-    d = Deployment(name, engine, engine_args, replicas, mc)
+    first_token = _seconds(args, "first_token_timeout_s", DEFAULT_FIRST_TOKEN_TIMEOUT_S)
+    idle = _seconds(args, "idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S)
+    d = Deployment(name, engine, engine_args, replicas, mc, first_token, idle)
     previous = state.deployments.get(name)
     store.put_deployment(d)
     state.deployments[name] = d
+    state.adopted.discard(name)  # its adopted replicas now count toward the spec (the oldest READY are kept)
     state.backoff.pop(name, None)  # a new spec deserves an immediate try
     log.info(
-        "deployment %s %s: %d x %s %s, max_concurrency %d",
+        "deployment %s %s: %d x %s %s, max_concurrency %d, first-token timeout %g s, idle timeout %g s",
         name,
         "updated" if previous else "created",
         replicas,
         engine,
         encoded,
         mc,
+        first_token,
+        idle,
     )
     return {}
 
@@ -104,6 +130,10 @@ def _scale(args: dict[str, Any], state: ClusterState, store: Store) -> dict[str,
 def _delete(args: dict[str, Any], state: ClusterState, store: Store) -> dict[str, Any]:
     _check_keys(args, {"name"})
     name = _name(args)
+    if name in state.adopted:  # known only from its replicas: deleting it stops them
+        state.adopted.discard(name)
+        log.info("adopted deployment %s deleted", name)
+        return {}
     if name not in state.deployments:
         raise InvalidArgs(f"no deployment named {name!r}")
     store.delete_deployment(name)

@@ -1,7 +1,9 @@
 """Desired vs actual: one pass turns the difference into StartReplica / StopReplica commands.
 
 The pass records its decisions in the state at once (a STARTING replica, a `stopping` flag), so the next pass,
-0.5 s or one message later, does not repeat them; the agents' reports then confirm or correct them.
+0.5 s or one message later, does not repeat them; the agents' reports then confirm or correct them. Nothing is
+decided before the state's view has synced after a head start (state.py), and `now` is the only clock read, so a
+pass is a function of (state, time) that tests drive directly.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from head.state import ClusterState, Node, Replica
+from head.state import UNHEALTHY_REPLACE_S, ClusterState, Node, Replica
 from schemas.messages import Message, ReplicaState, StartReplica, StopReplica
 
 log = logging.getLogger("head")
@@ -32,6 +34,12 @@ def _counts_toward_desired(r: Replica) -> bool:
     return not r.stopping and r.state in (ReplicaState.STARTING, ReplicaState.READY)
 
 
+def _surplus_order(r: Replica) -> tuple[bool, bool, float, int]:
+    """Which replicas go first when there are too many: STARTING ones (they serve nothing yet), then unhealthy
+    ones, then the most recently started (an adopted one by when its agent spawned it), so the oldest READY stay."""
+    return (r.state is not ReplicaState.STARTING, r.healthy, -r.started_at, -r.order)
+
+
 def _pick_node(state: ClusterState) -> Node | None:
     """The alive node with the most free cpu slots (one per replica); ties go to the lowest node id."""
     best: Node | None = None
@@ -44,28 +52,38 @@ def _pick_node(state: ClusterState) -> Node | None:
 
 
 def reconcile(state: ClusterState, now: float) -> list[Command]:
+    if not state.check_synced(now):
+        return []
     commands: list[Command] = []
 
-    def stop(r: Replica, why: str) -> None:
+    def stop(r: Replica, why: str, *, drain: bool = True) -> None:
         if not r.stopping:
             log.info("stopping replica %s of %s on node %s: %s", r.replica_id, r.deployment, r.node_id, why)
+            r.stop_drain = drain
         r.stopping = True
         r.stop_sent_at = now
-        commands.append(Command(r.node_id, StopReplica(r.replica_id, drain=True)))
+        commands.append(Command(r.node_id, StopReplica(r.replica_id, drain=r.stop_drain)))
 
+    state.release_lost_nodes(now)
+    state.forget_empty_adopted()
     for r in list(state.replicas.values()):
-        if r.deployment not in state.deployments and not r.stopping:
+        if r.stopping:
+            if now - r.stop_sent_at > STOP_RESEND_S:
+                stop(r, "no exit reported yet, asking again")
+        elif r.deployment in state.adopted:
+            continue  # not ours to change until the user deploys or deletes the name
+        elif r.deployment not in state.deployments:
             stop(r, "its deployment was deleted")
-        elif r.stopping and now - r.stop_sent_at > STOP_RESEND_S:
-            stop(r, "no exit reported yet, asking again")
+        elif r.unhealthy_since is not None and now - r.unhealthy_since > UNHEALTHY_REPLACE_S:
+            # its open requests are stuck on it, and the proxies' stream timeouts end them: no drain
+            stop(r, f"unhealthy for {now - r.unhealthy_since:.0f} s", drain=False)
 
     for name, d in sorted(state.deployments.items()):
         live = [r for r in state.replicas.values() if r.deployment == name and _counts_toward_desired(r)]
         if len(live) > d.replicas:
-            # STARTING ones first (they serve nothing yet), then the newest
-            live.sort(key=lambda r: (r.state is not ReplicaState.STARTING, -r.order))
+            live.sort(key=_surplus_order)
             for r in live[: len(live) - d.replicas]:
-                stop(r, f"scaling {name} down to {d.replicas}")
+                stop(r, f"{len(live)} replicas of {name}, {d.replicas} desired")
             continue
         backoff = state.backoff.get(name)
         if len(live) < d.replicas and backoff is not None and now < backoff.not_before:

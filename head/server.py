@@ -2,7 +2,9 @@
 
 One task (`run`) owns the cluster state: it reads the ROUTER, folds each message into the state, sends the
 agents their heartbeats, ticks their liveness, reconciles, and publishes a new snapshot version whenever the
-routing table changed. The publisher's own task only re-sends the latest snapshot.
+routing table changed. The publisher's own task only re-sends the latest snapshot. Each of those steps survives
+its own failure (logged with its traceback once, then retried after a short back-off), as a control loop must.
+Until the state's view has synced after the start (state.py) nothing is published and snapshot requests wait.
 """
 
 from __future__ import annotations
@@ -11,19 +13,21 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
 
+from bus.bounded_recv import limit_frames, recv_bounded
 from bus.endpoints import DEFAULT_HEARTBEAT_S, DEFAULT_LIVENESS
 from bus.snapshot_pub import DEFAULT_REPUBLISH_S, SnapshotPublisher
 from head.admin_ops import handle_admin
 from head.reconcile import Command, reconcile
-from head.state import ClusterState
+from head.state import DEFAULT_NODE_GRACE_S, ClusterState
 from head.store import Store
 from schemas.messages import (
-    MAX_PAYLOAD_BYTES,
     AdminRequest,
     Heartbeat,
     Message,
@@ -45,6 +49,11 @@ RECONCILE_INTERVAL_S = 0.5
 # replica), and every proxy receives each version whole, so a large cluster's reports must coalesce.
 PUBLISH_MIN_INTERVAL_S = 0.05
 MAX_BATCH = 256  # messages handled before the timers get a turn
+# after a failed step of the loop: a fault that persists costs a few lines of log and little CPU, and the other
+# steps (heartbeats above all, well inside the agents' liveness) still run between its retries
+LOOP_ERROR_BACKOFF_S = 0.25
+
+T = TypeVar("T")
 
 
 def _peer(identity: bytes) -> str:
@@ -61,6 +70,7 @@ class Head:
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,
         liveness: int = DEFAULT_LIVENESS,
         republish_interval_s: float = DEFAULT_REPUBLISH_S,
+        node_grace_s: float = DEFAULT_NODE_GRACE_S,
         ctx: zmq.asyncio.Context | None = None,
     ) -> None:
         self._router_addr = router
@@ -72,7 +82,15 @@ class Head:
         # this incarnation: lets proxies follow a head on a new or lost database, whose versions start low again
         self.head_id = secrets.token_hex(8)
         self._seq = 0
-        self._state = ClusterState(self._store.load_deployments(), heartbeat_s, liveness)
+        self._state = ClusterState(
+            self._store.load_deployments(),
+            heartbeat_s,
+            liveness,
+            now=time.monotonic(),
+            known_nodes=self._store.load_nodes(),
+            node_grace_s=node_grace_s,
+        )
+        self._failures: dict[str, int] = {}  # loop step -> consecutive failures
         self._republish_s = republish_interval_s
         self._router: zmq.asyncio.Socket | None = None
         self._publisher: SnapshotPublisher | None = None
@@ -89,20 +107,23 @@ class Head:
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer fails instead of vanishing
-        router.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD_BYTES + 4096)  # zmq drops a peer sending more
+        limit_frames(router)  # libzmq drops a peer sending one frame over the limit; recv_bounded does the rest
         router.bind(self._router_addr)
         self._router = router
         self.router_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._publisher = SnapshotPublisher(self._pub_addr, republish_interval_s=self._republish_s, ctx=self._ctx)
         self.pub_endpoint = self._publisher.endpoint
         log.info(
-            "head %s started: epoch %d, %d deployments from %s; router bound on %s, snapshots published on %s",
+            "head %s started: epoch %d, %d deployments and %d known nodes from %s; router bound on %s, snapshots "
+            "published on %s; waiting up to %.1f s for the nodes before acting",
             self.head_id,
             self.epoch,
             len(self._state.deployments),
+            len(self._state.known_nodes),
             self._store.path,
             self.router_endpoint,
             self.pub_endpoint,
+            self._state.sync_deadline - time.monotonic(),
         )
 
     async def run(self) -> None:
@@ -112,7 +133,6 @@ class Head:
         assert self._router is not None and self._publisher is not None
         republisher = asyncio.create_task(self._publisher.run(), name="snapshot-republish")
         try:
-            await self._publish_if_changed()  # version epoch<<32 | 1: every deployment, no replica yet
             await self._loop()
         finally:
             republisher.cancel()
@@ -121,8 +141,11 @@ class Head:
             self._store.close()
             log.info("head stopped at version %#x", self.version)
 
+    @property
+    def synced(self) -> bool:
+        return self._state.synced
+
     async def _loop(self) -> None:
-        assert self._router is not None
         now = time.monotonic()
         next_heartbeat = now + self._heartbeat_s
         next_reconcile = now
@@ -131,30 +154,50 @@ class Head:
             wake_at = min(next_heartbeat, next_reconcile)
             if next_publish > now:  # a change held back by the publish interval goes out when it ends
                 wake_at = min(wake_at, next_publish)
-            timeout = max(0.0, wake_at - time.monotonic())
-            changed = False
-            if await self._router.poll(timeout * 1000, zmq.POLLIN):
-                for _ in range(MAX_BATCH):
-                    try:
-                        frames = await self._router.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    changed |= await self._on_frames(frames)
+            changed = bool(await self._guard("receive", self._receive(max(0.0, wake_at - time.monotonic()))))
             now = time.monotonic()
             if now >= next_heartbeat:
                 next_heartbeat = now + self._heartbeat_s
-                changed |= await self._heartbeat(now)
+                await self._guard("heartbeat", self._heartbeat(now))
             if changed or now >= next_reconcile:
                 next_reconcile = now + RECONCILE_INTERVAL_S
-                try:
-                    commands = reconcile(self._state, now)
-                except Exception:  # a control loop logs and continues
-                    log.exception("reconcile failed; retrying in %.1f s", RECONCILE_INTERVAL_S)
-                    commands = []
-                for cmd in commands:
-                    await self._send_to_node(cmd)
-            if now >= next_publish and await self._publish_if_changed():
+                await self._guard("reconcile", self._reconcile(now))
+            if now >= next_publish and await self._guard("publish", self._publish_if_changed()):
                 next_publish = now + PUBLISH_MIN_INTERVAL_S
+
+    async def _guard(self, step: str, work: Coroutine[Any, Any, T]) -> T | None:
+        """Runs one step of the loop; a failure is logged (with its traceback the first time in a row), backed off
+        from, and answered with None, so the loop goes on."""
+        try:
+            result = await work
+        except Exception:
+            failures = self._failures[step] = self._failures.get(step, 0) + 1
+            if failures == 1:
+                log.exception("head loop: %s failed; going on, retried after %.2f s", step, LOOP_ERROR_BACKOFF_S)
+            await asyncio.sleep(LOOP_ERROR_BACKOFF_S)
+            return None
+        failures = self._failures.pop(step, 0)
+        if failures:
+            log.info("head loop: %s works again after %d failures in a row", step, failures)
+        return result
+
+    async def _receive(self, timeout_s: float) -> bool:
+        """Handles what the ROUTER has (waiting up to `timeout_s` for the first); returns whether the state changed."""
+        assert self._router is not None
+        changed = False
+        if await self._router.poll(timeout_s * 1000, zmq.POLLIN):
+            for _ in range(MAX_BATCH):
+                try:
+                    frames = await recv_bounded(self._router, "head-router", zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if frames is not None:  # an oversized message was dropped whole (counted and logged)
+                    changed |= await self._on_frames(frames)
+        return changed
+
+    async def _reconcile(self, now: float) -> None:
+        for cmd in reconcile(self._state, now):
+            await self._send_to_node(cmd)
 
     # --- messages --------------------------------------------------------------------------------------------
 
@@ -179,16 +222,21 @@ class Head:
         now = time.monotonic()
         state = self._state
         if isinstance(msg, SnapshotRequest):
+            if self._table is None:  # nothing published yet (the view has not synced): the subscriber asks again
+                log.debug("snapshot request from peer %s before the first snapshot: not answered", _peer(identity))
+                return False
             await self._send(identity, envelope, self._current_snapshot())
             return False
         if isinstance(msg, AdminRequest):
-            extra = {"epoch": self.epoch, "version": self.version}
+            extra = {"head_id": self.head_id, "epoch": self.epoch, "version": self.version}
             reply, changed = handle_admin(msg, state, self._store, extra, now)
             if not reply.ok:
                 log.warning("admin %s from peer %s refused: %s", msg.op, _peer(identity), reply.error)
             await self._send(identity, envelope, reply)
             return changed
         if isinstance(msg, Register):
+            if msg.node_id not in state.known_nodes:
+                self._store.add_node(msg.node_id)  # a later head waits for it
             state.register(identity, msg, now)
             await self._send(identity, envelope, RegisterAck(msg.node_id, self._heartbeat_s))
             return True
@@ -214,12 +262,13 @@ class Head:
 
     # --- timers ---------------------------------------------------------------------------------------------
 
-    async def _heartbeat(self, now: float) -> bool:
-        """Sends every alive node its heartbeat and ticks its liveness; returns whether a node was lost."""
+    async def _heartbeat(self, now: float) -> None:
+        """Sends every alive node its heartbeat and ticks its liveness; a node forgotten is no longer waited for."""
         for node in list(self._state.nodes.values()):
             if node.alive:
                 await self._send(node.identity, [], Heartbeat(node.node_id))
-        return bool(self._state.tick_liveness(now))
+        for node_id in self._state.tick_liveness(now):
+            self._store.forget_node(node_id)
 
     # --- output --------------------------------------------------------------------------------------------
 
@@ -228,8 +277,11 @@ class Head:
         return Snapshot(self.head_id, self.epoch, self.version, self._table)
 
     async def _publish_if_changed(self) -> bool:
-        """Publishes a new version if the routing table changed since the last; returns whether it did."""
+        """Publishes a new version if the routing table changed since the last; returns whether it did. Nothing
+        before the view has synced: a table lacking the replicas agents have yet to report would black-hole them."""
         assert self._publisher is not None
+        if not self._state.synced:
+            return False
         table = self._state.routing_table()
         if table == self._table:
             return False

@@ -2,6 +2,10 @@
 
 Agents are the truth about what runs: every report (Register, Heartbeat, ReplicaEvent) is folded in here, and
 the reconcile loop (reconcile.py) turns the difference between desired and actual into commands.
+
+A head that starts knows the desired state (SQLite) but not what runs: its view has synced once every node it
+knew has registered again, or after a bounded grace. Until then it neither places, stops nor publishes, so a
+restart never starts a duplicate, stops a warm replica or hands the proxies a table without their replicas.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from typing import Any
 from bus.liveness import Liveness
 from head.store import Deployment
 from schemas.messages import (
+    DEFAULT_FIRST_TOKEN_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_CONCURRENCY,
     Register,
     ReplicaLoad,
     ReplicaState,
@@ -30,6 +37,15 @@ UNCONFIRMED_GRACE_INTERVALS = 5
 FORGET_LOST_NODE_S = 300.0  # a lost node stays listed (alive=false) in status this long
 RESTART_BACKOFF_FIRST_S = 1.0  # a deployment whose replica crashed waits this long before the next start...
 RESTART_BACKOFF_MAX_S = 30.0  # ...doubling per crash up to this, until one of its replicas is READY
+# A starting head waits at most this many liveness periods (liveness x heartbeat) for the nodes it knew: long
+# enough for every live agent to hear of the new head (REREGISTER) and register, even one in its reconnect backoff.
+SYNC_GRACE_LIVENESS_PERIODS = 2
+# A lost node's replicas stay published and counted this long: an agent that restarts (its replicas outlive it)
+# comes back within it, and the proxies' retries and ejection cover a replica that did die with its node.
+DEFAULT_NODE_GRACE_S = 15.0
+# A READY replica its agent reports unhealthy is not routed to at once, and replaced after this long unless it
+# recovers first: long enough for a short stall (a GC pause, a swap storm) to pass without losing a warm replica.
+UNHEALTHY_REPLACE_S = 10.0
 
 
 @dataclass
@@ -44,6 +60,7 @@ class Node:
     last_seen: float
     alive: bool = True
     lost_at: float = 0.0
+    released: bool = False  # lost past the grace: its replicas were removed (and replaced)
 
 
 @dataclass
@@ -60,7 +77,9 @@ class Replica:
     healthy: bool = True  # the agent's active health verdict
     max_model_len: int = 0  # as the replica reported it (0 = not yet)
     started_at: float = 0.0  # unix seconds when its agent spawned it (0 = not reported)
+    unhealthy_since: float | None = None  # monotonic time of the report that made it unhealthy
     stopping: bool = False  # the head asked for it to stop
+    stop_drain: bool = True  # ... letting its open requests finish
     stop_sent_at: float = 0.0
 
 
@@ -71,15 +90,54 @@ class RestartBackoff:
 
 
 class ClusterState:
-    def __init__(self, deployments: list[Deployment], heartbeat_s: float, liveness: int) -> None:
+    def __init__(
+        self,
+        deployments: list[Deployment],
+        heartbeat_s: float,
+        liveness: int,
+        *,
+        now: float,
+        known_nodes: frozenset[str] = frozenset(),
+        node_grace_s: float = DEFAULT_NODE_GRACE_S,
+    ) -> None:
         self.deployments: dict[str, Deployment] = {d.name: d for d in deployments}
         self.nodes: dict[str, Node] = {}
         self.replicas: dict[str, Replica] = {}
         self.backoff: dict[str, RestartBackoff] = {}
         self.unplaced: set[str] = set()  # deployments short of replicas for want of a free slot (logged once)
+        # deployments the head has no record of (a new or lost database) whose replicas agents run: published and
+        # left alone until the user deploys or deletes the name, so traffic to them is never black-holed
+        self.adopted: set[str] = set()
         self._order = itertools.count()
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
+        self.node_grace_s = node_grace_s
+        self.known_nodes = set(known_nodes)  # every node that registered with this database (persisted)
+        self._awaited = frozenset(known_nodes)  # those known at the start: the sync waits for them
+        self._started = now
+        self.sync_deadline = now + SYNC_GRACE_LIVENESS_PERIODS * liveness * heartbeat_s
+        self.synced = False
+
+    # --- sync after a start ------------------------------------------------------------------------------------
+
+    def check_synced(self, now: float) -> bool:
+        """Whether the view is complete enough to act on: every known node registered, or the grace is over."""
+        if self.synced:
+            return True
+        registered = {n.node_id for n in self.nodes.values() if n.alive}
+        missing = sorted(self._awaited - registered)
+        if now < self.sync_deadline and (missing or not self._awaited):  # nobody known: wait the grace out
+            return False
+        self.synced = True
+        log.info(
+            "view synced after %.1f s: %d nodes registered%s; %d replicas adopted%s",
+            now - self._started,
+            len(registered),
+            f", not registered: {', '.join(missing)}" if missing else "",
+            len(self.replicas),
+            f" (deployments unknown to this head: {', '.join(sorted(self.adopted))})" if self.adopted else "",
+        )
+        return True
 
     # --- nodes ---------------------------------------------------------------------------------------------
 
@@ -104,10 +162,11 @@ class ClusterState:
             last_seen=now,
         )
         self.nodes[msg.node_id] = node
+        self.known_nodes.add(msg.node_id)
         log.info(
             "node %s %s: host %s, %d cpu slots, %d gpus, %d MiB, %d running replicas",
             msg.node_id,
-            "re-registered" if previous is not None else "registered",
+            "re-registered" if previous is not None or not self.synced else "registered",
             msg.host,
             msg.cpu_slots,
             msg.gpus,
@@ -120,28 +179,47 @@ class ClusterState:
         node.liveness.heard()
         node.last_seen = now
 
-    def tick_liveness(self, now: float) -> list[Node]:
-        """One heartbeat interval passed: returns the nodes lost by it (their replicas are removed)."""
-        lost = []
+    def tick_liveness(self, now: float) -> list[str]:
+        """One heartbeat interval passed: marks the nodes lost by it; returns the ids of lost nodes now forgotten.
+
+        A lost node's replicas stay (see `release_lost_nodes`): its agent may be restarting while they serve."""
+        forgotten = []
         for node in list(self.nodes.values()):
             if not node.alive:
                 if now - node.lost_at > FORGET_LOST_NODE_S:
                     del self.nodes[node.node_id]
+                    self.known_nodes.discard(node.node_id)
+                    forgotten.append(node.node_id)
                 continue
             if node.liveness.tick():
                 node.alive = False
                 node.lost_at = now
-                gone = [r for r in self.replicas.values() if r.node_id == node.node_id]
-                for r in gone:
-                    del self.replicas[r.replica_id]
+                kept = [r.replica_id for r in self.replicas.values() if r.node_id == node.node_id]
                 log.warning(
-                    "node %s lost (silent for %d heartbeat intervals); its replicas removed: %s",
+                    "node %s lost (silent for %d heartbeat intervals); its replicas (%s) are kept for %.0f s in case "
+                    "its agent comes back",
                     node.node_id,
                     self.liveness,
-                    ", ".join(r.replica_id for r in gone) or "none",
+                    ", ".join(kept) or "none",
+                    self.node_grace_s,
                 )
-                lost.append(node)
-        return lost
+        return forgotten
+
+    def release_lost_nodes(self, now: float) -> None:
+        """Removes the replicas of nodes lost for longer than the grace, so that reconcile replaces them."""
+        for node in self.nodes.values():
+            if node.alive or node.released or now - node.lost_at <= self.node_grace_s:
+                continue
+            node.released = True
+            gone = [r for r in self.replicas.values() if r.node_id == node.node_id]
+            for r in gone:
+                del self.replicas[r.replica_id]
+            log.warning(
+                "node %s lost for %.0f s: its replicas removed: %s",
+                node.node_id,
+                now - node.lost_at,
+                ", ".join(r.replica_id for r in gone) or "none",
+            )
 
     def add_replica(self, replica_id: str, deployment: str, node_id: str, state: ReplicaState, now: float) -> Replica:
         r = Replica(replica_id, deployment, node_id, state, created=now, order=next(self._order))
@@ -188,8 +266,17 @@ class ClusterState:
             log.info(
                 "replica %s of %s on node %s adopted (%s)", r.replica_id, r.deployment, node.node_id, r.state.value
             )
+            if r.deployment not in self.deployments and r.deployment not in self.adopted:
+                self.adopted.add(r.deployment)
+                log.warning(
+                    "deployment %s is unknown to this head (a new or lost database?): its replicas are adopted, "
+                    "published and kept until it is deployed or deleted",
+                    r.deployment,
+                )
         if status.state is not r.state:
             self._state_change(r, status)
+        if status.healthy != r.healthy:
+            self._health_change(r, status, now)
         r.state = status.state
         r.confirmed = True
         r.grpc_address = status.grpc_address or r.grpc_address
@@ -212,6 +299,34 @@ class ClusterState:
             log.info(
                 "replica %s of %s %s on node %s", r.replica_id, r.deployment, status.state.value.lower(), r.node_id
             )
+
+    def _health_change(self, r: Replica, status: ReplicaStatus, now: float) -> None:
+        if status.healthy:
+            log.info(
+                "replica %s of %s on node %s is healthy again after %.1f s",
+                r.replica_id,
+                r.deployment,
+                r.node_id,
+                now - (r.unhealthy_since or now),
+            )
+            r.unhealthy_since = None
+            return
+        r.unhealthy_since = now
+        log.warning(
+            "replica %s of %s on node %s reported unhealthy%s: not routed to; replaced unless it recovers in %.0f s",
+            r.replica_id,
+            r.deployment,
+            r.node_id,
+            f" ({status.detail})" if status.detail else "",
+            UNHEALTHY_REPLACE_S,
+        )
+
+    def forget_empty_adopted(self) -> None:
+        """An adopted deployment whose last replica is gone leaves the table: nothing of it runs any more."""
+        running = {r.deployment for r in self.replicas.values()}
+        for name in sorted(self.adopted - running):
+            self.adopted.discard(name)
+            log.info("adopted deployment %s has no replica left: no longer published", name)
 
     def _exited(self, r: Replica, status: ReplicaStatus, now: float) -> None:
         detail = f" ({status.detail})" if status.detail else ""
@@ -246,16 +361,34 @@ class ClusterState:
         """A READY replica the head is stopping is shown (and routed) as DRAINING from the moment it decides."""
         return ReplicaState.DRAINING if r.stopping and r.state is ReplicaState.READY else r.state
 
+    def settings(self, name: str) -> Deployment:
+        """A published deployment's settings: its desired spec, or defaults for one only adopted."""
+        d = self.deployments.get(name)
+        if d is not None:
+            return d
+        return Deployment(
+            name, "", {}, 0, DEFAULT_MAX_CONCURRENCY, DEFAULT_FIRST_TOKEN_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S
+        )
+
+    def max_model_len(self, name: str) -> int:
+        """The deployment's context length: the smallest any of its replicas reported (0 when none did)."""
+        return min(
+            (r.max_model_len for r in self.replicas.values() if r.deployment == name and r.max_model_len), default=0
+        )
+
+    def published_names(self) -> list[str]:
+        return sorted(self.deployments.keys() | self.adopted)
+
     def routing_table(self) -> dict[str, SnapshotDeployment]:
         """Every deployment (even with no replica) with its settings and its routable replicas: READY, or DRAINING
         (kept so the proxy sees them leave and sends them nothing new); one the agent finds unhealthy is listed
         with `healthy` false, which the proxy does not route to."""
         table: dict[str, SnapshotDeployment] = {}
-        for name, d in sorted(self.deployments.items()):
-            mine = sorted((r for r in self.replicas.values() if r.deployment == name), key=lambda r: r.replica_id)
+        for name in self.published_names():
+            d = self.settings(name)
             reps = []
-            for r in mine:
-                if r.state not in (ReplicaState.READY, ReplicaState.DRAINING):
+            for r in sorted(self.replicas.values(), key=lambda r: r.replica_id):
+                if r.deployment != name or r.state not in (ReplicaState.READY, ReplicaState.DRAINING):
                     continue
                 state = self.shown_state(r)
                 reps.append(
@@ -270,7 +403,7 @@ class ClusterState:
                     )
                 )
             table[name] = SnapshotDeployment(
-                max_model_len=min((r.max_model_len for r in mine if r.max_model_len), default=0),
+                max_model_len=self.max_model_len(name),
                 first_token_timeout_s=d.first_token_timeout_s,
                 idle_timeout_s=d.idle_timeout_s,
                 replicas=tuple(reps),
@@ -278,7 +411,7 @@ class ClusterState:
         return table
 
     def status(self, now: float) -> dict[str, Any]:
-        """The admin `status` data, less epoch and version (the head adds those)."""
+        """The admin `status` data, less head id, epoch and version (the head adds those)."""
         nodes = [
             {
                 "node_id": n.node_id,
@@ -291,21 +424,28 @@ class ClusterState:
             for n in sorted(self.nodes.values(), key=lambda n: n.node_id)
         ]
         deployments = []
-        for name, d in sorted(self.deployments.items()):
+        for name in self.published_names():
+            d = self.settings(name)
             reps = sorted((r for r in self.replicas.values() if r.deployment == name), key=lambda r: r.order)
+            adopted = name not in self.deployments
             deployments.append(
                 {
                     "name": name,
+                    "adopted": adopted,  # run by agents, unknown to this head's database
                     "engine": d.engine,
                     "engine_args": d.engine_args,
-                    "replicas": d.replicas,
+                    "replicas": len(reps) if adopted else d.replicas,
                     "max_concurrency": d.max_concurrency,
+                    "first_token_timeout_s": d.first_token_timeout_s,
+                    "idle_timeout_s": d.idle_timeout_s,
+                    "max_model_len": self.max_model_len(name),
                     "ready": sum(1 for r in reps if r.state is ReplicaState.READY and not r.stopping),
                     "replicas_list": [
                         {
                             "id": r.replica_id,
                             "node": r.node_id,
                             "state": self.shown_state(r).value,
+                            "healthy": r.healthy,
                             "addr": r.grpc_address,
                             "load": r.load.to_wire(),
                         }
@@ -313,4 +453,4 @@ class ClusterState:
                     ],
                 }
             )
-        return {"nodes": nodes, "deployments": deployments}
+        return {"synced": self.synced, "nodes": nodes, "deployments": deployments}

@@ -1,4 +1,5 @@
-"""The head's persistent state in SQLite: the desired deployments and the epoch (incremented at every start).
+"""The head's persistent state in SQLite: the desired deployments, the epoch (incremented at every start) and the
+ids of the nodes that registered (a restarted head waits for them before it acts).
 
 Every write is its own committed transaction, so a head killed at any point restarts from what it acknowledged.
 """
@@ -38,6 +39,7 @@ CREATE TABLE IF NOT EXISTS deployments (
     first_token_timeout_s REAL NOT NULL,
     idle_timeout_s REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS nodes (node_id TEXT PRIMARY KEY);
 """
 # Columns added after the first release: a database written before them gains them, with their defaults.
 _ADDED_COLUMNS = {
@@ -99,6 +101,15 @@ class Store:
 
     def delete_deployment(self, name: str) -> None:
         self._db.execute("DELETE FROM deployments WHERE name = ?", (name,))
+
+    def load_nodes(self) -> frozenset[str]:
+        return frozenset(row[0] for row in self._db.execute("SELECT node_id FROM nodes"))
+
+    def add_node(self, node_id: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO nodes (node_id) VALUES (?)", (node_id,))
+
+    def forget_node(self, node_id: str) -> None:
+        self._db.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,))
 
     def close(self) -> None:
         self._db.close()

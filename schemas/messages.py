@@ -19,6 +19,7 @@ MAX_PAYLOAD_BYTES = 4 * 1024 * 1024  # any bus payload larger than this is refus
 # for a long prefill on a slow machine; they exist to end streams on a replica that hangs, not to shape latency.
 DEFAULT_FIRST_TOKEN_TIMEOUT_S = 120.0  # from the call's start to its first token
 DEFAULT_IDLE_TIMEOUT_S = 60.0  # between two tokens
+DEFAULT_MAX_CONCURRENCY = 256  # a replica's open requests, unless `tokenbus deploy --max-concurrency` sets it
 
 
 class MessageError(ValueError):

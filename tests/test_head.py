@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +25,8 @@ from controlplane_helpers import (
 )
 
 from bus.admin import AdminError
-from head.server import PUBLISH_MIN_INTERVAL_S, Head
+from bus.snapshot_pub import SnapshotPublisher
+from head.server import PUBLISH_MIN_INTERVAL_S, RECONCILE_INTERVAL_S, Head
 from schemas.messages import (
     DEFAULT_FIRST_TOKEN_TIMEOUT_S,
     DEFAULT_IDLE_TIMEOUT_S,
@@ -112,8 +114,16 @@ async def test_deploy_places_a_replica_and_ready_makes_it_routable(tmp_path: Pat
         (dep,) = status["deployments"]
         assert (dep["name"], dep["replicas"], dep["ready"]) == ("demo", 1, 1)
         assert dep["replicas_list"] == [
-            {"id": rid, "node": "n1", "state": "READY", "addr": "127.0.0.1:4001", "load": load.to_wire()}
+            {
+                "id": rid,
+                "node": "n1",
+                "state": "READY",
+                "healthy": True,
+                "addr": "127.0.0.1:4001",
+                "load": load.to_wire(),
+            }
         ]
+        assert status["synced"] and status["head_id"] == head.head_id and not dep["adopted"]
 
 
 async def test_a_stream_of_load_reports_coalesces_into_few_snapshot_versions(tmp_path: Path) -> None:
@@ -150,21 +160,68 @@ async def test_placement_picks_the_node_with_most_free_slots(tmp_path: Path) -> 
         assert {n["node_id"]: n["used_slots"] for n in status["nodes"]} == {"big": 3, "small": 1}
 
 
-async def test_lost_agent_replicas_leave_the_snapshot_and_are_replaced(tmp_path: Path) -> None:
-    async with running_head(tmp_path / "head.db") as head, agent(head, "a") as a, subscriber(head) as sub:
+async def test_a_lost_node_keeps_its_replicas_for_the_grace_then_they_are_replaced(tmp_path: Path) -> None:
+    grace_s = 1.5
+    async with (
+        running_head(tmp_path / "head.db", node_grace_s=grace_s) as head,
+        agent(head, "a") as a,
+        subscriber(head) as sub,
+    ):
         await admin(head.router_endpoint, "deploy", SIM)
         rid = (await a.expect(StartReplica)).replica_id
         await a.report(replica_status(rid, "demo", ReplicaState.READY, "127.0.0.1:4001"))
         await sub.wait_for(lambda s: rid in replicas_of(s, "demo"), timeout=10)
 
         async with agent(head, "b") as b:
-            a.stop_heartbeats()  # a falls silent: lost after 3 intervals, its replica leaves the snapshot
-            await sub.wait_for(lambda s: rid not in replicas_of(s, "demo"), timeout=10)
-            replacement = await b.expect(StartReplica)
+            a.stop_heartbeats()  # a falls silent: lost after 3 intervals, but its replica stays for the grace
+
+            async def a_lost() -> bool:
+                status = await admin(head.router_endpoint, "status")
+                return {n["node_id"]: n["alive"] for n in status["nodes"]} == {"a": False, "b": True}
+
+            await wait_until(a_lost, what="node a lost")
+            lost_at = time.monotonic()
+            assert rid in replicas_of(sub.snapshot, "demo")  # still routed: the proxies' retries cover a dead one
+            replacement = await b.expect(StartReplica)  # only once the grace is over
+            assert time.monotonic() - lost_at >= grace_s - 2 * TEST_HEARTBEAT_S  # the loss showed up to a beat late
             assert replacement.deployment == "demo" and replacement.replica_id != rid
+            await sub.wait_for(lambda s: rid not in replicas_of(s, "demo"), timeout=10)
+
+
+async def test_an_agent_back_within_the_grace_changes_nothing(tmp_path: Path) -> None:
+    async with running_head(tmp_path / "head.db", node_grace_s=60.0) as head, subscriber(head) as sub:
+        a = FakeAgent(head.router_endpoint, "a")
+        try:
+            await a.register()
+            a.start_heartbeats()
+            await admin(head.router_endpoint, "deploy", SIM)
+            rid = (await a.expect(StartReplica)).replica_id
+            ready = replica_status(rid, "demo", ReplicaState.READY, "127.0.0.1:4001")
+            await a.report(ready)
+            before = await sub.wait_for(lambda s: rid in replicas_of(s, "demo"), timeout=10)
+            a.stop_heartbeats()  # the agent dies; its replica goes on serving
+            a.close()
+
+            async def a_lost() -> bool:
+                status = await admin(head.router_endpoint, "status")
+                return [n["alive"] for n in status["nodes"]] == [False]
+
+            await wait_until(a_lost, what="node a lost")
+            a = FakeAgent(head.router_endpoint, "a")  # the restarted agent, a new peer, re-adopts its replica
+            a.replicas[rid] = ready
+            await a.register((ready,))
+            a.start_heartbeats()
             status = await admin(head.router_endpoint, "status")
-            alive = {n["node_id"]: n["alive"] for n in status["nodes"]}
-            assert alive == {"a": False, "b": True}
+            assert [n["alive"] for n in status["nodes"]] == [True]
+            assert [r["id"] for r in status["deployments"][0]["replicas_list"]] == [rid]
+            # nothing was started nor stopped: the next messages it gets are heartbeats only
+            deadline = time.monotonic() + 10 * TEST_HEARTBEAT_S
+            while (remaining := deadline - time.monotonic()) > 0:
+                if await a.sock.poll(remaining * 1000, zmq.POLLIN):
+                    assert isinstance(decode(await a.sock.recv_multipart()), Heartbeat)
+            assert replicas_of(sub.snapshot, "demo") == replicas_of(before, "demo")
+        finally:
+            a.close()
 
 
 async def test_scale_down_stops_starting_replicas_first_then_the_newest(tmp_path: Path) -> None:
@@ -215,52 +272,129 @@ async def test_agent_list_is_the_truth_for_its_replicas(tmp_path: Path) -> None:
         await sub.wait_for(lambda s: rid not in replicas_of(s, "demo"), timeout=10)
 
 
-async def test_restart_keeps_deployments_adopts_replicas_and_versions_grow(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+class AnsweringAgent:
+    """A fake agent that outlives a head as a real one does: it heartbeats the replicas it runs, registers again
+    (with them) when a head asks it to, and records every command it is sent."""
+
+    def __init__(self, fake: FakeAgent) -> None:
+        self.fake = fake
+        self.commands: list[StartReplica | StopReplica] = []
+        self._task = asyncio.create_task(self._serve(), name=f"answering-{fake.node_id}")
+
+    async def _serve(self) -> None:
+        while True:
+            msg = decode(await self.fake.sock.recv_multipart())
+            if isinstance(msg, Reregister):
+                replicas = tuple(self.fake.replicas.values())
+                await self.fake.send(
+                    Register(self.fake.node_id, "127.0.0.1", self.fake.cpu_slots, 0, 1 << 30, replicas)
+                )
+            elif isinstance(msg, (StartReplica, StopReplica)):
+                self.commands.append(msg)
+
+    def close(self) -> None:
+        self._task.cancel()
+        self.fake.close()
+
+
+@contextlib.asynccontextmanager
+async def two_agents_with_ready_replicas(
+    db: Path, endpoints: dict[str, str]
+) -> AsyncIterator[tuple[list[AnsweringAgent], int]]:
+    """A head on `db` deploys `demo` x2 across two agents, both READY (started at different times); the head is
+    then stopped, and the agents (still running their replicas and heartbeating) and its epoch are yielded."""
+    agents: list[AnsweringAgent] = []
+    try:
+        async with running_head(db, **endpoints) as head1, subscriber(head1) as sub:
+            fakes = [FakeAgent(head1.router_endpoint, node) for node in ("n1", "n2")]
+            for fake in fakes:
+                await fake.register()
+                fake.start_heartbeats()  # they go on across the restart
+            await admin(head1.router_endpoint, "deploy", {**SIM, "replicas": 2})
+            for i, fake in enumerate(fakes):
+                rid = (await fake.expect(StartReplica)).replica_id
+                status = replica_status(rid, "demo", ReplicaState.READY, f"127.0.0.1:400{i}")
+                await fake.report(dataclasses.replace(status, started_at=1000.0 + i))
+                agents.append(AnsweringAgent(fake))
+            await sub.wait_for(lambda s: len(s.replicas("demo")) == 2, timeout=10)
+            epoch = head1.epoch
+        yield agents, epoch
+    finally:
+        for a in agents:
+            a.close()
+
+
+def record_publishes(monkeypatch: pytest.MonkeyPatch) -> list[Snapshot]:
+    """Every snapshot any in-process head publishes from now on, in order."""
+    published: list[Snapshot] = []
+    publish = SnapshotPublisher.publish
+
+    async def recording(self: SnapshotPublisher, snapshot: Snapshot) -> None:
+        published.append(snapshot)
+        await publish(self, snapshot)
+
+    monkeypatch.setattr(SnapshotPublisher, "publish", recording)
+    return published
+
+
+async def quiet_reconcile_passes(head: Head, passes: int = 6) -> None:
+    """Lets the head's reconcile run several times after its view synced (a window in which a wrong decision
+    would have been sent)."""
+    await wait_until(lambda: head.synced, what="the head's view synced")
+    await asyncio.sleep(passes * RECONCILE_INTERVAL_S)  # an observation window, not a synchronisation
+
+
+async def test_a_restart_on_the_same_database_waits_for_its_agents_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db = tmp_path / "head.db"
-    # ipc endpoints: the restarted head binds the very same addresses, so one subscriber spans both heads
+    # ipc endpoints: the restarted head binds the very same addresses, which the agents keep talking to
     endpoints = {"router": f"ipc://{tmp_path}/router", "pub": f"ipc://{tmp_path}/pub"}
-    sub_cm = None
-    async with running_head(db, **endpoints) as head1:
-        sub_cm = subscriber(head1)
-        sub = await sub_cm.__aenter__()
-        n1 = FakeAgent(head1.router_endpoint, "n1")
-        await n1.register()
-        n1.start_heartbeats()  # they go on across the restart
-        await admin(head1.router_endpoint, "deploy", SIM)
-        rid = (await n1.expect(StartReplica)).replica_id
-        ready = replica_status(rid, "demo", ReplicaState.READY, "127.0.0.1:4001")
-        await n1.report(ready)
-        before = await sub.wait_for(lambda s: rid in replicas_of(s, "demo"), timeout=10)
-        epoch1 = head1.epoch
-    try:
-        async with running_head(db, **endpoints) as head2:
+    async with two_agents_with_ready_replicas(db, endpoints) as (agents, epoch1):
+        rids = sorted(r for a in agents for r in a.fake.replicas)
+        published = record_publishes(monkeypatch)
+        async with running_head(db, **endpoints) as head2, subscriber(head2) as sub:
             assert head2.epoch == epoch1 + 1
-            after = await sub.wait_for(lambda s: s.epoch == head2.epoch, timeout=10)
-            assert after.version > before.version
-            assert list(after.deployments) == ["demo"] and after.replicas("demo") == ()  # persisted; no replica yet
-
-            # the agent's heartbeat reaches a head that does not know it: logged, and answered with REREGISTER
-            with caplog.at_level(logging.INFO, logger="head"):
-                await wait_until(lambda: any("from unknown node n1" in r.getMessage() for r in caplog.records))
-            assert decode(await n1.sock.recv_multipart()) == Reregister("n1")
-
-            # re-registers listing what it still runs (past the REREGISTERs its beats drew meanwhile): adopted
-            await n1.send(Register("n1", "127.0.0.1", n1.cpu_slots, 0, 1 << 30, (ready,)))
-            await n1.expect(RegisterAck, skip=(Heartbeat, Reregister))
-            adopted = await sub.wait_for(lambda s: rid in replicas_of(s, "demo"), timeout=10)
-            assert adopted.version > after.version
+            held = await sub.wait_for(lambda s: s.head_id == head2.head_id, timeout=10)
+            await quiet_reconcile_passes(head2)
+            # its very first table already lists every replica the agents run: nothing empty reached a proxy
+            assert published and all(sorted(r.replica_id for r in s.replicas("demo")) == rids for s in published)
+            assert [s.version for s in published] == sorted({s.version for s in published})
+            assert held.version >> 32 == head2.epoch
+            assert [a.commands for a in agents] == [[], []]  # no duplicate started, no warm replica stopped
             status = await admin(head2.router_endpoint, "status")
-            assert [d["replicas_list"][0]["id"] for d in status["deployments"]] == [rid]
-            # adopted, so nothing new is started: after the REREGISTERs answering beats sent before it registered,
-            # the next message the agent gets is a head heartbeat
-            while isinstance(msg := decode(await n1.sock.recv_multipart()), Reregister):
-                pass
-            assert isinstance(msg, Heartbeat)
-    finally:
-        n1.close()
-        await sub_cm.__aexit__(None, None, None)
+            (dep,) = status["deployments"]
+            assert (dep["name"], dep["adopted"], dep["ready"]) == ("demo", False, 2)
+
+
+async def test_a_head_on_a_fresh_database_adopts_what_runs_and_keeps_it_until_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    endpoints = {"router": f"ipc://{tmp_path}/router", "pub": f"ipc://{tmp_path}/pub"}
+    async with two_agents_with_ready_replicas(tmp_path / "lost.db", endpoints) as (agents, _):
+        rids = sorted(r for a in agents for r in a.fake.replicas)
+        published = record_publishes(monkeypatch)
+        async with running_head(tmp_path / "fresh.db", **endpoints) as head2:
+            assert head2.epoch == 1  # its versions are below anything the proxies hold
+            await quiet_reconcile_passes(head2)
+            assert published and all(sorted(r.replica_id for r in s.replicas("demo")) == rids for s in published)
+            assert [a.commands for a in agents] == [[], []]  # adopted and kept, not stopped as undeployed
+            status = await admin(head2.router_endpoint, "status")
+            (dep,) = status["deployments"]
+            assert (dep["name"], dep["adopted"], dep["replicas"], dep["ready"]) == ("demo", True, 2, 2)
+
+            # deploying the name takes the replicas over: 1 desired, so the one started last is stopped
+            await admin(head2.router_endpoint, "deploy", {**SIM, "replicas": 1})
+            await wait_until(lambda: any(a.commands for a in agents), what="a stop")
+            assert agents[0].commands == [] and agents[1].commands == [StopReplica(rids_of(agents[1])[0], drain=True)]
+            # deleting it stops the rest
+            await admin(head2.router_endpoint, "delete", {"name": "demo"})
+            await wait_until(lambda: agents[0].commands, what="the other stop")
+            assert agents[0].commands == [StopReplica(rids_of(agents[0])[0], drain=True)]
+
+
+def rids_of(agent: AnsweringAgent) -> list[str]:
+    return list(agent.fake.replicas)
 
 
 async def test_bad_frames_are_logged_with_the_peer_and_do_not_hurt_the_head(
@@ -321,13 +455,22 @@ async def test_admin_validation_errors(tmp_path: Path, op: str, args: dict, erro
         assert [(d["name"], d["replicas"]) for d in status["deployments"]] == [("demo", 1)]  # nothing changed
 
 
-async def test_snapshot_request_is_answered_with_the_current_snapshot(tmp_path: Path) -> None:
+async def test_snapshot_request_is_answered_once_the_view_has_synced(tmp_path: Path) -> None:
     async with running_head(tmp_path / "head.db") as head:
         await admin(head.router_endpoint, "deploy", SIM)
         peer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         peer.setsockopt(zmq.LINGER, 0)
         peer.connect(head.router_endpoint)
         try:
+            # a new head waits for agents before it has a table: the request is not answered (the subscriber
+            # asks again), as the status asked right after it shows
+            await peer.send_multipart(SnapshotRequest(0).encode())
+            await peer.send_multipart(AdminRequest(1, "status").encode())
+            assert await peer.poll(10_000, zmq.POLLIN)
+            reply = decode(await peer.recv_multipart())
+            assert isinstance(reply, AdminReply) and reply.data["synced"] is False
+
+            await wait_until(lambda: head.synced, what="the head's view synced")
             await peer.send_multipart(SnapshotRequest(0).encode())
             assert await peer.poll(10_000, zmq.POLLIN)
             snap = decode(await peer.recv_multipart())

@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 
 from bus.endpoints import DEFAULT_ROUTER as DEFAULT_HEAD
+from schemas.messages import DEFAULT_FIRST_TOKEN_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONCURRENCY
 from tools.arg_types import non_negative_int, positive_int
 from tools.status_view import status_tables
 
@@ -27,6 +28,14 @@ def parse_engine_arg(text: str) -> tuple[str, Any]:
         return key, raw
 
 
+def seconds(text: str) -> float:
+    """A stream timeout: >= 0, where 0 means no limit."""
+    value = float(text)
+    if not value >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = no limit), got {text}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", default=DEFAULT_HEAD, help=f"the head's ROUTER endpoint (default {DEFAULT_HEAD})")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for the head")
@@ -37,7 +46,24 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("--engine", default="sim", choices=("sim", "vllm"))
     p.add_argument("--replicas", type=non_negative_int, default=1)
-    p.add_argument("--max-concurrency", type=positive_int, default=256, help="open requests per replica")
+    p.add_argument(
+        "--max-concurrency", type=positive_int, default=DEFAULT_MAX_CONCURRENCY, help="open requests per replica"
+    )
+    p.add_argument(
+        "--first-token-timeout",
+        type=seconds,
+        default=DEFAULT_FIRST_TOKEN_TIMEOUT_S,
+        metavar="S",
+        help="the proxy ends a stream with an error when no token came in S seconds (0 = no limit; "
+        f"default {DEFAULT_FIRST_TOKEN_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=seconds,
+        default=DEFAULT_IDLE_TIMEOUT_S,
+        metavar="S",
+        help=f"... or when S seconds pass between two tokens (0 = no limit; default {DEFAULT_IDLE_TIMEOUT_S:g})",
+    )
     p.add_argument(
         "--engine-arg",
         action="append",
@@ -94,6 +120,8 @@ def deploy(opts: argparse.Namespace) -> int:
         "engine_args": dict(opts.engine_arg),
         "replicas": opts.replicas,
         "max_concurrency": opts.max_concurrency,
+        "first_token_timeout_s": opts.first_token_timeout,
+        "idle_timeout_s": opts.idle_timeout,
     }
     if _call(opts, "deploy", args, console) is None:
         return 1
