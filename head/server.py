@@ -280,7 +280,7 @@ class Head:
         """Publishes a new version if the routing table changed since the last; returns whether it did. Nothing
         before the view has synced: a table lacking the replicas agents have yet to report would black-hole them."""
         assert self._publisher is not None
-        if not self._state.synced:
+        if not self._state.check_synced(time.monotonic()):
             return False
         table = self._state.routing_table()
         if table == self._table:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,9 +25,13 @@ from controlplane_helpers import (
     wait_until,
 )
 
+import head.reconcile as head_reconcile
+import head.server as head_server
 from bus.admin import AdminError
 from bus.snapshot_pub import SnapshotPublisher
 from head.server import PUBLISH_MIN_INTERVAL_S, RECONCILE_INTERVAL_S, Head
+from head.state import ClusterState
+from head.store import Deployment, Store
 from schemas.messages import (
     DEFAULT_FIRST_TOKEN_TIMEOUT_S,
     DEFAULT_IDLE_TIMEOUT_S,
@@ -489,3 +494,133 @@ async def test_unplaceable_replicas_wait_for_a_node(tmp_path: Path) -> None:
             status = await admin(head.router_endpoint, "status")
             assert status["nodes"][0]["used_slots"] == 1
             assert len(status["deployments"][0]["replicas_list"]) == 1  # one slot: the second waits
+
+
+async def test_deployment_settings_and_context_length_reach_the_snapshot_and_status(tmp_path: Path) -> None:
+    spec = {**SIM, "replicas": 3, "first_token_timeout_s": 7.5, "idle_timeout_s": 0}
+    async with running_head(tmp_path / "head.db") as head, agent(head, "n1") as n1, subscriber(head) as sub:
+        await admin(head.router_endpoint, "deploy", spec)
+        ids = [(await n1.expect(StartReplica)).replica_id for _ in range(3)]
+        for i, (rid, context) in enumerate(zip(ids, (4096, 0, 2048), strict=True)):  # one has not said yet
+            ready = replica_status(rid, "demo", ReplicaState.READY, f"127.0.0.1:400{i}")
+            await n1.report(dataclasses.replace(ready, max_model_len=context))
+        snap = await sub.wait_for(lambda s: len(s.replicas("demo")) == 3, timeout=10)
+        settings = snap.deployments["demo"]
+        assert (settings.max_model_len, settings.first_token_timeout_s, settings.idle_timeout_s) == (2048, 7.5, 0.0)
+        (dep,) = (await admin(head.router_endpoint, "status"))["deployments"]
+        assert (dep["first_token_timeout_s"], dep["idle_timeout_s"], dep["max_model_len"]) == (7.5, 0.0, 2048)
+    async with running_head(tmp_path / "head.db") as head:  # persisted
+        (dep,) = (await admin(head.router_endpoint, "status"))["deployments"]
+        assert (dep["first_token_timeout_s"], dep["idle_timeout_s"]) == (7.5, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ({"first_token_timeout_s": -1}, "first_token_timeout_s must be between 0 (no limit) and 86400"),
+        ({"idle_timeout_s": 1e9}, "idle_timeout_s must be between 0 (no limit) and 86400"),
+        ({"idle_timeout_s": "5"}, "idle_timeout_s must be a number of seconds, got str"),
+        ({"first_token_timeout_s": True}, "first_token_timeout_s must be a number of seconds, got bool"),
+        ({"idle_timeout_s": float("nan")}, "idle_timeout_s must be between"),
+    ],
+)
+async def test_timeout_validation(tmp_path: Path, args: dict, error: str) -> None:
+    async with running_head(tmp_path / "head.db") as head:
+        with pytest.raises(AdminError) as info:
+            await admin(head.router_endpoint, "deploy", {**SIM, **args})
+        assert error in str(info.value)
+
+
+def test_a_database_from_before_the_timeouts_opens_with_the_defaults(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.executescript(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+            "CREATE TABLE deployments (name TEXT PRIMARY KEY, engine TEXT NOT NULL, engine_args TEXT NOT NULL,"
+            " replicas INTEGER NOT NULL, max_concurrency INTEGER NOT NULL);"
+            "INSERT INTO meta VALUES ('epoch', 4);"
+            """INSERT INTO deployments VALUES ('old', 'sim', '{"seed": 1}', 2, 16);"""
+        )
+        conn.commit()
+    store = Store(db)
+    try:
+        assert store.next_epoch() == 5
+        (old,) = store.load_deployments()
+        assert old == Deployment(
+            "old", "sim", {"seed": 1}, 2, 16, DEFAULT_FIRST_TOKEN_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S
+        )
+        store.put_deployment(dataclasses.replace(old, idle_timeout_s=3.0))
+        store.add_node("n1")
+    finally:
+        store.close()
+    store = Store(db)  # opening a migrated database again changes nothing
+    try:
+        assert store.load_deployments()[0].idle_timeout_s == 3.0 and store.load_nodes() == {"n1"}
+    finally:
+        store.close()
+
+
+async def test_an_unhealthy_replica_is_unroutable_at_once_and_replaced_if_it_stays_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    replace_s = 1.0
+    monkeypatch.setattr(head_reconcile, "UNHEALTHY_REPLACE_S", replace_s)
+    async with running_head(tmp_path / "head.db") as head, agent(head, "n1") as n1, subscriber(head) as sub:
+        await admin(head.router_endpoint, "deploy", SIM)
+        rid = (await n1.expect(StartReplica)).replica_id
+        ready = replica_status(rid, "demo", ReplicaState.READY, "127.0.0.1:4001")
+        await n1.report(ready)
+        await sub.wait_for(lambda s: [r.healthy for r in s.replicas("demo")] == [True], timeout=10)
+
+        await n1.report(dataclasses.replace(ready, healthy=False))  # a stall, over before the replace time
+        await sub.wait_for(lambda s: [r.healthy for r in s.replicas("demo")] == [False], timeout=10)
+        await n1.report(ready)
+        await sub.wait_for(lambda s: [r.healthy for r in s.replicas("demo")] == [True], timeout=10)
+
+        await n1.report(dataclasses.replace(ready, healthy=False))  # and now for good
+        unhealthy_at = time.monotonic()
+        await sub.wait_for(lambda s: [r.healthy for r in s.replicas("demo")] == [False], timeout=10)
+        stop = await n1.expect(StopReplica)
+        assert stop == StopReplica(rid, drain=False) and time.monotonic() - unhealthy_at >= replace_s
+        replacement = await n1.expect(StartReplica)
+        assert replacement.deployment == "demo" and replacement.replica_id != rid
+
+
+async def test_the_loop_survives_failing_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reconcile and publish raise for a while: each failure is logged (one traceback per step), the head keeps
+    heartbeating its agent and answering, and once the fault is gone the deployment is placed and published."""
+    faulty = {"reconcile": True, "publish": True}
+    real_reconcile, real_table = head_server.reconcile, ClusterState.routing_table
+
+    def reconcile(state: ClusterState, now: float) -> list:
+        if faulty["reconcile"]:
+            raise RuntimeError("injected reconcile fault")
+        return real_reconcile(state, now)
+
+    def routing_table(self: ClusterState) -> dict:
+        if faulty["publish"]:
+            raise RuntimeError("injected publish fault")
+        return real_table(self)
+
+    monkeypatch.setattr(head_server, "reconcile", reconcile)
+    monkeypatch.setattr(ClusterState, "routing_table", routing_table)
+    with caplog.at_level(logging.INFO, logger="head"):
+        async with running_head(tmp_path / "head.db") as head, agent(head, "n1") as n1, subscriber(head) as sub:
+            await admin(head.router_endpoint, "deploy", SIM)
+            await wait_until(lambda: head.synced, what="the head's view synced")
+            await wait_until(lambda: len([r for r in caplog.records if "failed; going on" in r.getMessage()]) == 2)
+            # several liveness periods of failing steps: the agent is still alive to the head
+            await asyncio.sleep(4 * 3 * TEST_HEARTBEAT_S)  # an observation window, not a synchronisation
+            status = await admin(head.router_endpoint, "status")
+            assert [n["alive"] for n in status["nodes"]] == [True] and sub.snapshot is None
+
+            faulty["reconcile"] = faulty["publish"] = False
+            rid = (await n1.expect(StartReplica)).replica_id
+            await n1.report(replica_status(rid, "demo", ReplicaState.READY, "127.0.0.1:4001"))
+            await sub.wait_for(lambda s: rid in replicas_of(s, "demo"), timeout=10)
+    failures = [r for r in caplog.records if r.getMessage().startswith("head loop:")]
+    tracebacks = [r for r in failures if r.exc_info]
+    assert sorted(r.getMessage().split(":")[1].split()[0] for r in tracebacks) == ["publish", "reconcile"]
+    assert sum("works again" in r.getMessage() for r in failures) == 2
