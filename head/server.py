@@ -267,7 +267,8 @@ class Head:
         for node in list(self._state.nodes.values()):
             if node.alive:
                 await self._send(node.identity, [], Heartbeat(node.node_id))
-        for node_id in self._state.tick_liveness(now):
+        self._state.tick_liveness(now)
+        for node_id in self._state.take_forgotten():
             self._store.forget_node(node_id)
 
     # --- output --------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ log = logging.getLogger("head")
 # a replica the head started but no agent report has mentioned after this long is taken as never started
 # (its StartReplica was lost); several heartbeat intervals, so a report in flight is never overtaken
 UNCONFIRMED_GRACE_INTERVALS = 5
-FORGET_LOST_NODE_S = 300.0  # a lost node stays listed (alive=false) in status this long
+FORGET_LOST_NODE_S = 300.0  # a lost node stays listed (alive=false) in status this long (and past its grace)
 RESTART_BACKOFF_FIRST_S = 1.0  # a deployment whose replica crashed waits this long before the next start...
 RESTART_BACKOFF_MAX_S = 30.0  # ...doubling per crash up to this, until one of its replicas is READY
 # A starting head waits at most this many liveness periods (liveness x heartbeat) for the nodes it knew: long
@@ -114,6 +114,7 @@ class ClusterState:
         self.node_grace_s = node_grace_s
         self.known_nodes = set(known_nodes)  # every node that registered with this database (persisted)
         self._awaited = frozenset(known_nodes)  # those known at the start: the sync waits for them
+        self._forgotten: list[str] = []  # nodes no longer known, for the store to drop (take_forgotten)
         self._started = now
         self.sync_deadline = now + SYNC_GRACE_LIVENESS_PERIODS * liveness * heartbeat_s
         self.synced = False
@@ -129,6 +130,9 @@ class ClusterState:
         if now < self.sync_deadline and (missing or not self._awaited):  # nobody known: wait the grace out
             return False
         self.synced = True
+        for node_id in missing:  # gone for good, or back later (registering makes it known again)
+            self.known_nodes.discard(node_id)
+            self._forgotten.append(node_id)
         log.info(
             "view synced after %.1f s: %d nodes registered%s; %d replicas adopted%s",
             now - self._started,
@@ -179,17 +183,21 @@ class ClusterState:
         node.liveness.heard()
         node.last_seen = now
 
-    def tick_liveness(self, now: float) -> list[str]:
-        """One heartbeat interval passed: marks the nodes lost by it; returns the ids of lost nodes now forgotten.
+    def take_forgotten(self) -> list[str]:
+        """The nodes forgotten since the last call: a later head need not wait for them."""
+        forgotten, self._forgotten = self._forgotten, []
+        return forgotten
+
+    def tick_liveness(self, now: float) -> None:
+        """One heartbeat interval passed: marks the nodes lost by it, forgets those lost long ago.
 
         A lost node's replicas stay (see `release_lost_nodes`): its agent may be restarting while they serve."""
-        forgotten = []
         for node in list(self.nodes.values()):
             if not node.alive:
-                if now - node.lost_at > FORGET_LOST_NODE_S:
+                if node.released and now - node.lost_at > FORGET_LOST_NODE_S:
                     del self.nodes[node.node_id]
                     self.known_nodes.discard(node.node_id)
-                    forgotten.append(node.node_id)
+                    self._forgotten.append(node.node_id)
                 continue
             if node.liveness.tick():
                 node.alive = False
@@ -203,7 +211,6 @@ class ClusterState:
                     ", ".join(kept) or "none",
                     self.node_grace_s,
                 )
-        return forgotten
 
     def release_lost_nodes(self, now: float) -> None:
         """Removes the replicas of nodes lost for longer than the grace, so that reconcile replaces them."""

@@ -358,6 +358,8 @@ async def test_a_restart_on_the_same_database_waits_for_its_agents_and_changes_n
     async with two_agents_with_ready_replicas(db, endpoints) as (agents, epoch1):
         rids = sorted(r for a in agents for r in a.fake.replicas)
         published = record_publishes(monkeypatch)
+        with contextlib.closing(Store(db)) as store:
+            assert store.load_nodes() == {"n1", "n2"}  # whom the next head waits for
         async with running_head(db, **endpoints) as head2, subscriber(head2) as sub:
             assert head2.epoch == epoch1 + 1
             held = await sub.wait_for(lambda s: s.head_id == head2.head_id, timeout=10)

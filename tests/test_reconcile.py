@@ -243,3 +243,20 @@ def test_an_adopted_deployment_whose_replicas_are_gone_leaves_the_table() -> Non
     reports("a", status("g1", ReplicaState.EXITED, deployment="ghost"))(state, T0 + SYNC_GRACE_S + 2)
     reconcile(state, T0 + SYNC_GRACE_S + 2)
     assert state.routing_table() == {} and state.adopted == set()
+
+
+def test_the_sync_ends_once_every_known_node_registered() -> None:
+    state = ClusterState([demo(1)], HEARTBEAT_S, LIVENESS, now=T0, known_nodes=frozenset({"a", "b"}))
+    registers("a")(state, T0 + 0.1)
+    assert not state.check_synced(T0 + 0.1)
+    registers("b")(state, T0 + 0.2)
+    assert state.check_synced(T0 + 0.2) and state.take_forgotten() == []
+
+
+def test_a_known_node_that_does_not_return_in_the_grace_is_forgotten() -> None:
+    state = ClusterState([demo(1)], HEARTBEAT_S, LIVENESS, now=T0, known_nodes=frozenset({"a", "gone"}))
+    registers("a")(state, T0)
+    assert not state.check_synced(T0 + SYNC_GRACE_S - 0.1)
+    assert state.check_synced(T0 + SYNC_GRACE_S)
+    assert state.take_forgotten() == ["gone"] and state.known_nodes == {"a"}
+    assert state.take_forgotten() == []
