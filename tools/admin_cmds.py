@@ -49,10 +49,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--max-concurrency", type=positive_int, default=DEFAULT_MAX_CONCURRENCY, help="open requests per replica"
     )
+    # unset: the head applies its default (schemas/messages.py), as for any deploy request without them
     p.add_argument(
         "--first-token-timeout",
         type=seconds,
-        default=DEFAULT_FIRST_TOKEN_TIMEOUT_S,
         metavar="S",
         help="the proxy ends a stream with an error when no token came in S seconds (0 = no limit; "
         f"default {DEFAULT_FIRST_TOKEN_TIMEOUT_S:g})",
@@ -60,7 +60,6 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--idle-timeout",
         type=seconds,
-        default=DEFAULT_IDLE_TIMEOUT_S,
         metavar="S",
         help=f"... or when S seconds pass between two tokens (0 = no limit; default {DEFAULT_IDLE_TIMEOUT_S:g})",
     )
@@ -114,15 +113,16 @@ def _call(opts: argparse.Namespace, op: str, args: dict[str, Any], console: Cons
 
 def deploy(opts: argparse.Namespace) -> int:
     console = Console()
-    args = {
+    args: dict[str, Any] = {
         "name": opts.name,
         "engine": opts.engine,
         "engine_args": dict(opts.engine_arg),
         "replicas": opts.replicas,
         "max_concurrency": opts.max_concurrency,
-        "first_token_timeout_s": opts.first_token_timeout,
-        "idle_timeout_s": opts.idle_timeout,
     }
+    for key, value in (("first_token_timeout_s", opts.first_token_timeout), ("idle_timeout_s", opts.idle_timeout)):
+        if value is not None:
+            args[key] = value
     if _call(opts, "deploy", args, console) is None:
         return 1
     console.print(f"deployment [bold]{opts.name}[/bold]: {opts.replicas} x {opts.engine} {args['engine_args']}")
