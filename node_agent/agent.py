@@ -1,13 +1,18 @@
-"""The agent: the replicas this node runs (one ReplicaProcess each), driven by the head's commands."""
+"""The agent: the replicas this node runs (one ReplicaProcess each), driven by the head's commands, and re-adopted
+from its state directory when it restarts."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 from node_agent.head_link import HeadLink
-from node_agent.replica_process import TERM_GRACE_S, ReplicaProcess
+from node_agent.replica_process import RPC_TIMEOUT_S, TERM_GRACE_S, ReplicaProcess
+from node_agent.state import REPLICA_ID_RE, ReplicaRecord, StateDir
 from schemas.messages import ReplicaEvent, ReplicaState, ReplicaStatus, StartReplica, StopReplica
 
 log = logging.getLogger("node_agent")
@@ -19,10 +24,12 @@ LOAD_POLL_S = 0.25
 
 
 class Agent:
-    def __init__(self, node_id: str, host: str, bin_dir: Path) -> None:
+    def __init__(self, node_id: str, host: str, bin_dir: Path, state: StateDir, orphan_timeout_s: float | None) -> None:
         self.node_id = node_id
         self._host = host
         self._bin_dir = bin_dir
+        self._state = state
+        self._orphan_timeout_s = orphan_timeout_s
         self._link: HeadLink | None = None
         self._replicas: dict[str, ReplicaProcess] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -35,39 +42,110 @@ class Agent:
         return tuple(r.status() for r in self._replicas.values() if r.state is not ReplicaState.EXITED)
 
     def on_command(self, msg: StartReplica | StopReplica) -> None:
-        if isinstance(msg, StartReplica):
-            self._start(msg)
-        else:
-            self._stop(msg)
+        """Handles one command from the head; a failure is logged and reported, and the agent goes on."""
+        try:
+            if isinstance(msg, StartReplica):
+                self._start(msg)
+            else:
+                self._stop(msg)
+        except Exception as e:
+            log.exception("%s for replica %s failed", type(msg).__name__, msg.replica_id)
+            if msg.replica_id not in self._replicas:  # nothing runs for it: the head must not wait for it
+                self._report_exited(msg.replica_id, f"the agent could not handle {type(msg).__name__}: {e!r}")
+
+    async def adopt(self) -> None:
+        """Re-adopts the replicas a previous agent left in the state directory that still serve; ends the others and
+        removes their entries. Called once, before the first Register, so that it lists them."""
+        records = self._state.load_all()
+        if not records:
+            return
+        log.info("found %d replicas in the state directory %s", len(records), self._state.path)
+        verdicts = await asyncio.gather(*(self._serving(r) for r in records))
+        ending = []
+        for record, max_model_len in zip(records, verdicts, strict=True):
+            rid = record.replica_id
+            if max_model_len is None:  # its processes are gone: nothing to end (their pids may be reused)
+                self._state.remove(rid)
+                continue
+            try:
+                replica = ReplicaProcess.adopt(record, max(max_model_len, 0), **self._replica_args())
+            except (
+                Exception
+            ):  # a record this agent cannot use (a bad spec): leave its processes to their orphan timeout
+                log.exception("replica %s: cannot re-adopt it; removing its state entry", rid)
+                self._state.remove(rid)
+                continue
+            if max_model_len < 0:
+                ending.append(replica.discard())
+            else:
+                log.info("replica %s of %s re-adopted, serving on %s", rid, replica.deployment, record.address)
+                self._run(replica)
+        await asyncio.gather(*ending)
+
+    async def _serving(self, record: ReplicaRecord) -> int | None:
+        """Its max_model_len if it answers Health serving; -1 if its processes live but it does not serve (it is to be
+        ended); None if they are gone."""
+        rid = record.replica_id
+        if not record.alive():
+            log.info("replica %s: its processes are gone; removing its state entry", rid)
+            return None
+        if not record.address:
+            log.info("replica %s: it had not listened yet when its agent stopped; ending it", rid)
+            return -1
+        from schemas.rpc import pb, pb_grpc
+
+        try:
+            async with grpc.aio.insecure_channel(record.address) as channel:
+                health = await pb_grpc.ReplicaStub(channel).Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            log.info("replica %s: Health on %s failed (%s); ending it", rid, record.address, e.code().name)
+            return -1
+        if not health.serving:
+            log.info("replica %s: its engine is not serving; ending it", rid)
+            return -1
+        return int(health.max_model_len)
+
+    def _replica_args(self) -> dict[str, Any]:
+        return {
+            "host": self._host,
+            "bin_dir": self._bin_dir,
+            "state": self._state,
+            "orphan_timeout_s": self._orphan_timeout_s,
+            "stats_interval_s": LOAD_POLL_S,
+            "on_change": self._changed,
+            "on_update": self._updated,
+        }
 
     def _start(self, msg: StartReplica) -> None:
         rid = msg.replica_id
         if rid in self._replicas:
             log.info("StartReplica %s: already running here, ignored", rid)
             return
-        assert self._link is not None
+        if not REPLICA_ID_RE.fullmatch(rid):
+            log.warning("StartReplica refused: replica id %r is not of the form %s", rid, REPLICA_ID_RE.pattern)
+            self._report_exited(rid, f"refused: a replica id must match {REPLICA_ID_RE.pattern}")
+            return
         log.info("starting replica %s of %s (engine %s %s)", rid, msg.deployment, msg.engine, msg.engine_args)
-        replica = ReplicaProcess(
-            msg,
-            host=self._host,
-            bin_dir=self._bin_dir,
-            stats_interval_s=LOAD_POLL_S,
-            on_change=self._changed,
-            on_load=self._load_changed,
-        )
+        self._run(ReplicaProcess(msg, **self._replica_args()))
+
+    def _run(self, replica: ReplicaProcess) -> None:
+        rid = replica.replica_id
         self._replicas[rid] = replica
         task = asyncio.create_task(replica.run(), name=f"replica-{rid}")
         self._tasks[rid] = task
         task.add_done_callback(lambda _: self._forget(rid))
+
+    def _report_exited(self, replica_id: str, detail: str) -> None:
+        if self._link is not None:
+            gone = ReplicaStatus(replica_id, "", ReplicaState.EXITED, detail=detail)
+            self._link.send(ReplicaEvent(self.node_id, gone))
 
     def _stop(self, msg: StopReplica) -> None:
         replica = self._replicas.get(msg.replica_id)
         if replica is None:
             # the head thinks it is here: tell it otherwise so it stops waiting for an exit
             log.info("StopReplica %s: not running here; reporting it exited", msg.replica_id)
-            if self._link is not None:
-                gone = ReplicaStatus(msg.replica_id, "", ReplicaState.EXITED, detail="not running on this node")
-                self._link.send(ReplicaEvent(self.node_id, gone))
+            self._report_exited(msg.replica_id, "not running on this node")
             return
         log.info("stopping replica %s (%s)", msg.replica_id, "drain" if msg.drain else "no drain")
         replica.stop(msg.drain, reason="stopped by the head")
@@ -79,7 +157,8 @@ class Agent:
         if self._link is not None:
             self._link.send(ReplicaEvent(self.node_id, replica.status()))
 
-    def _load_changed(self, replica: ReplicaProcess) -> None:
+    def _updated(self, replica: ReplicaProcess) -> None:
+        """Its load or its health verdict changed (the latter is logged by the replica)."""
         if self._link is not None:  # not logged: under load this is several times a second
             self._link.send(ReplicaEvent(self.node_id, replica.status()))
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
+from bus.bounded_recv import limit_frames, recv_bounded
 from bus.liveness import Liveness
 from schemas.messages import (
     Heartbeat,
@@ -81,14 +82,17 @@ class HeadLink:
         backoff = BACKOFF_FIRST_S
         while True:
             self._connect()
-            if await self._session():
-                backoff = BACKOFF_FIRST_S  # this session had registered: the head was fine, retry soon
-            log.warning(
-                "head at %s lost (silent for %d heartbeats); reconnecting in %.2f s",
-                self._endpoint,
-                self._liveness,
-                backoff,
-            )
+            try:
+                if await self._session():
+                    backoff = BACKOFF_FIRST_S  # this session had registered: the head was fine, retry soon
+                log.warning(
+                    "head at %s lost (silent for %d heartbeats); reconnecting in %.2f s",
+                    self._endpoint,
+                    self._liveness,
+                    backoff,
+                )
+            except Exception:  # a bug must not end the link for good: start over on a new socket, backing off
+                log.exception("the link to the head at %s failed; reconnecting in %.2f s", self._endpoint, backoff)
             self._close_socket()
             await asyncio.sleep(backoff)  # the backoff itself, not a synchronisation
             backoff = min(backoff * 2, BACKOFF_MAX_S)
@@ -112,7 +116,7 @@ class HeadLink:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing to a head that is not connected: stale beats are useless
-        sock.setsockopt(zmq.MAXMSGSIZE, 8 * 1024 * 1024)
+        limit_frames(sock)
         sock.connect(self._endpoint)
         self._sock = sock
         self.registered = False
@@ -136,11 +140,12 @@ class HeadLink:
             if await self._sock.poll(timeout * 1000, zmq.POLLIN):
                 while True:
                     try:
-                        frames = await self._sock.recv_multipart(flags=zmq.NOBLOCK)
+                        frames = await recv_bounded(self._sock, "agent-dealer", zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    liveness.heard()  # any message from the head counts
-                    registered_once |= self._on_frames(frames)
+                    liveness.heard()  # any message from the head counts, an oversized one too
+                    if frames is not None:  # None: over the size limit, dropped (counted and logged)
+                        registered_once |= self._on_frames(frames)
             if time.monotonic() < next_beat:
                 continue
             if not first and liveness.tick():

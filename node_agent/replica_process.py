@@ -2,9 +2,14 @@
 shared-memory rings, started, watched and stopped together.
 
 Lifecycle (one task, `run`): spawn both → STARTING → the binary's "LISTENING host:port" → gRPC Health until
-serving → READY → Stats every interval (the load for heartbeats) → on a stop: DRAINING until no call is in
-flight (bounded), then SIGTERM, SIGKILL after a grace → EXITED. Either process exiting on its own ends the
-other and the replica (EXITED with that exit code). Every state change is reported through `on_change`.
+serving → READY → Stats every interval (the load for heartbeats) and a health check every HEALTH_CHECK_S → on a
+stop: DRAINING until no call is in flight (bounded), then SIGTERM, SIGKILL after a grace → EXITED. Either process
+exiting on its own ends the other and the replica (EXITED with that exit code). Every state change is reported
+through `on_change`, a change of load or of the health verdict through `on_update`.
+
+Both processes run in sessions of their own and outlive the agent: the replica's pids, address and spec are kept in
+the state directory (node_agent/state.py) from the spawn until they have exited, and a restarted agent re-adopts a
+replica that still serves (`ReplicaProcess.adopt`), watching its processes by pidfd since they are not its children.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
+from node_agent.state import ReplicaRecord, StateDir, process_start_ticks
 from schemas.messages import ReplicaLoad, ReplicaState, ReplicaStatus, StartReplica
 
 log = logging.getLogger("node_agent")
@@ -36,6 +42,15 @@ TERM_GRACE_S = 10.0  # after SIGTERM, this long before SIGKILL
 RPC_TIMEOUT_S = 2.0
 PIPE_CLOSE_S = 2.0
 HEALTH_POLL_S = 0.2
+# Active health of a READY replica: a check (gRPC Health serving, then Stats with a worker report younger than
+# STATS_AGE_LIMIT_MS; the worker reports at least every second even when idle) every HEALTH_CHECK_S, each RPC
+# bounded by HEALTH_RPC_TIMEOUT_S. HEALTH_FAILURES failed checks in a row make it unhealthy; one passing check
+# makes it healthy again. A stuck or SIGSTOPped worker is so found within about 3 + 3 = 6 s.
+HEALTH_CHECK_S = 1.0
+HEALTH_RPC_TIMEOUT_S = 1.0
+HEALTH_FAILURES = 3
+STATS_AGE_LIMIT_MS = 3000
+PID_POLL_S = 0.5  # how often an adopted process is looked at where pidfd_open is not available
 MAX_LINE = 64 * 1024  # a longer output line is dropped (with a note) rather than buffered
 LISTENING_RE = re.compile(r"LISTENING (\S+:\d+)")
 
@@ -50,6 +65,103 @@ class _Interrupted(Exception):
     """A wait ended because a process exited or a stop was requested."""
 
 
+class _Process(Protocol):
+    """One of a replica's two processes, spawned by this agent or adopted by it."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | None:
+        """None while it runs; its exit code after (-N for signal N), None too for an adopted one that exited."""
+
+    @property
+    def running(self) -> bool: ...
+
+    async def wait(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+
+class _Child:
+    """A process this agent spawned (and so can reap: its exit code is known)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    @property
+    def running(self) -> bool:
+        return self.proc.returncode is None
+
+    async def wait(self) -> int | None:
+        return await self.proc.wait()
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+
+
+class AdoptedProcess:
+    """A replica's process from before an agent restart: not this agent's child, so it is watched through a pidfd
+    (readable once it exits; signals sent through it cannot reach a reused pid), or polled where there is none.
+    Its exit code cannot be known (its new parent reaps it)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._exited = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._pidfd: int | None = None
+        self._poll: asyncio.Task[None] | None = None
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._exited.set()
+            return
+        except (AttributeError, OSError):  # Python without it, or a kernel before 5.3
+            self._poll = asyncio.create_task(self._poll_exit(), name=f"watch-pid-{pid}")
+            return
+        self._loop.add_reader(self._pidfd, self._on_exit)
+
+    @property
+    def returncode(self) -> int | None:
+        return None
+
+    @property
+    def running(self) -> bool:
+        return not self._exited.is_set()
+
+    async def wait(self) -> int | None:
+        await self._exited.wait()
+        return None
+
+    def send_signal(self, sig: int) -> None:
+        if not self.running:
+            return
+        try:
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            else:
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _on_exit(self) -> None:
+        assert self._pidfd is not None
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+        self._exited.set()
+
+    async def _poll_exit(self) -> None:
+        while process_start_ticks(self.pid) is not None:
+            await asyncio.sleep(PID_POLL_S)  # the poll period where no pidfd tells us
+        self._exited.set()
+
+
 class ReplicaProcess:
     def __init__(
         self,
@@ -57,33 +169,85 @@ class ReplicaProcess:
         *,
         host: str,
         bin_dir: Path,
+        state: StateDir,
+        orphan_timeout_s: float | None,
         stats_interval_s: float,
         on_change: Callable[[ReplicaProcess], None],
-        on_load: Callable[[ReplicaProcess], None],
+        on_update: Callable[[ReplicaProcess], None],
     ) -> None:
         self.replica_id = spec.replica_id
         self.deployment = spec.deployment
         self._spec = spec
         self._host = host
         self._bin_dir = bin_dir
+        self._state = state
+        self._orphan_timeout_s = orphan_timeout_s
         self._stats_interval = stats_interval_s
         self._on_change = on_change
-        self._on_load = on_load
+        self._on_update = on_update
         self.state = ReplicaState.STARTING
         self.address = ""
         self.load = ReplicaLoad()
+        self.healthy = True
+        self.max_model_len = 0
+        self.started_at = 0.0
         self.exit_code: int | None = None
         self.detail = ""
-        self._procs: dict[str, asyncio.subprocess.Process] = {}  # "replica", "worker"
+        self._procs: dict[str, _Process] = {}  # "replica", "worker"
+        self._record: ReplicaRecord | None = None  # its entry in the state directory, once written
         self._pipes: list[asyncio.Task[None]] = []
         self._listening: asyncio.Future[str] | None = None
-        self._first_exit: asyncio.Task[tuple[str, int]] | None = None
+        self._first_exit: asyncio.Task[tuple[str, int | None]] | None = None
         self._stop = asyncio.Event()
         self._drain = True
 
+    @classmethod
+    def adopt(
+        cls,
+        record: ReplicaRecord,
+        max_model_len: int,
+        *,
+        host: str,
+        bin_dir: Path,
+        state: StateDir,
+        orphan_timeout_s: float | None,
+        stats_interval_s: float,
+        on_change: Callable[[ReplicaProcess], None],
+        on_update: Callable[[ReplicaProcess], None],
+    ) -> ReplicaProcess:
+        """A replica a previous agent started, found serving: READY at once, its processes watched by pid."""
+        replica = cls(
+            StartReplica.from_wire(record.spec),
+            host=host,
+            bin_dir=bin_dir,
+            state=state,
+            orphan_timeout_s=orphan_timeout_s,
+            stats_interval_s=stats_interval_s,
+            on_change=on_change,
+            on_update=on_update,
+        )
+        replica._record = record
+        replica.address = record.address
+        replica.started_at = record.started_at
+        replica.max_model_len = max_model_len
+        replica.state = ReplicaState.READY
+        for name, pid in (("replica", record.replica_pid), ("worker", record.worker_pid)):
+            replica._procs[name] = AdoptedProcess(pid)
+            log.info("replica %s: %s re-adopted, pid %d", replica.replica_id, name, pid)
+        return replica
+
     def status(self) -> ReplicaStatus:
         return ReplicaStatus(
-            self.replica_id, self.deployment, self.state, self.address, self.load, self.exit_code, self.detail
+            self.replica_id,
+            self.deployment,
+            self.state,
+            self.address,
+            self.load,
+            self.exit_code,
+            self.detail,
+            healthy=self.healthy,
+            max_model_len=self.max_model_len,
+            started_at=self.started_at,
         )
 
     def stop(self, drain: bool, reason: str = "") -> None:
@@ -101,18 +265,24 @@ class ReplicaProcess:
         rid = self.replica_id
         channel: grpc.aio.Channel | None = None
         try:
-            await self._spawn()
-            self._report(ReplicaState.STARTING)
-            assert self._listening is not None
-            self.address = await self._until(self._listening, LISTEN_DEADLINE_S, "LISTENING from the binary")
-            log.info("replica %s listening on %s", rid, self.address)
+            if self._procs:  # adopted: already READY
+                self._first_exit = asyncio.create_task(self._wait_first_exit())
+                self._report(ReplicaState.READY)
+            else:
+                await self._spawn()
+                self._report(ReplicaState.STARTING)
+                assert self._listening is not None
+                self.address = await self._until(self._listening, LISTEN_DEADLINE_S, "LISTENING from the binary")
+                self._save_record()
+                log.info("replica %s listening on %s", rid, self.address)
             channel = grpc.aio.insecure_channel(self.address)
             from schemas.rpc import pb_grpc  # generated code: imported where used (codegen runs at build)
 
             stub = pb_grpc.ReplicaStub(channel)
-            await self._until(self._wait_serving(stub), self._ready_timeout(), "gRPC Health serving")
-            self._report(ReplicaState.READY)
-            await self._until(self._poll_stats(stub), None, "")
+            if self.state is ReplicaState.STARTING:
+                await self._until(self._wait_serving(stub), self._ready_timeout(), "gRPC Health serving")
+                self._report(ReplicaState.READY)
+            await self._until(self._watch(stub), None, "")
         except _Interrupted:
             pass
         except ReplicaFailed as e:
@@ -128,7 +298,34 @@ class ReplicaProcess:
             await self._terminate()
             if channel is not None:
                 await channel.close()
+            self._state.remove(rid)  # both processes are gone: nothing left to re-adopt
             self._report(ReplicaState.EXITED)
+
+    async def discard(self) -> None:
+        """Ends an adopted replica that does not serve any more, and forgets it (no state change is reported)."""
+        await self._terminate()
+        self._state.remove(self.replica_id)
+
+    def _save_record(self) -> None:
+        """Writes (or rewrites, with the address) the replica's entry in the state directory."""
+        spawned = {name: p for name, p in self._procs.items() if isinstance(p, _Child)}
+        ticks = {name: process_start_ticks(p.pid) for name, p in spawned.items()}
+        if None in ticks.values() or len(ticks) != 2:
+            return  # a process already exited: the replica is ending, there is nothing to re-adopt
+        self._record = ReplicaRecord(
+            replica_id=self.replica_id,
+            spec=self._spec.to_wire(),
+            replica_pid=spawned["replica"].pid,
+            replica_start=ticks["replica"] or 0,
+            worker_pid=spawned["worker"].pid,
+            worker_start=ticks["worker"] or 0,
+            address=self.address,
+            started_at=self.started_at,
+        )
+        try:
+            self._state.save(self._record)
+        except OSError as e:  # it still serves; it only cannot be re-adopted after an agent crash
+            log.error("replica %s: cannot write its state file: %s", self.replica_id, e)
 
     async def _spawn(self) -> None:
         binary = self._bin_dir / REPLICA_BINARY
@@ -139,6 +336,10 @@ class ReplicaProcess:
         except ImportError as e:
             raise ReplicaFailed(f"the ring binding is not available (build with `make build`): {e}") from None
         engine_args = {k: v for k, v in self._spec.engine_args.items() if k != READY_TIMEOUT_ARG}
+        try:
+            engine_args_json = json.dumps(engine_args)
+        except (TypeError, ValueError) as e:
+            raise ReplicaFailed(f"engine args cannot be passed to the worker as JSON: {e}") from None
         fds: list[int] = []
         try:
             req, resp = create_ring_fds(), create_ring_fds()
@@ -146,11 +347,15 @@ class ReplicaProcess:
             rings = ["--req-ring", ",".join(map(str, req)), "--resp-ring", ",".join(map(str, resp))]
             rid = self.replica_id
             replica_cmd = [str(binary), "--listen", f"{self._host}:0", "--replica-id", rid, *rings]
+            if self._orphan_timeout_s is not None:
+                replica_cmd += ["--orphan-timeout", str(self._orphan_timeout_s)]
             worker_cmd = [sys.executable, "-m", "model_worker", "--replica-id", rid, "--engine", self._spec.engine]
-            worker_cmd += ["--engine-args", json.dumps(engine_args), *rings]
+            worker_cmd += ["--engine-args", engine_args_json, *rings]
+            self.started_at = time.time()
             for name, cmd in (("replica", replica_cmd), ("worker", worker_cmd)):
-                # its own session: a Ctrl-C on the agent's terminal does not reach it (the agent stops it),
-                # and the whole group (vLLM's engine processes too) is signalled on stop
+                # its own session: a signal to the agent's process group (a Ctrl-C on its terminal) does not reach
+                # it, it outlives an agent crash, and the whole group (vLLM's engine processes too) is signalled
+                # on stop
                 proc = await asyncio.create_subprocess_exec(
                     *cmd,
                     stdin=asyncio.subprocess.DEVNULL,
@@ -160,18 +365,21 @@ class ReplicaProcess:
                     start_new_session=True,
                     limit=MAX_LINE,
                 )
-                self._procs[name] = proc
+                self._procs[name] = _Child(proc)
                 log.info("replica %s: %s started, pid %d", rid, name, proc.pid)
         except OSError as e:
             raise ReplicaFailed(f"cannot start the replica's processes: {e}") from None
         finally:
             for fd in fds:  # the children hold their own copies
                 os.close(fd)
+        self._save_record()  # from now on a restarted agent finds them, even before they serve
         self._listening = asyncio.get_running_loop().create_future()
-        for name, proc in self._procs.items():
-            assert proc.stdout is not None and proc.stderr is not None
-            self._pipes.append(asyncio.create_task(self._forward(name, proc.stdout, watch_listening=name == "replica")))
-            self._pipes.append(asyncio.create_task(self._forward(name, proc.stderr, watch_listening=False)))
+        for name, child in self._procs.items():
+            assert isinstance(child, _Child) and child.proc.stdout is not None and child.proc.stderr is not None
+            self._pipes.append(
+                asyncio.create_task(self._forward(name, child.proc.stdout, watch_listening=name == "replica"))
+            )
+            self._pipes.append(asyncio.create_task(self._forward(name, child.proc.stderr, watch_listening=False)))
         self._first_exit = asyncio.create_task(self._wait_first_exit())
 
     async def _forward(self, name: str, stream: asyncio.StreamReader, *, watch_listening: bool) -> None:
@@ -192,7 +400,7 @@ class ReplicaProcess:
                     continue
             log.info("[%s %s] %s", self.replica_id, name, line)
 
-    async def _wait_first_exit(self) -> tuple[str, int]:
+    async def _wait_first_exit(self) -> tuple[str, int | None]:
         waits = {asyncio.create_task(p.wait()): name for name, p in self._procs.items()}
         done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for t in pending:
@@ -215,7 +423,7 @@ class ReplicaProcess:
         work.cancel()
         if self._first_exit in done:
             name, code = self._first_exit.result()
-            raise ReplicaFailed(f"its {name} process exited with code {code}")
+            raise ReplicaFailed(f"its {name} process exited" + (f" with code {code}" if code is not None else ""))
         if stop in done:
             raise _Interrupted
         raise ReplicaFailed(f"no {what} within {timeout} s")
@@ -233,14 +441,60 @@ class ReplicaProcess:
             try:
                 reply = await stub.Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S)
                 if reply.serving:
+                    self.max_model_len = reply.max_model_len
                     return
             except grpc.aio.AioRpcError as e:
                 log.debug("replica %s health: %s", self.replica_id, e.code())
             await asyncio.sleep(HEALTH_POLL_S)  # the poll period, not synchronisation
 
+    async def _watch(self, stub: Any) -> None:
+        """A READY replica's two loops, until cancelled: its load and its health."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._poll_stats(stub), name=f"stats-{self.replica_id}")
+            tasks.create_task(self._check_health(stub), name=f"health-{self.replica_id}")
+
+    async def _check_health(self, stub: Any) -> None:
+        """A check every HEALTH_CHECK_S; the verdict flips to unhealthy after HEALTH_FAILURES failures in a row and
+        back at the first pass, and each flip is reported at once (`on_update`)."""
+        failures = 0
+        while True:
+            problem = await self._health_problem(stub)
+            failures = failures + 1 if problem else 0
+            if problem and failures < HEALTH_FAILURES:
+                log.info("replica %s failed a health check (%d in a row): %s", self.replica_id, failures, problem)
+            elif problem and failures == HEALTH_FAILURES:
+                log.warning(
+                    "replica %s is unhealthy: %d failed checks in a row, the last: %s",
+                    self.replica_id,
+                    failures,
+                    problem,
+                )
+                self.healthy = False
+                self._on_update(self)
+            elif not problem and not self.healthy:
+                log.info("replica %s is healthy again", self.replica_id)
+                self.healthy = True
+                self._on_update(self)
+            await asyncio.sleep(HEALTH_CHECK_S)  # the check period
+
+    async def _health_problem(self, stub: Any) -> str | None:
+        """Why the replica fails a check now, or None when it passes."""
+        from schemas.rpc import pb
+
+        try:
+            health = await stub.Health(pb.HealthRequest(), timeout=HEALTH_RPC_TIMEOUT_S)
+            if not health.serving:
+                return "Health says not serving"
+            stats = await stub.Stats(pb.StatsRequest(), timeout=HEALTH_RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            return f"RPC failed: {e.code().name}"
+        if stats.stats_age_ms > STATS_AGE_LIMIT_MS:
+            return f"no load report from its worker for {stats.stats_age_ms} ms (limit {STATS_AGE_LIMIT_MS})"
+        return None
+
     async def _poll_stats(self, stub: Any) -> None:
         """Refreshes `load` every stats interval until cancelled; a change of running or waiting is reported at once
-        (`on_load`), so routing sees a burst or its end within an interval rather than at the next heartbeat."""
+        (`on_update`), so routing sees a burst or its end within an interval rather than at the next heartbeat."""
         from schemas.rpc import pb
 
         while True:
@@ -248,7 +502,7 @@ class ReplicaProcess:
                 s = await stub.Stats(pb.StatsRequest(), timeout=RPC_TIMEOUT_S)
                 before, self.load = self.load, ReplicaLoad(s.running, s.waiting, float(s.kv_usage))
                 if (before.running, before.waiting) != (s.running, s.waiting):
-                    self._on_load(self)
+                    self._on_update(self)
             except grpc.aio.AioRpcError as e:
                 log.warning("replica %s stats failed: %s", self.replica_id, e.code())
             await asyncio.sleep(self._stats_interval)
@@ -280,11 +534,11 @@ class ReplicaProcess:
         workers) must be shut down by the engine, which also frees their shared memory; signalled directly they die
         and leave their /dev/shm segments behind. The groups' SIGKILL then ends whatever is left.
         """
-        first: tuple[str, int] | None = None
+        first: tuple[str, int | None] | None = None
         if self._first_exit is not None and self._first_exit.done() and not self._first_exit.cancelled():
             first = self._first_exit.result()
         for proc in self._procs.values():
-            if proc.returncode is None:
+            if proc.running:
                 proc.send_signal(signal.SIGTERM)
         waits = [p.wait() for p in self._procs.values()]
         try:
@@ -304,7 +558,10 @@ class ReplicaProcess:
             self.exit_code = first[1]
         elif "replica" in self._procs:
             self.exit_code = self._procs["replica"].returncode
-        codes = ", ".join(f"{n} {p.returncode}" for n, p in self._procs.items())
+        codes = ", ".join(
+            f"{n} {'(adopted: code unknown)' if isinstance(p, AdoptedProcess) else p.returncode}"
+            for n, p in self._procs.items()
+        )
         if codes:
             log.info("replica %s: processes exited (%s)", self.replica_id, codes)
 
