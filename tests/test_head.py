@@ -35,9 +35,11 @@ from head.store import Deployment, Store
 from schemas.messages import (
     DEFAULT_FIRST_TOKEN_TIMEOUT_S,
     DEFAULT_IDLE_TIMEOUT_S,
+    MAX_PAYLOAD_BYTES,
     AdminReply,
     AdminRequest,
     Heartbeat,
+    Kind,
     Register,
     RegisterAck,
     ReplicaLoad,
@@ -429,6 +431,24 @@ async def test_bad_frames_are_logged_with_the_peer_and_do_not_hurt_the_head(
             assert len(dropped) == 8, dropped
         finally:
             bad.close()
+
+
+async def test_an_oversized_multipart_message_is_dropped_whole_and_the_head_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_head(tmp_path / "head.db") as head:
+        big = FakeAgent(head.router_endpoint, "big", identity=b"bigpeer")
+        try:
+            with caplog.at_level(logging.WARNING, logger="bus.bounded_recv"):
+                chunk = b"x" * (MAX_PAYLOAD_BYTES // 2 + 1024)  # each frame under the frame limit, both over it
+                await big.sock.send_multipart([bytes([Kind.ADMIN_REQUEST]), chunk, chunk])
+                await big.send(AdminRequest(7, "status"))
+                reply = await big.expect(AdminReply)
+            assert reply.request_id == 7 and reply.ok
+            (drop,) = [r.getMessage() for r in caplog.records if "dropped a bus message" in r.getMessage()]
+            assert "head-router" in drop and b"bigpeer".hex() in drop
+        finally:
+            big.close()
 
 
 @pytest.mark.parametrize(
