@@ -458,24 +458,31 @@ class ReplicaProcess:
         back at the first pass, and each flip is reported at once (`on_update`)."""
         failures = 0
         while True:
-            problem = await self._health_problem(stub)
-            failures = failures + 1 if problem else 0
-            if problem and failures < HEALTH_FAILURES:
-                log.info("replica %s failed a health check (%d in a row): %s", self.replica_id, failures, problem)
-            elif problem and failures == HEALTH_FAILURES:
-                log.warning(
-                    "replica %s is unhealthy: %d failed checks in a row, the last: %s",
-                    self.replica_id,
-                    failures,
-                    problem,
-                )
-                self.healthy = False
-                self._on_update(self)
-            elif not problem and not self.healthy:
-                log.info("replica %s is healthy again", self.replica_id)
-                self.healthy = True
-                self._on_update(self)
+            try:
+                failures = self._judge(await self._health_problem(stub), failures)
+            except Exception:  # the agent's own error: no verdict from it, and the checks go on
+                log.exception("replica %s: health check error", self.replica_id)
             await asyncio.sleep(HEALTH_CHECK_S)  # the check period
+
+    def _judge(self, problem: str | None, failures: int) -> int:
+        """Applies one check's outcome to the verdict; the failures in a row now."""
+        failures = failures + 1 if problem else 0
+        if problem and failures < HEALTH_FAILURES:
+            log.info("replica %s failed a health check (%d in a row): %s", self.replica_id, failures, problem)
+        elif problem and failures == HEALTH_FAILURES:
+            log.warning(
+                "replica %s is unhealthy: %d failed checks in a row, the last: %s",
+                self.replica_id,
+                failures,
+                problem,
+            )
+            self.healthy = False
+            self._on_update(self)
+        elif not problem and not self.healthy:
+            log.info("replica %s is healthy again", self.replica_id)
+            self.healthy = True
+            self._on_update(self)
+        return failures
 
     async def _health_problem(self, stub: Any) -> str | None:
         """Why the replica fails a check now, or None when it passes."""
@@ -505,6 +512,8 @@ class ReplicaProcess:
                     self._on_update(self)
             except grpc.aio.AioRpcError as e:
                 log.warning("replica %s stats failed: %s", self.replica_id, e.code())
+            except Exception:  # the agent's own error: logged, and the polling goes on
+                log.exception("replica %s: stats poll error", self.replica_id)
             await asyncio.sleep(self._stats_interval)
 
     async def _drain_calls(self, channel: grpc.aio.Channel) -> None:
