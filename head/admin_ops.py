@@ -118,6 +118,8 @@ def _scale(args: dict[str, Any], state: ClusterState, store: Store) -> dict[str,
     name = _name(args)
     replicas = _int(args, "replicas", 0, MAX_REPLICAS)
     d = state.deployments.get(name)
+    if d is None and name in state.adopted:
+        raise InvalidArgs(f"deployment {name!r} is only adopted (its replicas run, this head has no spec): deploy it")
     if d is None:
         raise InvalidArgs(f"no deployment named {name!r}")
     old = d.replicas

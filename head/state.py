@@ -427,6 +427,7 @@ class ClusterState:
                 "used_slots": self.used_slots(n.node_id),
                 "alive": n.alive,
                 "last_seen_s": round(now - n.last_seen, 3),
+                "lost_s": None if n.alive else round(now - n.lost_at, 3),  # how long ago it was declared lost
             }
             for n in sorted(self.nodes.values(), key=lambda n: n.node_id)
         ]

@@ -164,13 +164,13 @@ async def test_gap_in_an_epoch_triggers_a_request_but_a_new_epoch_does_not(fake_
 
 async def test_a_head_on_a_new_database_is_followed_once_the_old_head_is_silent(fake_head: FakeHeadSockets) -> None:
     """Its versions start below the held one: ignored while the old head still speaks, then followed."""
-    silence_s = 0.3
+    silence_s = 1.0  # long beside this test's own publish period (0.1 s), so a busy machine does not fake a silence
     async with started(
         SnapshotSubscriber(fake_head.router_endpoint, fake_head.pub_endpoint, head_silence_s=silence_s)
     ) as sub:
         await synced(fake_head, sub, v(6))
         fresh = snap(v(1, epoch=1), head_id="fresh")
-        window_ends = time.monotonic() + 3 * silence_s
+        window_ends = time.monotonic() + 2 * silence_s
         last_old = time.monotonic()
         while last_old < window_ends:  # both heads speak for a while: the old one keeps the view
             last_old = time.monotonic()

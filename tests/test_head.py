@@ -187,11 +187,11 @@ async def test_a_lost_node_keeps_its_replicas_for_the_grace_then_they_are_replac
                 return {n["node_id"]: n["alive"] for n in status["nodes"]} == {"a": False, "b": True}
 
             await wait_until(a_lost, what="node a lost")
-            lost_at = time.monotonic()
             assert rid in replicas_of(sub.snapshot, "demo")  # still routed: the proxies' retries cover a dead one
             replacement = await b.expect(StartReplica)  # only once the grace is over
-            assert time.monotonic() - lost_at >= grace_s - 2 * TEST_HEARTBEAT_S  # the loss showed up to a beat late
             assert replacement.deployment == "demo" and replacement.replica_id != rid
+            status = await admin(head.router_endpoint, "status")
+            assert {n["node_id"]: n["lost_s"] for n in status["nodes"]}["a"] >= grace_s
             await sub.wait_for(lambda s: rid not in replicas_of(s, "demo"), timeout=10)
 
 
@@ -392,6 +392,8 @@ async def test_a_head_on_a_fresh_database_adopts_what_runs_and_keeps_it_until_to
             (dep,) = status["deployments"]
             assert (dep["name"], dep["adopted"], dep["replicas"], dep["ready"]) == ("demo", True, 2, 2)
 
+            with pytest.raises(AdminError, match="only adopted"):
+                await admin(head2.router_endpoint, "scale", {"name": "demo", "replicas": 1})
             # deploying the name takes the replicas over: 1 desired, so the one started last is stopped
             await admin(head2.router_endpoint, "deploy", {**SIM, "replicas": 1})
             await wait_until(lambda: any(a.commands for a in agents), what="a stop")
