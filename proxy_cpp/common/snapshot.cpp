@@ -139,16 +139,16 @@ std::optional<Snapshot> decode_object(const msgpack::object& root, std::string& 
   }
   Snapshot s;
   const Map* deployments = nullptr;
-  if (!read_uint(m, "epoch", s.epoch, error) || !read_uint(m, "version", s.version, error) ||
+  if (!read_str(m, "head_id", s.head_id, error) || !read_uint(m, "epoch", s.epoch, error) || !read_uint(m, "version", s.version, error) ||
       !read_map(m, "deployments", deployments, error)) {
     return std::nullopt;
   }
   s.deployments.reserve(deployments->size);
   for (std::uint32_t i = 0; i < deployments->size; ++i) {
     const msgpack::object& name = deployments->ptr[i].key;
-    const msgpack::object& reps = deployments->ptr[i].val;
-    if (name.type != msgpack::type::STR || reps.type != msgpack::type::ARRAY) {
-      error = "deployments must map names to lists of replicas";
+    const msgpack::object& body = deployments->ptr[i].val;
+    if (name.type != msgpack::type::STR || body.type != msgpack::type::MAP) {
+      error = "deployments must map names to maps";
       return std::nullopt;
     }
     Deployment d;
@@ -157,9 +157,25 @@ std::optional<Snapshot> decode_object(const msgpack::object& root, std::string& 
       error = "deployment '" + d.name + "' appears twice";
       return std::nullopt;
     }
-    d.replicas.resize(reps.via.array.size);
-    for (std::uint32_t j = 0; j < reps.via.array.size; ++j) {
-      if (!decode_replica(reps.via.array.ptr[j], d.replicas[j], error)) {
+    const Map& dm = body.via.map;
+    const msgpack::object* reps = field(dm, "replicas");
+    if (!read_int(dm, "max_model_len", d.max_model_len, error) ||
+        !read_number(dm, "first_token_timeout_s", d.first_token_timeout_s, error) ||
+        !read_number(dm, "idle_timeout_s", d.idle_timeout_s, error)) {
+      error = "deployment '" + d.name + "': " + error;
+      return std::nullopt;
+    }
+    if (reps == nullptr || reps->type != msgpack::type::ARRAY) {
+      error = "deployment '" + d.name + "': field 'replicas' must be a list";
+      return std::nullopt;
+    }
+    if (d.max_model_len < 0 || d.first_token_timeout_s < 0 || d.idle_timeout_s < 0) {
+      error = "deployment '" + d.name + "': limits must not be negative";
+      return std::nullopt;
+    }
+    d.replicas.resize(reps->via.array.size);
+    for (std::uint32_t j = 0; j < reps->via.array.size; ++j) {
+      if (!decode_replica(reps->via.array.ptr[j], d.replicas[j], error)) {
         error = "deployment '" + d.name + "': " + error;
         return std::nullopt;
       }
@@ -219,9 +235,11 @@ std::optional<Snapshot> decode_snapshot(std::string_view payload, std::string& e
 std::string encode_snapshot(const Snapshot& snapshot) {
   msgpack::sbuffer buffer;
   msgpack::packer<msgpack::sbuffer> pk(buffer);
-  pk.pack_map(4);
+  pk.pack_map(5);
   pack_str(pk, "v");
   pk.pack(kWireVersion);
+  pack_str(pk, "head_id");
+  pack_str(pk, snapshot.head_id);
   pack_str(pk, "epoch");
   pk.pack(snapshot.epoch);
   pack_str(pk, "version");
@@ -230,6 +248,14 @@ std::string encode_snapshot(const Snapshot& snapshot) {
   pk.pack_map(static_cast<std::uint32_t>(snapshot.deployments.size()));
   for (const Deployment& d : snapshot.deployments) {
     pack_str(pk, d.name);
+    pk.pack_map(4);
+    pack_str(pk, "max_model_len");
+    pk.pack(d.max_model_len);
+    pack_str(pk, "first_token_timeout_s");
+    pack_float64(buffer, d.first_token_timeout_s);
+    pack_str(pk, "idle_timeout_s");
+    pack_float64(buffer, d.idle_timeout_s);
+    pack_str(pk, "replicas");
     pk.pack_array(static_cast<std::uint32_t>(d.replicas.size()));
     for (const SnapshotReplica& r : d.replicas) {
       pk.pack_map(7);

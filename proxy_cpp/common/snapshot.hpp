@@ -38,12 +38,17 @@ struct SnapshotReplica {
   bool routable() const { return state == ReplicaState::kReady && healthy; }
 };
 
+// Field order is the wire order: the deployment's settings, then its replicas.
 struct Deployment {
   std::string name;
+  std::int64_t max_model_len = 0;       // context length in tokens; 0 = unknown
+  double first_token_timeout_s = 0.0;   // 0 = no limit
+  double idle_timeout_s = 0.0;          // longest gap between chunks of a started stream; 0 = no limit
   std::vector<SnapshotReplica> replicas;
 };
 
 struct Snapshot {
+  std::string head_id;  // the publishing head's incarnation: new at every head start
   std::uint64_t epoch = 0;
   std::uint64_t version = 0;  // epoch << 32 | seq
   std::vector<Deployment> deployments;  // wire order, kept so that encode() round-trips byte for byte

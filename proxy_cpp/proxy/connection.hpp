@@ -20,8 +20,6 @@ namespace http = beast::http;
 
 using Request = http::request<http::string_body>;
 
-inline constexpr std::size_t kHeaderLimit = 16 * 1024;
-inline constexpr std::size_t kBodyLimit = 1024 * 1024;
 // Every read and write on a client connection finishes within this, or the connection is dropped.
 inline constexpr std::chrono::seconds kIoTimeout{30};
 
@@ -31,6 +29,7 @@ struct Connection {
   beast::flat_buffer buffer;  // bytes read but not yet parsed (the next keep-alive or pipelined request)
   std::string out;            // reused output buffer of streamed responses: no allocation per token
   std::string peer;           // "ip:port", for log lines
+  bool busy = false;          // a request is being answered (a drain lets it finish)
 };
 
 }  // namespace tokenbus::proxy

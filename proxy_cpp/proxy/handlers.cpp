@@ -17,6 +17,7 @@
 #include "proxy/openai_response.hpp"
 #include "proxy/replica_stream.hpp"
 #include "proxy/router.hpp"
+#include "proxy/slot_queue.hpp"
 
 namespace tokenbus::proxy {
 namespace {
@@ -26,6 +27,8 @@ using boost::system::error_code;
 
 constexpr std::uint32_t kPlainDefaultMaxTokens = 64;
 constexpr std::size_t kWatchBytes = 4096;
+// How many replicas a generate request was sent to (1 + retries): on every response to one.
+constexpr std::string_view kAttemptsHeader = "X-Tokenbus-Attempts";
 
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
@@ -63,16 +66,25 @@ int http_status_for(int grpc_code) {
   }
 }
 
+// What a response may carry besides its status and body.
+struct Extra {
+  std::string_view allow;                // 405: the allowed method
+  std::chrono::seconds retry_after{0};   // 429, 503: when to come back (1 s when not given)
+  int attempts = 0;                      // generate requests: replicas tried (X-Tokenbus-Attempts)
+};
+
 // Writes a complete (non-streamed) response; returns whether the connection may carry another request.
 net::awaitable<bool> write_response(Connection& c, const Request& req, Metrics& metrics, Endpoint endpoint,
-                                    int status, std::string body, std::string_view content_type,
-                                    std::string_view allow = {}) {
+                                    int status, std::string body, std::string_view content_type, Extra extra = {}) {
   http::response<http::string_body> res;
   res.version(req.version());
   res.result(static_cast<unsigned>(status));
   res.set(http::field::content_type, content_type);
-  if (status == 429 || status == 503) res.set(http::field::retry_after, "1");
-  if (!allow.empty()) res.set(http::field::allow, allow);
+  if (status == 429 || status == 503) {
+    res.set(http::field::retry_after, std::to_string(std::max<std::int64_t>(extra.retry_after.count(), 1)));
+  }
+  if (!extra.allow.empty()) res.set(http::field::allow, extra.allow);
+  if (extra.attempts > 0) res.set(kAttemptsHeader, std::to_string(extra.attempts));
   res.keep_alive(req.keep_alive());
   res.body() = std::move(body);
   res.prepare_payload();
@@ -84,9 +96,9 @@ net::awaitable<bool> write_response(Connection& c, const Request& req, Metrics& 
 }
 
 net::awaitable<bool> write_error(Connection& c, const Request& req, Metrics& metrics, Endpoint endpoint, int status,
-                                 std::string_view message, std::string_view param = {}, std::string_view allow = {}) {
+                                 std::string_view message, std::string_view param = {}, Extra extra = {}) {
   return write_response(c, req, metrics, endpoint, status, error_json(status, message, param), "application/json",
-                        allow);
+                        extra);
 }
 
 // Chunked transfer coding written in place: the constructor reserves room for the size line, close()
@@ -124,13 +136,13 @@ void append_last_chunk(std::string& out, bool chunked) {
   if (chunked) out += "0\r\n\r\n";
 }
 
-// Watches the client's socket while a response streams. A read ending in an error means the client went
+// Watches the client's socket while a request is served. A read ending in an error means the client went
 // away, so its generation must be cancelled; bytes that arrive are a pipelined next request, kept in the
-// connection's buffer.
+// connection's buffer. Each attempt's call is attached while it runs, so that the watch can wake it.
 class ClientWatch {
  public:
-  ClientWatch(Connection& c, GenerateCall& call)
-      : c_(c), call_(call), signal_(c.stream.get_executor(), net::steady_timer::time_point::max()) {
+  explicit ClientWatch(Connection& c)
+      : c_(c), signal_(c.stream.get_executor(), net::steady_timer::time_point::max()) {
     pending_ = true;
     c_.stream.socket().async_read_some(c_.buffer.prepare(kWatchBytes), [this](error_code ec, std::size_t n) {
       pending_ = false;
@@ -138,28 +150,57 @@ class ClientWatch {
         c_.buffer.commit(n);
       } else if (ec != net::error::operation_aborted) {
         gone_ = true;
-        call_.wake();
+        if (call_ != nullptr) call_->wake();
       }
       signal_.cancel();
     });
   }
 
   bool gone() const { return gone_; }
+  void attach(GenerateCall* call) { call_ = call; }
 
   // Stops watching; returns once the read has completed. Await before destruction.
   net::awaitable<void> stop() {
     error_code ec;
+    call_ = nullptr;
     if (pending_) c_.stream.socket().cancel(ec);
     while (pending_) co_await signal_.async_wait(net::redirect_error(net::use_awaitable, ec));
   }
 
  private:
   Connection& c_;
-  GenerateCall& call_;
+  GenerateCall* call_ = nullptr;
   net::steady_timer signal_;  // cancelled when the read completes
   bool pending_ = false;
   bool gone_ = false;
 };
+
+// Why an attempt that produced no text may be sent to another replica; empty when it may not (success,
+// the client's own error, a timeout).
+std::string_view retry_reason(const CallStatus& status, bool final_seen, std::string_view finish_reason,
+                              std::uint32_t engine_error) {
+  if (final_seen) {
+    if (finish_reason == "error" && engine_error >= 500) return "engine_error";
+    if (finish_reason == "abort") return "engine_abort";
+    return {};
+  }
+  switch (status.code) {
+    case 0: return "no_final_chunk";
+    case 3: return {};  // INVALID_ARGUMENT: the request itself is wrong
+    case 4: return {};  // DEADLINE_EXCEEDED: the stream's own deadline
+    case 8: return "resource_exhausted";
+    case 14: return "unavailable";
+    default: return "call_error";
+  }
+}
+
+// What a finished attempt says about the replica's health (outlier detection): overload and the client's
+// own errors are not the replica's failures.
+bool replica_failed(const CallStatus& status, bool final_seen, std::string_view finish_reason,
+                    std::uint32_t engine_error) {
+  if (final_seen) return finish_reason == "abort" || (finish_reason == "error" && engine_error >= 500);
+  return status.code != 0 && status.code != 3 && status.code != 8;
+}
 
 }  // namespace
 
@@ -185,7 +226,7 @@ net::awaitable<bool> Handlers::handle(Connection& c, Request& req) {
   if (path == "/v1/chat/completions" || path == "/v1/completions") {
     const bool chat = path == "/v1/chat/completions";
     const Endpoint endpoint = chat ? Endpoint::kChatCompletions : Endpoint::kCompletions;
-    if (!post) co_return co_await write_error(c, req, metrics_, endpoint, 405, "use POST", {}, "POST");
+    if (!post) co_return co_await write_error(c, req, metrics_, endpoint, 405, "use POST", {}, {.allow = "POST"});
     OpenAiRequest parsed;
     const ApiFlavor flavor = chat ? ApiFlavor::kChat : ApiFlavor::kCompletion;
     if (auto error = parse_openai_request(req.body(), flavor, parsed)) {
@@ -209,7 +250,7 @@ net::awaitable<bool> Handlers::handle(Connection& c, Request& req) {
     if (deployment.empty() || deployment.find('/') != std::string_view::npos) {
       co_return co_await write_error(c, req, metrics_, Endpoint::kOther, 404, "no such endpoint");
     }
-    if (!post) co_return co_await write_error(c, req, metrics_, Endpoint::kChatPlain, 405, "use POST", {}, "POST");
+    if (!post) co_return co_await write_error(c, req, metrics_, Endpoint::kChatPlain, 405, "use POST", {}, {.allow = "POST"});
     GenerateJob job{Endpoint::kChatPlain, Output::kPlain, ApiFlavor::kCompletion, false, std::string(deployment), {},
                     start};
     v1::SamplingParams& params = *job.request.mutable_params();
@@ -243,7 +284,7 @@ net::awaitable<bool> Handlers::handle(Connection& c, Request& req) {
                                        {"/metrics", Endpoint::kMetrics}};
   for (const Simple& s : kSimple) {
     if (path != s.path) continue;
-    if (!get) co_return co_await write_error(c, req, metrics_, s.endpoint, 405, "use GET", {}, "GET");
+    if (!get) co_return co_await write_error(c, req, metrics_, s.endpoint, 405, "use GET", {}, {.allow = "GET"});
     switch (s.endpoint) {
       case Endpoint::kModels: {
         co_return co_await write_response(c, req, metrics_, s.endpoint, 200, models_json(router_.snapshot().get()),
@@ -251,9 +292,11 @@ net::awaitable<bool> Handlers::handle(Connection& c, Request& req) {
       }
       case Endpoint::kHealthz: co_return co_await write_response(c, req, metrics_, s.endpoint, 200, "ok\n", "text/plain");
       case Endpoint::kReadyz: {
-        const bool ready = router_.ready();
+        const bool ready = router_.ready() && !draining_;
         co_return co_await write_response(c, req, metrics_, s.endpoint, ready ? 200 : 503,
-                                          ready ? "ready\n" : "no routing snapshot with a READY replica\n",
+                                          ready      ? "ready\n"
+                                          : draining_ ? "draining\n"
+                                                      : "no routing snapshot with a routable replica\n",
                                           "text/plain");
       }
       default: {
@@ -271,21 +314,51 @@ net::awaitable<void> Handlers::reject(Connection& c, int status, std::string_vie
   co_await write_error(c, req, metrics_, Endpoint::kOther, status, message);
 }
 
+net::awaitable<RouteResult> Handlers::route(const GenerateJob& job, std::span<const ReplicaHandle* const> tried,
+                                            net::any_io_executor executor) {
+  const Clock::time_point deadline = Clock::now() + limits_.queue_timeout;
+  for (;;) {
+    RouteResult route = router_.route(job.model, tried);
+    if (route.outcome != RouteOutcome::kOverloaded || !route.queue) co_return route;
+    // Every replica is at max_concurrency: wait for a slot (bounded in count and time) instead of refusing.
+    const SlotQueue::Wait wait = co_await route.queue->wait(executor, deadline);
+    if (wait != SlotQueue::Wait::kWoken) {
+      metrics_.count_queue_refusal(wait == SlotQueue::Wait::kFull ? "full" : "timeout");
+      co_return route;
+    }
+  }
+}
+
 net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, GenerateJob job) {
-  RouteResult route = router_.route(job.model);
+  RetryBudget::Active active(retry_budget_);
+  std::vector<const ReplicaHandle*> tried;
+  RouteResult route = co_await this->route(job, tried, c.stream.get_executor());
   switch (route.outcome) {
     case RouteOutcome::kRouted: break;
     case RouteOutcome::kNoSnapshot:
-      co_return co_await write_error(c, req, metrics_, job.endpoint, 503, "no routing snapshot yet");
+      co_return co_await write_error(c, req, metrics_, job.endpoint, 503, "no routing snapshot yet", {},
+                                     {.retry_after = kNoReplicaRetryAfter});
     case RouteOutcome::kUnknownDeployment:
       co_return co_await write_error(c, req, metrics_, job.endpoint, 404,
                                      "the model '" + job.model + "' does not exist", "model");
     case RouteOutcome::kNoReplica:
       co_return co_await write_error(c, req, metrics_, job.endpoint, 503,
-                                     "the model '" + job.model + "' has no ready replica");
+                                     "the model '" + job.model + "' has no ready replica", {},
+                                     {.retry_after = route.retry_after});
     case RouteOutcome::kOverloaded:
       co_return co_await write_error(c, req, metrics_, job.endpoint, 429,
-                                     "the model '" + job.model + "' is at capacity; retry later");
+                                     "the model '" + job.model + "' is at capacity; retry later", {},
+                                     {.retry_after = route.retry_after});
+  }
+  const DeploymentLimits limits = route.limits;
+  const std::uint32_t max_tokens = job.request.params().max_tokens();
+  if (limits.max_model_len > 0 && max_tokens > limits.max_model_len) {
+    log(LogLevel::kWarn, "proxy", "400 to %s: max_tokens %u over the context length %lld of %s", c.peer.c_str(),
+        max_tokens, static_cast<long long>(limits.max_model_len), job.model.c_str());
+    co_return co_await write_error(c, req, metrics_, job.endpoint, 400,
+                                   "max_tokens (" + std::to_string(max_tokens) + ") exceeds the context length (" +
+                                       std::to_string(limits.max_model_len) + ") of the model '" + job.model + "'",
+                                   "max_tokens");
   }
 
   const std::string request_id = next_request_id();
@@ -299,113 +372,192 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
         std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
     formatter.emplace(job.flavor, prefix + request_id, job.model, created);
   }
+  int attempts = 1;
   auto append_head = [&](std::string& out) {
     out += chunked ? "HTTP/1.1 200 OK\r\n" : "HTTP/1.0 200 OK\r\n";
     out += job.output == Output::kSse ? "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                                       : "Content-Type: text/plain; charset=utf-8\r\n";
     out += "X-Request-Id: ";
     out += request_id;
+    out += "\r\n";
+    out += kAttemptsHeader;
+    out += ": ";
+    out += std::to_string(attempts);
     out += chunked ? "\r\nTransfer-Encoding: chunked\r\n" : "\r\n";
     if (!keep_alive) out += "Connection: close\r\n";
     out += "\r\n";
   };
+  const auto seconds = [](double s) {
+    return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
+  };
 
   metrics_.stream_started();
-  GenerateCall call(*route.lease.replica(), std::move(job.request), c.stream.get_executor());
-  ClientWatch watch(c, call);
-
+  ClientWatch watch(c);
   std::string text;  // the whole text of a non-streamed response
   bool headers_sent = false;
   bool finish_sent = false;  // the SSE event carrying finish_reason went out
-  bool final_seen = false;
+  bool text_seen = false;    // some text came from a replica: from here on, no retry
   bool client_gone = false;
-  bool ttft_seen = false;
   std::string finish_reason;
   Usage usage;
-  std::uint32_t engine_error = 0;
-  std::string engine_message;
   std::uint64_t tokens = 0;
+  // A failure: the engine's final chunk said so, the call ended without a final chunk, or a timeout.
+  std::optional<std::pair<int, std::string>> failure;
+  RetryBudget::Retry retry;  // the budget slot of the retry running, if any
   error_code ec;
 
-  for (;;) {
-    const GenerateCall::Event event = co_await call.next();
-    if (event == GenerateCall::Event::kWoken) {
-      if (!watch.gone()) continue;
-      client_gone = true;
-      break;
-    }
-    if (event == GenerateCall::Event::kEnd) break;
+  for (;;) {  // one pass per attempt
+    bool final_seen = false;
+    bool timed_out = false;
+    std::uint32_t engine_error = 0;
+    std::string engine_message;
+    finish_reason.clear();
+    ReplicaHandle& replica = *route.lease.replica();
+    tried.push_back(&replica);
+    GenerateCall call(replica, job.request, c.stream.get_executor(), limits_.max_stream_duration);
+    watch.attach(&call);
+    Clock::time_point last_event = Clock::now();
 
-    const v1::GenerateChunk& chunk = call.chunk();
-    tokens += chunk.tokens();
-    if (!ttft_seen && !chunk.text().empty()) {
-      ttft_seen = true;
-      metrics_.observe_ttft(seconds_since(job.start));
-    }
-    if (!chunk.finish_reason().empty()) {
-      final_seen = true;
-      finish_reason = chunk.finish_reason();
-      usage = Usage{chunk.prompt_tokens(), chunk.completion_tokens()};
-      engine_error = chunk.error_code();
-      engine_message = chunk.error_message();
-    }
-    const bool failed = final_seen && finish_reason == "error";
-    c.out.clear();
-    if (job.output == Output::kJson) {
-      text.append(chunk.text());
-    } else if (!chunk.text().empty() || (final_seen && !failed)) {
-      if (!headers_sent) {
-        append_head(c.out);
-        headers_sent = true;
-      }
-      ChunkFrame frame(c.out, chunked);
-      if (job.output == Output::kPlain) {
-        c.out.append(chunk.text());
-      } else {
-        const bool finishing = final_seen && !failed;
-        formatter->append_event(c.out, chunk.text(), finishing ? openai_finish_reason(finish_reason) : "");
-        finish_sent = finishing;
-      }
-      frame.close();
-    }
-    call.read_next();  // the replica sends the next message while this one is written
-    if (!c.out.empty()) {
-      c.stream.expires_after(kIoTimeout);
-      co_await net::async_write(c.stream, net::buffer(c.out), net::redirect_error(net::use_awaitable, ec));
-      if (ec) {
+    for (;;) {
+      // Before the first text the deployment's time to first token applies, after it the idle time.
+      const double limit_s = text_seen ? limits.idle_timeout_s : limits.first_token_timeout_s;
+      const Clock::time_point deadline = limit_s > 0 ? last_event + seconds(limit_s) : Clock::time_point::max();
+      const GenerateCall::Event event = co_await call.next(deadline);
+      if (event == GenerateCall::Event::kWoken) {
+        if (!watch.gone()) continue;
         client_gone = true;
         break;
       }
+      if (event == GenerateCall::Event::kTimeout) {
+        timed_out = true;
+        metrics_.count_stream_timeout(text_seen ? "idle" : "first_token");
+        failure.emplace(504, text_seen ? "no token from the replica for " + std::to_string(limit_s) + " s"
+                                       : "no first token from the replica within " + std::to_string(limit_s) + " s");
+        break;
+      }
+      if (event == GenerateCall::Event::kEnd) break;
+      last_event = Clock::now();
+
+      const v1::GenerateChunk& chunk = call.chunk();
+      tokens += chunk.tokens();
+      if (!text_seen && !chunk.text().empty()) {
+        text_seen = true;
+        metrics_.observe_ttft(seconds_since(job.start));
+      }
+      if (!chunk.finish_reason().empty()) {
+        final_seen = true;
+        finish_reason = chunk.finish_reason();
+        usage = Usage{chunk.prompt_tokens(), chunk.completion_tokens()};
+        engine_error = chunk.error_code();
+        engine_message = chunk.error_message();
+      }
+      // "abort" was not asked for (a client that left is handled above): the engine gave up on it.
+      const bool failed = final_seen && (finish_reason == "error" || finish_reason == "abort");
+      c.out.clear();
+      if (job.output == Output::kJson) {
+        text.append(chunk.text());
+      } else if (!chunk.text().empty() || (final_seen && !failed)) {
+        if (!headers_sent) {
+          append_head(c.out);
+          headers_sent = true;
+        }
+        ChunkFrame frame(c.out, chunked);
+        if (job.output == Output::kPlain) {
+          c.out.append(chunk.text());
+        } else {
+          const bool finishing = final_seen && !failed;
+          formatter->append_event(c.out, chunk.text(), finishing ? openai_finish_reason(finish_reason) : "");
+          finish_sent = finishing;
+        }
+        frame.close();
+      }
+      call.read_next();  // the replica sends the next message while this one is written
+      if (!c.out.empty()) {
+        c.stream.expires_after(kIoTimeout);
+        co_await net::async_write(c.stream, net::buffer(c.out), net::redirect_error(net::use_awaitable, ec));
+        if (ec) {
+          client_gone = true;
+          break;
+        }
+      }
     }
+
+    const CallStatus status = co_await call.finish();
+    watch.attach(nullptr);
+    if (client_gone) break;  // the call was cancelled by finish(); nothing more can be said to the client
+
+    if (timed_out) {
+      router_.report_failure(job.model, replica, "timed out");
+      break;
+    }
+    if (replica_failed(status, final_seen, finish_reason, engine_error)) {
+      router_.report_failure(job.model, replica,
+                             final_seen ? "finish_reason " + finish_reason : "gRPC status " + std::to_string(status.code));
+    } else if (status.ok() || final_seen) {
+      router_.report_success(replica);
+    }
+    if (final_seen && finish_reason == "error") {
+      const int code = engine_error >= 400 && engine_error <= 599 ? static_cast<int>(engine_error) : 500;
+      failure.emplace(code, engine_message.empty() ? "the engine failed" : engine_message);
+    } else if (final_seen && finish_reason == "abort") {
+      failure.emplace(503, "the engine aborted the request");
+    } else if (!final_seen) {
+      failure.emplace(status.ok() ? 502 : http_status_for(status.code),
+                      status.ok() ? "replica ended the stream without a final chunk"
+                                  : "replica call failed: " + status.message);
+    } else {
+      failure.reset();
+    }
+    if (!failure || text_seen) break;
+
+    // No text reached the client: another replica may serve it, within the per-request cap and the budget.
+    const std::string_view reason = retry_reason(status, final_seen, finish_reason, engine_error);
+    if (reason.empty()) break;
+    if (attempts > retry_budget_.policy().max_retries) {
+      metrics_.count_retry_refused("max_retries");
+      break;
+    }
+    retry = RetryBudget::Retry();  // the last retry's slot, if any, is free again before asking for one
+    retry = retry_budget_.try_retry();
+    if (!retry) {
+      metrics_.count_retry_refused("budget");
+      log(LogLevel::kWarn, "proxy", "%s: not retried (%.*s): retry budget spent", request_id.c_str(),
+          static_cast<int>(reason.size()), reason.data());
+      break;
+    }
+    RouteResult next = co_await this->route(job, tried, c.stream.get_executor());
+    if (next.outcome != RouteOutcome::kRouted) {
+      metrics_.count_retry_refused("no_replica");
+      break;
+    }
+    log(LogLevel::kInfo, "proxy", "%s: retrying on %s after %.*s from %s: %s", request_id.c_str(),
+        next.lease.replica()->address().c_str(), static_cast<int>(reason.size()), reason.data(),
+        replica.address().c_str(), failure->second.c_str());
+    metrics_.count_retry(reason);
+    route = std::move(next);  // releases the failed replica's lease
+    ++attempts;
   }
 
-  const CallStatus status = co_await call.finish();
   co_await watch.stop();
   metrics_.stream_ended();
   metrics_.count_tokens(tokens);
-  if (client_gone) {  // the call was cancelled by finish(); nothing more can be said to the client
+  if (client_gone) {
     metrics_.count_request(job.endpoint, headers_sent ? 200 : 499);
     co_return false;
   }
-
-  // A failure: the engine's final chunk said so, or the call ended without a final chunk.
-  std::optional<std::pair<int, std::string>> failure;
-  if (final_seen && finish_reason == "error") {
-    const int code = engine_error >= 400 && engine_error <= 599 ? static_cast<int>(engine_error) : 500;
-    failure.emplace(code, engine_message.empty() ? "the engine failed" : engine_message);
-  } else if (!final_seen && !status.ok()) {
-    failure.emplace(http_status_for(status.code), "replica call failed: " + status.message);
-  }
   if (failure && !headers_sent) {
-    log(LogLevel::kWarn, "proxy", "%s: %d: %s", request_id.c_str(), failure->first, failure->second.c_str());
-    co_return co_await write_error(c, req, metrics_, job.endpoint, failure->first, failure->second);
+    log(LogLevel::kWarn, "proxy", "%s: %d after %d attempt(s): %s", request_id.c_str(), failure->first, attempts,
+        failure->second.c_str());
+    const std::chrono::seconds retry_after = failure->first == 503 ? kNoReplicaRetryAfter : std::chrono::seconds(0);
+    co_return co_await write_error(c, req, metrics_, job.endpoint, failure->first, failure->second, {},
+                                   {.retry_after = retry_after, .attempts = attempts});
   }
   metrics_.observe_e2e(seconds_since(job.start));
   if (failure) log(LogLevel::kWarn, "proxy", "%s: failed mid-stream: %s", request_id.c_str(), failure->second.c_str());
   if (job.output == Output::kJson) {
     co_return co_await write_response(c, req, metrics_, job.endpoint, 200,
                                       formatter->body(text, openai_finish_reason(finish_reason), usage),
-                                      "application/json");
+                                      "application/json", {.attempts = attempts});
   }
   if (failure && job.output == Output::kPlain) {
     // Plain text has no way to say "failed": the body ends without its last chunk, and the client sees a

@@ -1,21 +1,29 @@
 #pragma once
 // The proxy's HTTP endpoints (DESIGN.md "HTTP API of the proxy"): dispatch, the simple endpoints, and the
 // generate flow that routes a request to a replica and streams its chunks back.
+#include <atomic>
+#include <span>
 #include <string_view>
 
 #include "proxy/connection.hpp"
+#include "proxy/limits.hpp"
+#include "proxy/retry_budget.hpp"
+#include "proxy/router.hpp"
 
 namespace tokenbus::proxy {
 
-class Router;
 class Metrics;
 
 class Handlers {
  public:
-  Handlers(Router& router, Metrics& metrics) : router_(router), metrics_(metrics) {}
+  Handlers(Router& router, Metrics& metrics, const ProxyLimits& limits)
+      : router_(router), metrics_(metrics), limits_(limits), retry_budget_(limits.retry) {}
 
   // Answers one request; returns whether the connection may carry another.
   net::awaitable<bool> handle(Connection& connection, Request& request);
+
+  // From now on /readyz answers 503: the proxy is draining and should get no new requests.
+  void set_draining() { draining_ = true; }
 
   // Answers a request that could not be read (413, 431, 400); the connection is closed afterwards.
   net::awaitable<void> reject(Connection& connection, int status, std::string_view message);
@@ -23,9 +31,15 @@ class Handlers {
  private:
   struct GenerateJob;
   net::awaitable<bool> generate(Connection& connection, const Request& request, GenerateJob job);
+  // Routes `job` away from the replicas it `tried`, waiting in the deployment's queue while all are busy.
+  net::awaitable<RouteResult> route(const GenerateJob& job, std::span<const ReplicaHandle* const> tried,
+                                    net::any_io_executor executor);
 
   Router& router_;
   Metrics& metrics_;
+  const ProxyLimits limits_;
+  RetryBudget retry_budget_;
+  std::atomic<bool> draining_{false};
 };
 
 }  // namespace tokenbus::proxy

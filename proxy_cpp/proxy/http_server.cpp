@@ -27,6 +27,7 @@
 #include "proxy/connection.hpp"
 #include "proxy/handlers.hpp"
 #include "proxy/metrics.hpp"
+#include "proxy/openai_response.hpp"
 
 namespace tokenbus::proxy {
 namespace {
@@ -59,7 +60,8 @@ struct Worker {
 }  // namespace
 
 struct HttpServer::Impl {
-  Impl(Router& router, Metrics& metrics, int threads) : metrics(metrics), handlers(router, metrics) {
+  Impl(Router& router, Metrics& metrics, int threads, const ProxyLimits& limits)
+      : limits(limits), metrics(metrics), handlers(router, metrics, limits) {
     for (int i = 0; i < std::max(threads, 1); ++i) workers.push_back(std::make_unique<Worker>());
   }
 
@@ -68,7 +70,12 @@ struct HttpServer::Impl {
   net::awaitable<void> linger(Connection& c);
   net::awaitable<void> probe_lag(Worker& worker);
   void connection_ended();
+  void refuse(tcp::socket& socket);
+  // Shuts down every connection (or only the idle ones) of every worker, on their own threads.
+  void shut_connections(bool idle_only);
+  bool wait_live(std::chrono::milliseconds grace);
 
+  const ProxyLimits limits;
   Metrics& metrics;
   Handlers handlers;
   std::vector<std::unique_ptr<Worker>> workers;
@@ -98,12 +105,18 @@ net::awaitable<void> HttpServer::Impl::accept_loop() {
       co_await backoff.async_wait(net::redirect_error(net::use_awaitable, ec));
       continue;
     }
-    // Without it the first token of a keep-alive stream waits for the client's delayed ACK.
-    socket.set_option(tcp::no_delay(true), ec);
+    bool over_cap = false;
     {
       std::lock_guard lock(live_mutex);
-      ++live;
+      over_cap = static_cast<std::size_t>(live) >= limits.max_connections;
+      if (!over_cap) ++live;
     }
+    if (over_cap) {
+      refuse(socket);
+      continue;
+    }
+    // Without it the first token of a keep-alive stream waits for the client's delayed ACK.
+    socket.set_option(tcp::no_delay(true), ec);
     net::co_spawn(worker.context, session(worker, std::move(socket)), [this](std::exception_ptr e) {
       if (e) log(LogLevel::kError, "proxy", "connection coroutine ended by an exception");
       connection_ended();
@@ -121,6 +134,23 @@ net::awaitable<void> HttpServer::Impl::probe_lag(Worker& worker) {
     if (ec) break;  // cancelled: stopping
     metrics.observe_loop_lag(std::chrono::duration<double>(std::chrono::steady_clock::now() - due).count());
   }
+}
+
+void HttpServer::Impl::refuse(tcp::socket& socket) {
+  // One non-blocking write of a canned answer, then close: a flood of connections costs no coroutine each.
+  static const std::string kRefusal = [] {
+    const std::string body = error_json(503, "too many open connections", {});
+    return "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+           "Connection: close\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+  }();
+  error_code ec;
+  metrics.count_connection_refused();
+  log(LogLevel::kWarn, "proxy", "connection from %s refused: %zu connections open (the cap)",
+      peer_name(socket).c_str(), limits.max_connections);
+  socket.non_blocking(true, ec);
+  socket.write_some(net::buffer(kRefusal), ec);
+  socket.shutdown(tcp::socket::shutdown_both, ec);
+  socket.close(ec);
 }
 
 void HttpServer::Impl::connection_ended() {
@@ -150,10 +180,34 @@ net::awaitable<void> HttpServer::Impl::session(Worker& worker, tcp::socket socke
   error_code ec;
   while (!stopping) {
     http::request_parser<http::string_body> parser;
-    parser.header_limit(kHeaderLimit);
-    parser.body_limit(kBodyLimit);
+    parser.header_limit(static_cast<std::uint32_t>(limits.max_header_bytes));
+    parser.body_limit(limits.max_body_bytes);
     c.stream.expires_after(kIoTimeout);
     co_await http::async_read_header(c.stream, c.buffer, parser, net::redirect_error(net::use_awaitable, ec));
+    if (!ec) {
+      // Beast bounds the whole header; one line and the number of fields are bounded here, as nginx does.
+      const Request& head = parser.get();
+      std::size_t fields = 0;
+      std::size_t longest = 0;
+      for (const auto& f : head) {
+        ++fields;
+        longest = std::max(longest, f.name_string().size() + f.value().size() + 2);
+      }
+      if (head.target().size() > limits.max_header_line) {
+        log(LogLevel::kWarn, "proxy", "414 to %s: request target of %zu bytes", c.peer.c_str(), head.target().size());
+        co_await handlers.reject(c, 414, "the request target is too long");
+        co_await linger(c);
+        break;
+      }
+      if (fields > limits.max_header_fields || longest > limits.max_header_line) {
+        log(LogLevel::kWarn, "proxy", "431 to %s: %zu header fields, longest %zu bytes", c.peer.c_str(), fields,
+            longest);
+        co_await handlers.reject(c, 431,
+                                 fields > limits.max_header_fields ? "too many header fields" : "a header field is too long");
+        co_await linger(c);
+        break;
+      }
+    }
     if (!ec && !parser.is_done()) {
       const auto expect = parser.get()[http::field::expect];
       if (beast::iequals(expect, "100-continue")) {
@@ -166,13 +220,13 @@ net::awaitable<void> HttpServer::Impl::session(Worker& worker, tcp::socket socke
       }
     }
     if (ec == http::error::body_limit) {
-      log(LogLevel::kWarn, "proxy", "413 to %s: body over %zu bytes", c.peer.c_str(), kBodyLimit);
+      log(LogLevel::kWarn, "proxy", "413 to %s: body over %zu bytes", c.peer.c_str(), limits.max_body_bytes);
       co_await handlers.reject(c, 413, "the request body is too large");
       co_await linger(c);
       break;
     }
     if (ec == http::error::header_limit) {
-      log(LogLevel::kWarn, "proxy", "431 to %s: header over %zu bytes", c.peer.c_str(), kHeaderLimit);
+      log(LogLevel::kWarn, "proxy", "431 to %s: header over %zu bytes", c.peer.c_str(), limits.max_header_bytes);
       co_await handlers.reject(c, 431, "the request header is too large");
       co_await linger(c);
       break;
@@ -186,14 +240,17 @@ net::awaitable<void> HttpServer::Impl::session(Worker& worker, tcp::socket socke
     if (ec) break;  // closed, reset or idle past the timeout: nothing to answer
     c.stream.expires_never();
     Request request = parser.release();
-    if (!co_await handlers.handle(c, request)) break;
+    c.busy = true;
+    const bool again = co_await handlers.handle(c, request);
+    c.busy = false;
+    if (!again) break;
   }
   c.stream.socket().shutdown(tcp::socket::shutdown_both, ec);
   worker.connections.erase(registration);
 }
 
-HttpServer::HttpServer(Router& router, Metrics& metrics, int threads)
-    : impl_(std::make_unique<Impl>(router, metrics, threads)) {}
+HttpServer::HttpServer(Router& router, Metrics& metrics, int threads, const ProxyLimits& limits)
+    : impl_(std::make_unique<Impl>(router, metrics, threads, limits)) {}
 
 HttpServer::~HttpServer() { stop(std::chrono::seconds(5)); }
 
@@ -232,6 +289,46 @@ void HttpServer::start() {
   log(LogLevel::kInfo, "proxy", "serving on %zu I/O threads", impl_->workers.size());
 }
 
+void HttpServer::Impl::shut_connections(bool idle_only) {
+  // Shutting a socket down ends whatever its coroutine waits for: a read sees the end of the stream, a
+  // write fails, and a streaming response's client watch reports the client gone, cancelling the call.
+  for (auto& worker : workers) {
+    net::post(worker->context, [w = worker.get(), idle_only] {
+      for (Connection* c : w->connections) {
+        if (idle_only && c->busy) continue;
+        error_code ec;
+        c->stream.socket().shutdown(tcp::socket::shutdown_both, ec);
+      }
+    });
+  }
+}
+
+bool HttpServer::Impl::wait_live(std::chrono::milliseconds grace) {
+  std::unique_lock lock(live_mutex);
+  return live_cv.wait_for(lock, grace, [this] { return live == 0; });
+}
+
+bool HttpServer::drain(std::chrono::milliseconds grace) {
+  if (!impl_->started || impl_->stopped) return true;
+  int open = 0;
+  {
+    std::lock_guard lock(impl_->live_mutex);
+    open = impl_->live;
+  }
+  log(LogLevel::kInfo, "proxy", "draining: not accepting, %d connections open, up to %.1f s for them to finish",
+      open, std::chrono::duration<double>(grace).count());
+  impl_->stopping = true;
+  impl_->handlers.set_draining();
+  net::post(impl_->workers[0]->context, [this] {
+    error_code ec;
+    impl_->acceptor->close(ec);
+  });
+  impl_->shut_connections(/*idle_only=*/true);
+  const bool drained = impl_->wait_live(grace);
+  if (!drained) log(LogLevel::kWarn, "proxy", "drain grace over: cutting the streams still open");
+  return stop(std::chrono::seconds(5)) && drained;
+}
+
 bool HttpServer::stop(std::chrono::milliseconds grace) {
   if (!impl_->started || std::exchange(impl_->stopped, true)) return true;
   impl_->stopping = true;
@@ -239,22 +336,12 @@ bool HttpServer::stop(std::chrono::milliseconds grace) {
     error_code ec;
     impl_->acceptor->close(ec);
   });
-  // Shutting a socket down ends whatever its coroutine waits for: a read sees the end of the stream, a
-  // write fails, and a streaming response's client watch reports the client gone, cancelling the call.
-  for (auto& worker : impl_->workers) {
-    net::post(worker->context, [w = worker.get()] {
-      w->lag_probe.cancel();
-      for (Connection* c : w->connections) {
-        error_code ec;
-        c->stream.socket().shutdown(tcp::socket::shutdown_both, ec);
-      }
-    });
-  }
-  bool drained = false;
-  {
-    std::unique_lock lock(impl_->live_mutex);
-    drained = impl_->live_cv.wait_for(lock, grace, [this] { return impl_->live == 0; });
-    if (!drained) log(LogLevel::kWarn, "proxy", "%d connections still open after the grace period", impl_->live);
+  for (auto& worker : impl_->workers) net::post(worker->context, [w = worker.get()] { w->lag_probe.cancel(); });
+  impl_->shut_connections(/*idle_only=*/false);
+  const bool drained = impl_->wait_live(grace);
+  if (!drained) {
+    std::lock_guard lock(impl_->live_mutex);
+    log(LogLevel::kWarn, "proxy", "%d connections still open after the grace period", impl_->live);
   }
   for (auto& worker : impl_->workers) {
     worker->work.reset();

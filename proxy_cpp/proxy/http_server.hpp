@@ -7,6 +7,8 @@
 #include <memory>
 #include <string>
 
+#include "proxy/limits.hpp"
+
 namespace tokenbus::proxy {
 
 class Router;
@@ -14,7 +16,7 @@ class Metrics;
 
 class HttpServer {
  public:
-  HttpServer(Router& router, Metrics& metrics, int threads);
+  HttpServer(Router& router, Metrics& metrics, int threads, const ProxyLimits& limits = {});
   ~HttpServer();  // stops if still running
   HttpServer(const HttpServer&) = delete;
   HttpServer& operator=(const HttpServer&) = delete;
@@ -27,6 +29,9 @@ class HttpServer {
   // `grace` for them to end and joins the threads. Returns false if some were still open at the deadline:
   // their coroutines were abandoned, and the process should exit without running destructors.
   bool stop(std::chrono::milliseconds grace);
+  // A graceful stop (SIGTERM): stops accepting, says not ready, closes idle connections, lets requests being
+  // answered finish for up to `grace`, then stops as above (cutting what is left).
+  bool drain(std::chrono::milliseconds grace);
 
  private:
   struct Impl;

@@ -110,10 +110,10 @@ class ProxyTest : public ::testing::Test {
     auto replica = [](std::string id, std::string addr, std::int64_t max, ReplicaState state) {
       return SnapshotReplica{std::move(id), "node-a", std::move(addr), state, max, {}, true};
     };
-    s->deployments.push_back({"demo", {replica("demo-r1", replica_.address(), 64, ReplicaState::kReady)}});
+    s->deployments.push_back({.name = "demo", .replicas = {replica("demo-r1", replica_.address(), 64, ReplicaState::kReady)}});
     s->deployments.push_back(
-        {"tiny", {replica("tiny-r1", "localhost:" + std::to_string(replica_.port()), 1, ReplicaState::kReady)}});
-    s->deployments.push_back({"drained", {replica("drained-r1", replica_.address(), 64, ReplicaState::kDraining)}});
+        {.name = "tiny", .replicas = {replica("tiny-r1", "localhost:" + std::to_string(replica_.port()), 1, ReplicaState::kReady)}});
+    s->deployments.push_back({.name = "drained", .replicas = {replica("drained-r1", replica_.address(), 64, ReplicaState::kDraining)}});
     router_.apply(s);
     router_.mark_received();
   }
@@ -261,7 +261,7 @@ TEST_F(ProxyTest, BadRequestsGetOpenAiErrors) {
 
   const Reply drained = client.send(http::verb::post, "/v1/chat/drained", "hi", "text/plain");
   EXPECT_EQ(drained.status, 503);
-  EXPECT_EQ(drained.headers[http::field::retry_after], "1");
+  EXPECT_EQ(drained.headers[http::field::retry_after], std::to_string(kNoReplicaRetryAfter.count()));
   // the connection survived every error above
   EXPECT_EQ(client.get("/healthz").status, 200);
 }

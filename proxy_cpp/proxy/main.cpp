@@ -1,7 +1,9 @@
 // tokenbus-proxy: the HTTP data plane. Command line (schemas/README.md section 4):
 //   tokenbus-proxy --listen 127.0.0.1:8000 --head-router tcp://127.0.0.1:5555 --head-pub tcp://127.0.0.1:5556
-//                  [--threads N]
-// Prints "LISTENING host:port" on stdout once bound; logs go to stderr.
+//                  [--threads N] [--max-connections N] [--queue-depth N] [--queue-timeout S]
+//                  [--drain-grace S] [--head-silence S]
+// Prints "LISTENING host:port" on stdout once bound; logs go to stderr. SIGTERM drains (open streams get
+// the drain grace to finish), SIGINT stops at once.
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -25,12 +27,16 @@ struct Options {
   std::string head_router = "tcp://127.0.0.1:5555";
   std::string head_pub = "tcp://127.0.0.1:5556";
   int threads = 2;
+  tokenbus::proxy::ProxyLimits limits;
+  // The head's liveness period (3 heartbeats of 1 s, bus/endpoints.py): silent this long, it is gone.
+  std::chrono::milliseconds head_silence{3000};
 };
 
 [[noreturn]] void usage(const char* problem) {
   std::fprintf(stderr,
                "tokenbus-proxy: %s\nusage: tokenbus-proxy [--listen HOST:PORT] [--head-router ENDPOINT] "
-               "[--head-pub ENDPOINT] [--threads N]\n",
+               "[--head-pub ENDPOINT] [--threads N] [--max-connections N] [--queue-depth N] [--queue-timeout S] "
+               "[--drain-grace S] [--head-silence S]\n",
                problem);
   std::exit(2);
 }
@@ -40,6 +46,16 @@ bool parse_int(const std::string& s, long lo, long hi, long& out) {
   errno = 0;
   out = std::strtol(s.c_str(), &end, 10);
   return !s.empty() && errno == 0 && *end == '\0' && out >= lo && out <= hi;
+}
+
+// Seconds (a decimal number from 0 to a day) as milliseconds.
+bool parse_seconds(const std::string& s, std::chrono::milliseconds& out) {
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(s.c_str(), &end);
+  if (s.empty() || errno != 0 || *end != '\0' || !(v >= 0 && v <= 86400)) return false;
+  out = std::chrono::milliseconds(static_cast<long long>(v * 1000));
+  return true;
 }
 
 Options parse_args(int argc, char** argv) {
@@ -63,6 +79,18 @@ Options parse_args(int argc, char** argv) {
     } else if (flag == "--threads") {
       if (!parse_int(value, 1, 256, n)) usage("--threads wants a number from 1 to 256");
       o.threads = static_cast<int>(n);
+    } else if (flag == "--max-connections") {
+      if (!parse_int(value, 1, 1 << 20, n)) usage("--max-connections wants a number from 1 to 1048576");
+      o.limits.max_connections = static_cast<std::size_t>(n);
+    } else if (flag == "--queue-depth") {
+      if (!parse_int(value, 0, 1 << 20, n)) usage("--queue-depth wants a number from 0 to 1048576");
+      o.limits.queue_depth = static_cast<std::size_t>(n);
+    } else if (flag == "--queue-timeout") {
+      if (!parse_seconds(value, o.limits.queue_timeout)) usage("--queue-timeout wants seconds");
+    } else if (flag == "--drain-grace") {
+      if (!parse_seconds(value, o.limits.drain_grace)) usage("--drain-grace wants seconds");
+    } else if (flag == "--head-silence") {
+      if (!parse_seconds(value, o.head_silence)) usage("--head-silence wants seconds");
     } else {
       usage(("unknown option " + flag).c_str());
     }
@@ -88,16 +116,16 @@ int main(int argc, char** argv) {
 
   log(LogLevel::kInfo, "proxy", "starting: listen %s:%u, head router %s, head pub %s, %d I/O threads",
       options.host.c_str(), options.port, options.head_router.c_str(), options.head_pub.c_str(), options.threads);
-  proxy::Router router;
+  proxy::Router router(options.limits.outlier, options.limits.queue_depth);
   proxy::Metrics metrics;
-  proxy::HttpServer server(router, metrics, options.threads);
+  proxy::HttpServer server(router, metrics, options.threads, options.limits);
   std::string error;
   const std::uint16_t port = server.listen(options.host, options.port, error);
   if (port == 0) {
     log(LogLevel::kError, "proxy", "%s", error.c_str());
     return 1;
   }
-  proxy::SnapshotSubscriber subscriber(router, options.head_pub, options.head_router);
+  proxy::SnapshotSubscriber subscriber(router, options.head_pub, options.head_router, options.head_silence, &metrics);
   subscriber.start();
   server.start();
   std::printf("LISTENING %s:%u\n", options.host.c_str(), port);
@@ -106,7 +134,7 @@ int main(int argc, char** argv) {
   int signal = 0;
   sigwait(&signals, &signal);
   log(LogLevel::kInfo, "proxy", "%s received: stopping", signal == SIGINT ? "SIGINT" : "SIGTERM");
-  const bool drained = server.stop(kShutdownGrace);
+  const bool drained = signal == SIGTERM ? server.drain(options.limits.drain_grace) : server.stop(kShutdownGrace);
   subscriber.stop();
   log(LogLevel::kInfo, "proxy", "stopped");
   if (!drained) {

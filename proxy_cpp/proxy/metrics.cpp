@@ -18,7 +18,7 @@ namespace {
 constexpr std::array kEndpointNames = {"chat_completions", "completions", "chat_plain", "models",
                                        "healthz",          "readyz",      "metrics",    "other"};
 // Statuses the proxy answers with; their counters are made up front so that counting is lock-free.
-constexpr std::array kStatuses = {200, 400, 404, 405, 413, 429, 431, 499, 500, 502, 503, 504};
+constexpr std::array kStatuses = {200, 400, 404, 405, 413, 414, 429, 431, 499, 500, 502, 503, 504};
 
 prometheus::Histogram::BucketBoundaries latency_buckets() {
   return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
@@ -69,6 +69,36 @@ struct Metrics::Impl {
                                               .Help("Seconds since the last routing snapshot arrived (-1: none yet)")
                                               .Register(registry)
                                               .Add({});
+  prometheus::Family<prometheus::Counter>& retries =
+      prometheus::BuildCounter()
+          .Name("tokenbus_proxy_retries_total")
+          .Help("Requests sent to another replica before their first token, by why the last attempt failed")
+          .Register(registry);
+  prometheus::Family<prometheus::Counter>& retries_refused =
+      prometheus::BuildCounter()
+          .Name("tokenbus_proxy_retries_refused_total")
+          .Help("Failed attempts not retried: retry budget spent, max retries reached, no other replica")
+          .Register(registry);
+  prometheus::Family<prometheus::Counter>& stream_timeouts =
+      prometheus::BuildCounter()
+          .Name("tokenbus_proxy_stream_timeouts_total")
+          .Help("Streams cut by the deployment's time to first token or idle time between tokens")
+          .Register(registry);
+  prometheus::Family<prometheus::Counter>& queue_refusals =
+      prometheus::BuildCounter()
+          .Name("tokenbus_proxy_queue_refusals_total")
+          .Help("Requests answered 429 by a deployment's wait queue: full, or waited out its timeout")
+          .Register(registry);
+  prometheus::Counter& connections_refused = prometheus::BuildCounter()
+                                                 .Name("tokenbus_proxy_connections_refused_total")
+                                                 .Help("Client connections refused over the connection cap")
+                                                 .Register(registry)
+                                                 .Add({});
+  prometheus::Family<prometheus::Counter>& bus_dropped =
+      prometheus::BuildCounter()
+          .Name("tokenbus_proxy_bus_dropped_total")
+          .Help("Bus messages the snapshot subscriber dropped, by reason")
+          .Register(registry);
   std::array<std::array<prometheus::Counter*, kStatuses.size()>, kEndpointNames.size()> by_status{};
 
   Impl() {
@@ -100,6 +130,20 @@ void Metrics::observe_ttft(double seconds) { impl_->ttft.Observe(seconds); }
 void Metrics::observe_e2e(double seconds) { impl_->e2e.Observe(seconds); }
 void Metrics::count_tokens(std::uint64_t tokens) { impl_->tokens.Increment(static_cast<double>(tokens)); }
 void Metrics::observe_loop_lag(double seconds) { impl_->loop_lag.Observe(seconds); }
+void Metrics::count_retry(std::string_view reason) { impl_->retries.Add({{"reason", std::string(reason)}}).Increment(); }
+void Metrics::count_retry_refused(std::string_view why) {
+  impl_->retries_refused.Add({{"why", std::string(why)}}).Increment();
+}
+void Metrics::count_stream_timeout(std::string_view kind) {
+  impl_->stream_timeouts.Add({{"kind", std::string(kind)}}).Increment();
+}
+void Metrics::count_queue_refusal(std::string_view why) {
+  impl_->queue_refusals.Add({{"why", std::string(why)}}).Increment();
+}
+void Metrics::count_connection_refused() { impl_->connections_refused.Increment(); }
+void Metrics::count_bus_dropped(std::string_view why) {
+  impl_->bus_dropped.Add({{"reason", std::string(why)}}).Increment();
+}
 
 std::string Metrics::render(const Router& router) {
   const std::shared_ptr<const Snapshot> snapshot = router.snapshot();
@@ -118,11 +162,23 @@ std::string Metrics::render(const Router& router) {
                      .Register(replicas);
   auto& score = prometheus::BuildGauge()
                     .Name("tokenbus_proxy_replica_score")
-                    .Help("Each replica's routing score now (lowest wins): own in-flight + reported running + waiting")
+                    .Help("Each replica's routing score now (lowest wins): own in-flight + reported running + waiting + failure penalty")
                     .Register(replicas);
   auto& routable = prometheus::BuildGauge()
                        .Name("tokenbus_proxy_replica_routable")
                        .Help("1 when the replica is READY and healthy in the snapshot held")
+                       .Register(replicas);
+  auto& ejected = prometheus::BuildGauge()
+                      .Name("tokenbus_proxy_replica_ejected")
+                      .Help("1 while this proxy has ejected the replica after failures in a row")
+                      .Register(replicas);
+  auto& ejections = prometheus::BuildCounter()
+                        .Name("tokenbus_proxy_replica_ejections_total")
+                        .Help("Times this proxy ejected the replica")
+                        .Register(replicas);
+  auto& failures = prometheus::BuildGauge()
+                       .Name("tokenbus_proxy_replica_consecutive_failures")
+                       .Help("The replica's failures in a row, as this proxy saw them")
                        .Register(replicas);
   for (const ReplicaRouteView& r : router.replica_views()) {
     const std::map<std::string, std::string> labels{{"deployment", r.deployment}, {"replica", r.id},
@@ -131,6 +187,9 @@ std::string Metrics::render(const Router& router) {
     routed.Add(labels).Increment(static_cast<double>(r.routed));
     score.Add(labels).Set(static_cast<double>(r.score));
     routable.Add(labels).Set(r.routable ? 1.0 : 0.0);
+    ejected.Add(labels).Set(r.ejected ? 1.0 : 0.0);
+    ejections.Add(labels).Increment(static_cast<double>(r.ejections));
+    failures.Add(labels).Set(static_cast<double>(r.consecutive_failures));
   }
   for (prometheus::MetricFamily& family : replicas.Collect()) families.push_back(std::move(family));
   return prometheus::TextSerializer().Serialize(families);

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 
 namespace tokenbus::proxy {
 
@@ -28,6 +29,18 @@ class Metrics {
   void count_tokens(std::uint64_t tokens);
   // How late an I/O thread's periodic probe timer fired: time that thread's connections waited for it.
   void observe_loop_lag(double seconds);
+  // A request sent to another replica before its first token, by why the last attempt failed.
+  void count_retry(std::string_view reason);
+  // A request that could have been retried and was not: "budget", "max_retries" or "no_replica".
+  void count_retry_refused(std::string_view why);
+  // A started stream cut for want of a token: "first_token" or "idle".
+  void count_stream_timeout(std::string_view kind);
+  // A request refused by a deployment's wait queue: "full" or "timeout".
+  void count_queue_refusal(std::string_view why);
+  // A client connection refused at accept: over the connection cap.
+  void count_connection_refused();
+  // A bus message the snapshot subscriber dropped unread, by why ("too_large", "too_many_frames", ...).
+  void count_bus_dropped(std::string_view why);
 
   // The Prometheus text exposition, with the snapshot gauges read from `router` at this moment.
   std::string render(const Router& router);

@@ -52,8 +52,10 @@ struct GenerateCall::Shared {
 
 class GenerateCall::Reactor final : public grpc::ClientReadReactor<v1::GenerateChunk> {
  public:
-  Reactor(std::shared_ptr<Shared> shared, v1::GenerateRequest request)
-      : shared_(std::move(shared)), request_(std::move(request)) {}
+  Reactor(std::shared_ptr<Shared> shared, const v1::GenerateRequest& request, std::chrono::milliseconds max_duration)
+      : shared_(std::move(shared)), request_(request) {
+    context_.set_deadline(std::chrono::system_clock::now() + max_duration);
+  }
 
   void start(v1::Replica::Stub& stub) {
     stub.async()->Generate(&context_, &request_, this);
@@ -98,9 +100,9 @@ class GenerateCall::Reactor final : public grpc::ClientReadReactor<v1::GenerateC
   v1::GenerateChunk chunk_;  // reused for every message: no allocation per token once warm
 };
 
-GenerateCall::GenerateCall(ReplicaHandle& replica, v1::GenerateRequest request, net::any_io_executor executor)
-    : shared_(std::make_shared<Shared>(std::move(executor))),
-      reactor_(new Reactor(shared_, std::move(request))) {
+GenerateCall::GenerateCall(ReplicaHandle& replica, const v1::GenerateRequest& request, net::any_io_executor executor,
+                           std::chrono::milliseconds max_duration)
+    : shared_(std::make_shared<Shared>(std::move(executor))), reactor_(new Reactor(shared_, request, max_duration)) {
   reactor_->start(*replica.channel().stub);
 }
 
@@ -111,12 +113,14 @@ GenerateCall::~GenerateCall() {
   }
 }
 
-net::awaitable<void> GenerateCall::park() {
+net::awaitable<bool> GenerateCall::park(std::chrono::steady_clock::time_point deadline) {
   boost::system::error_code ec;  // operation_aborted is the wake-up itself
+  shared_->timer.expires_at(deadline);
   co_await shared_->timer.async_wait(net::redirect_error(net::use_awaitable, ec));
+  co_return ec == net::error::operation_aborted;
 }
 
-net::awaitable<GenerateCall::Event> GenerateCall::next() {
+net::awaitable<GenerateCall::Event> GenerateCall::next(std::chrono::steady_clock::time_point deadline) {
   for (;;) {
     if (std::exchange(woken_, false)) co_return Event::kWoken;
     std::optional<Event> event;
@@ -131,7 +135,12 @@ net::awaitable<GenerateCall::Event> GenerateCall::next() {
       shared_->parked = !event;
     }
     if (event) co_return *event;
-    co_await park();
+    if (!co_await park(deadline)) {
+      std::lock_guard lock(shared_->mutex);
+      shared_->parked = false;
+      // A chunk that raced the deadline is still delivered: the next look finds it.
+      if (!shared_->chunk_ready && !shared_->reads_done) co_return Event::kTimeout;
+    }
   }
 }
 
@@ -154,7 +163,7 @@ net::awaitable<CallStatus> GenerateCall::finish() {
       if (shared_->done) co_return shared_->status;
       shared_->parked = true;
     }
-    co_await park();
+    co_await park(net::steady_timer::time_point::max());
   }
 }
 

@@ -8,6 +8,7 @@
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -30,17 +31,20 @@ class GenerateCall {
     kChunk,  // chunk() holds a new message
     kEnd,    // the stream has ended (finish() gives the status)
     kWoken,  // wake() was called
+    kTimeout,  // the deadline given to next() passed first
   };
 
-  // Starts the call on `replica`'s channel; events are delivered on `executor` (the connection's thread).
-  GenerateCall(ReplicaHandle& replica, v1::GenerateRequest request, boost::asio::any_io_executor executor);
+  // Starts the call on `replica`'s channel with a gRPC deadline `max_duration` from now; events are
+  // delivered on `executor` (the connection's thread). The request is copied: a retry sends it again.
+  GenerateCall(ReplicaHandle& replica, const v1::GenerateRequest& request, boost::asio::any_io_executor executor,
+               std::chrono::milliseconds max_duration);
   // Cancels the call if finish() was not awaited (the coroutine was torn down early).
   ~GenerateCall();
   GenerateCall(const GenerateCall&) = delete;
   GenerateCall& operator=(const GenerateCall&) = delete;
 
-  // Waits for the next event. After kChunk, read chunk() and then call read_next().
-  boost::asio::awaitable<Event> next();
+  // Waits for the next event until `deadline`. After kChunk, read chunk() and then call read_next().
+  boost::asio::awaitable<Event> next(std::chrono::steady_clock::time_point deadline);
   const v1::GenerateChunk& chunk() const;
   // Asks for the message after chunk(); chunk() must not be used afterwards.
   void read_next();
@@ -53,8 +57,9 @@ class GenerateCall {
  private:
   struct Shared;
   class Reactor;
-  // Parks until the reactor or wake() signals. Call with nothing locked.
-  boost::asio::awaitable<void> park();
+  // Parks until the reactor or wake() signals, or `deadline` passes (then returns false). Call with nothing
+  // locked.
+  boost::asio::awaitable<bool> park(std::chrono::steady_clock::time_point deadline);
 
   std::shared_ptr<Shared> shared_;
   Reactor* reactor_;  // deletes itself in OnDone; ours to use until finish() releases the hold

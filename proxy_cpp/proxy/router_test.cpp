@@ -25,8 +25,8 @@ std::shared_ptr<const Snapshot> snapshot(std::uint64_t version, std::vector<Snap
   auto s = std::make_shared<Snapshot>();
   s->epoch = 1;
   s->version = (1ull << 32) | version;
-  s->deployments.push_back(Deployment{"demo", std::move(replicas)});
-  s->deployments.push_back(Deployment{"empty", {}});
+  s->deployments.push_back(Deployment{.name = "demo", .replicas = std::move(replicas)});
+  s->deployments.push_back(Deployment{.name = "empty", .replicas = {}});
   return s;
 }
 

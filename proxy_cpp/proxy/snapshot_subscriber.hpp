@@ -1,19 +1,26 @@
 #pragma once
 // Keeps the router's snapshot current (zguide clone pattern): a dedicated thread with a SUB socket on the
-// head's PUB endpoint and a DEALER on its ROUTER. It asks for the full snapshot at start (and again until
-// one arrives: the head may not be up yet), on a version gap, and when the head has been silent for a
-// while; it applies only versions newer than the one held. Not an Asio thread: zmq calls block.
+// head's PUB endpoint and a DEALER on its ROUTER. What to apply and when to ask the head is decided by a
+// SnapshotTracker; this class owns the sockets. Any failure (a ZeroMQ error, a bad message) is logged and
+// the loop goes on, re-creating its sockets after a capped backoff, so routing never freezes for good.
+// Not an Asio thread: zmq calls block.
 #include <atomic>
+#include <chrono>
 #include <string>
 #include <thread>
 
 namespace tokenbus::proxy {
 
 class Router;
+class Metrics;
+class SnapshotTracker;
 
 class SnapshotSubscriber {
  public:
-  SnapshotSubscriber(Router& router, std::string pub_endpoint, std::string router_endpoint);
+  // `head_silence`: how long the followed head must be silent before a head with lower versions (a new
+  // database) is followed. `metrics` (optional) counts dropped bus messages.
+  SnapshotSubscriber(Router& router, std::string pub_endpoint, std::string router_endpoint,
+                     std::chrono::milliseconds head_silence = std::chrono::seconds(3), Metrics* metrics = nullptr);
   ~SnapshotSubscriber();  // stops the thread
   SnapshotSubscriber(const SnapshotSubscriber&) = delete;
   SnapshotSubscriber& operator=(const SnapshotSubscriber&) = delete;
@@ -24,10 +31,14 @@ class SnapshotSubscriber {
 
  private:
   void run();
+  // One life of the sockets; returns normally on stop, throws a zmq::error_t on a socket failure.
+  void serve(SnapshotTracker& tracker);
 
   Router& router_;
   const std::string pub_endpoint_;
   const std::string router_endpoint_;
+  const std::chrono::milliseconds head_silence_;
+  Metrics* const metrics_;
   std::atomic<bool> stopping_{false};
   std::thread thread_;
 };
