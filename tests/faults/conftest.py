@@ -35,7 +35,7 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Awaitable[LocalCluste
 
 @pytest.fixture
 def case(request: pytest.FixtureRequest) -> CaseReport:
-    report = CaseReport(request.node.name)
+    report = CaseReport(request.node.name.removeprefix("test_"))
     REPORTS.append(report)
     return report
 
@@ -45,12 +45,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     tr = terminalreporter
     tr.section("fault cases: what the clients saw")
-    tr.write_line(f"{'case':62} {'sent':>5} {'ok':>5} {'retried':>7} {'errors':>6} {'silent':>6}  recovery")
+    tr.write_line(f"{'case':36} {'sent':>5} {'ok':>5} {'retried':>7} {'errors':>6} {'silent':>6}  recovery")
     for rep in REPORTS:
         counts = {o: sum(r.outcome is o for r in rep.results) for o in Outcome}
         recovery = ", ".join(f"{k} {v:.2f} s" for k, v in rep.recovery_s.items())
         tr.write_line(
-            f"{rep.name[:62]:62} {len(rep.results):5} {counts[Outcome.COMPLETED]:5} {counts[Outcome.RETRIED]:7} "
+            f"{rep.name[:36]:36} {len(rep.results):5} {counts[Outcome.COMPLETED]:5} {counts[Outcome.RETRIED]:7} "
             f"{counts[Outcome.ERROR]:6} {counts[Outcome.SILENT]:6}  {recovery}"
         )
     if path := os.environ.get("TOKENBUS_FAULT_REPORT"):  # the same table as JSON, for the note

@@ -59,8 +59,11 @@ async def burst(urls: list[str], n: int, max_tokens: int = MAX_TOKENS) -> list[R
 class Load:
     """Closed-loop streams over the proxies, from `start()` until `stop()`; every result kept."""
 
-    def __init__(self, urls: list[str], concurrency: int = 16, max_tokens: int = MAX_TOKENS) -> None:
+    def __init__(
+        self, urls: list[str], concurrency: int = 16, max_tokens: int = MAX_TOKENS, deployment: str = DEPLOYMENT
+    ) -> None:
         self.urls = urls
+        self.deployment = deployment
         self.concurrency = concurrency
         self.max_tokens = max_tokens
         self.results: list[Result] = []
@@ -79,10 +82,11 @@ class Load:
         while not self._stop.is_set():
             n += 1
             url, kind = self.urls[i % len(self.urls)], ("plain", "sse")[i % 2]
-            res = await stream_request(self._session, url, kind, self.max_tokens, f"client {i} #{n}", DEPLOYMENT)
+            prompt = f"client {i} #{n}"
+            res = await stream_request(self._session, url, kind, self.max_tokens, prompt, self.deployment)
             self.results.append(res)
-            if res.via is Via.CONNECT:
-                await asyncio.sleep(0.1)  # its proxy is down: do not spin (a pause, not synchronisation)
+            if res.via in (Via.CONNECT, Via.STATUS):
+                await asyncio.sleep(0.1)  # refused: come back a little later, as a client would (not synchronisation)
 
     async def stop(self) -> list[Result]:
         self._stop.set()

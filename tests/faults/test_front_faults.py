@@ -16,13 +16,14 @@ from faults.harness import DEPLOYMENT, OK, CaseReport, Load, burst, sim_spec, un
 from tools.chaos import Outcome, Via
 from tools.local_cluster import LocalCluster
 from tools.procs import alive
+from tools.up import DEPLOYMENT as UP_DEPLOYMENT
 
 pytestmark = pytest.mark.timeout(240)
 
 IO_TIMEOUT_S = 30.0  # the proxy's deadline for each read of a client connection (proxy_cpp/proxy/connection.hpp)
 
 
-async def test_overload_with_a_small_max_concurrency_is_answered_not_failed(
+async def test_overload_small_max_concurrency(
     make_cluster: Callable[..., Awaitable[LocalCluster]], case: CaseReport
 ) -> None:
     c = await make_cluster(sim_spec(replicas=1, max_concurrency=2))
@@ -35,9 +36,7 @@ async def test_overload_with_a_small_max_concurrency_is_answered_not_failed(
         assert r.retry_after is not None and int(r.retry_after) >= 1, str(r)
 
 
-async def test_slowloris_connections_are_closed_and_starve_no_one(
-    make_cluster: Callable[..., Awaitable[LocalCluster]], case: CaseReport
-) -> None:
+async def test_slowloris(make_cluster: Callable[..., Awaitable[LocalCluster]], case: CaseReport) -> None:
     c = await make_cluster(sim_spec(replicas=1))
     host, port = c.proxy_url.removeprefix("http://").split(":")
     slow = []
@@ -77,13 +76,13 @@ async def test_slowloris_connections_are_closed_and_starve_no_one(
             writer.close()
 
 
-async def test_sigint_of_up_under_load_leaves_no_process_and_no_shared_memory(tmp_path: Path, case: CaseReport) -> None:
+async def test_sigint_of_up_under_load(tmp_path: Path, case: CaseReport) -> None:
     shm_before = shm_entries()
     up = Up(tmp_path / "state")
     try:
         up.wait_for("Ctrl-C stops everything", UP_READY_S)
         pids = up.pids()
-        load = await Load([up.url], concurrency=16).start()
+        load = await Load([up.url], concurrency=16, deployment=UP_DEPLOYMENT).start()
         try:
             await load.completed_since(0.0, 16)
             replica_pids = up.replica_pids()
@@ -96,8 +95,9 @@ async def test_sigint_of_up_under_load_leaves_no_process_and_no_shared_memory(tm
             results = await load.stop()
     finally:
         up.kill()
-    # streams in flight were let finish or ended explicitly; after the stop, connections are refused
-    case.check(results, max_errors=None, proxy_killed=True)
+    # the streams open at the SIGINT finish (the proxy drains them before it exits); later requests are refused
+    case.check([r for r in results if r.started < interrupted], max_errors=0)
+    case.check([r for r in results if r.started >= interrupted], max_errors=None, proxy_killed=True)
     assert up.proc.returncode == 0, "".join(up.lines[-20:])
     assert not [pid for pid in [*pids.values(), *replica_pids] if alive(pid)]
     assert shm_entries() - shm_before == set()
