@@ -54,56 +54,52 @@ class Agent:
                 self._report_exited(msg.replica_id, f"the agent could not handle {type(msg).__name__}: {e!r}")
 
     async def adopt(self) -> None:
-        """Re-adopts the replicas a previous agent left in the state directory that still serve; ends the others and
-        removes their entries. Called once, before the first Register, so that it lists them."""
+        """Re-adopts the replicas a previous agent left in the state directory that still answer Health; ends the others
+        and removes their entries. Called once, before the first Register, so that it lists them."""
         records = self._state.load_all()
         if not records:
             return
         log.info("found %d replicas in the state directory %s", len(records), self._state.path)
-        verdicts = await asyncio.gather(*(self._serving(r) for r in records))
+        verdicts = await asyncio.gather(*(self._health(r) for r in records))
         ending = []
-        for record, max_model_len in zip(records, verdicts, strict=True):
+        for record, verdict in zip(records, verdicts, strict=True):
             rid = record.replica_id
-            if max_model_len is None:  # its processes are gone: nothing to end (their pids may be reused)
+            if verdict == "gone":  # its processes are gone: nothing to end (their pids may be reused)
                 self._state.remove(rid)
                 continue
+            serving, max_model_len = (verdict.serving, verdict.max_model_len) if verdict != "end" else (False, 0)
             try:
-                replica = ReplicaProcess.adopt(record, max(max_model_len, 0), **self._replica_args())
-            except (
-                Exception
-            ):  # a record this agent cannot use (a bad spec): leave its processes to their orphan timeout
+                replica = ReplicaProcess.adopt(record, serving, max_model_len, **self._replica_args())
+            except Exception:  # a record it cannot use (a bad spec): its processes end by their orphan timeout
                 log.exception("replica %s: cannot re-adopt it; removing its state entry", rid)
                 self._state.remove(rid)
                 continue
-            if max_model_len < 0:
+            if verdict == "end":
                 ending.append(replica.discard())
             else:
-                log.info("replica %s of %s re-adopted, serving on %s", rid, replica.deployment, record.address)
+                how = "serving" if serving else "still starting"
+                log.info("replica %s of %s re-adopted, %s on %s", rid, replica.deployment, how, record.address)
                 self._run(replica)
         await asyncio.gather(*ending)
 
-    async def _serving(self, record: ReplicaRecord) -> int | None:
-        """Its max_model_len if it answers Health serving; -1 if its processes live but it does not serve (it is to be
-        ended); None if they are gone."""
+    async def _health(self, record: ReplicaRecord) -> Any:
+        """Its gRPC HealthResponse when both its processes live and it answers; "end" when they live but it does not
+        answer (it is to be ended); "gone" when they have exited."""
         rid = record.replica_id
         if not record.alive():
             log.info("replica %s: its processes are gone; removing its state entry", rid)
-            return None
+            return "gone"
         if not record.address:
             log.info("replica %s: it had not listened yet when its agent stopped; ending it", rid)
-            return -1
+            return "end"
         from schemas.rpc import pb, pb_grpc
 
         try:
             async with grpc.aio.insecure_channel(record.address) as channel:
-                health = await pb_grpc.ReplicaStub(channel).Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S)
+                return await pb_grpc.ReplicaStub(channel).Health(pb.HealthRequest(), timeout=RPC_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
             log.info("replica %s: Health on %s failed (%s); ending it", rid, record.address, e.code().name)
-            return -1
-        if not health.serving:
-            log.info("replica %s: its engine is not serving; ending it", rid)
-            return -1
-        return int(health.max_model_len)
+            return "end"
 
     def _replica_args(self) -> dict[str, Any]:
         return {

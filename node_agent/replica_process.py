@@ -205,6 +205,7 @@ class ReplicaProcess:
     def adopt(
         cls,
         record: ReplicaRecord,
+        serving: bool,
         max_model_len: int,
         *,
         host: str,
@@ -215,7 +216,8 @@ class ReplicaProcess:
         on_change: Callable[[ReplicaProcess], None],
         on_update: Callable[[ReplicaProcess], None],
     ) -> ReplicaProcess:
-        """A replica a previous agent started, found serving: READY at once, its processes watched by pid."""
+        """A replica a previous agent started, found answering Health: READY at once when it serves, else STARTING
+        (an engine still loading) with a new ready timeout; its processes are watched by pid."""
         replica = cls(
             StartReplica.from_wire(record.spec),
             host=host,
@@ -230,7 +232,7 @@ class ReplicaProcess:
         replica.address = record.address
         replica.started_at = record.started_at
         replica.max_model_len = max_model_len
-        replica.state = ReplicaState.READY
+        replica.state = ReplicaState.READY if serving else ReplicaState.STARTING
         for name, pid in (("replica", record.replica_pid), ("worker", record.worker_pid)):
             replica._procs[name] = AdoptedProcess(pid)
             log.info("replica %s: %s re-adopted, pid %d", replica.replica_id, name, pid)
@@ -265,9 +267,9 @@ class ReplicaProcess:
         rid = self.replica_id
         channel: grpc.aio.Channel | None = None
         try:
-            if self._procs:  # adopted: already READY
+            if self._procs:  # adopted: READY, or STARTING and waited for below
                 self._first_exit = asyncio.create_task(self._wait_first_exit())
-                self._report(ReplicaState.READY)
+                self._report(self.state)
             else:
                 await self._spawn()
                 self._report(ReplicaState.STARTING)

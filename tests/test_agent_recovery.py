@@ -191,6 +191,8 @@ async def test_a_stopped_worker_is_reported_unhealthy_and_then_healthy_again(tmp
             await wait_until(lambda: any(r.healthy for r in head.events("r1")[unhealthy:]), SLOW_S, "r1 healthy")
             await agent.wait_for_log("replica r1 is healthy again")
         assert agent.proc.returncode == 0
+        # a graceful stop of the agent (SIGTERM) still stops what it runs: only a crash leaves replicas behind
+        assert not any(alive(pid) for pid in pids_of(agent, "r1").values())
     # about 3 s of stats age, then 3 checks 1 s apart: well under the slow-machine bound
     assert detected_s < 20, detected_s
     print(f"stuck worker reported unhealthy after {detected_s:.1f} s")
