@@ -12,7 +12,7 @@ import grpc
 
 from node_agent.head_link import HeadLink
 from node_agent.replica_process import RPC_TIMEOUT_S, TERM_GRACE_S, ReplicaProcess
-from node_agent.state import REPLICA_ID_RE, ReplicaRecord, StateDir
+from node_agent.state import PROCESS_NAMES, REPLICA_ID_RE, ReplicaRecord, StateDir
 from schemas.messages import ReplicaEvent, ReplicaState, ReplicaStatus, StartReplica, StopReplica
 
 log = logging.getLogger("node_agent")
@@ -21,6 +21,7 @@ SHUTDOWN_GRACE_S = TERM_GRACE_S + 5.0  # the bound on stopping every replica at 
 # How often each replica's Stats are read; a change of its running or waiting requests goes to the head at once,
 # so the routing snapshot follows load within about this (plus the publish), not a heartbeat.
 LOAD_POLL_S = 0.25
+LAST_LINES = 5  # of each log of a replica that ended while no agent ran, logged when its entry is removed
 
 
 class Agent:
@@ -65,6 +66,7 @@ class Agent:
         for record, verdict in zip(records, verdicts, strict=True):
             rid = record.replica_id
             if verdict == "gone":  # its processes are gone: nothing to end (their pids may be reused)
+                self._log_last_lines(rid)
                 self._state.remove(rid)
                 continue
             serving, max_model_len = (verdict.serving, verdict.max_model_len) if verdict != "end" else (False, 0)
@@ -100,6 +102,12 @@ class Agent:
         except grpc.aio.AioRpcError as e:
             log.info("replica %s: Health on %s failed (%s); ending it", rid, record.address, e.code().name)
             return "end"
+
+    def _log_last_lines(self, replica_id: str) -> None:
+        """What a replica that ended while no agent ran wrote last (its files go with its entry)."""
+        for name in PROCESS_NAMES:
+            for line in self._state.last_lines(replica_id, name, LAST_LINES):
+                log.info("[%s %s] %s", replica_id, name, line)
 
     def _replica_args(self) -> dict[str, Any]:
         return {

@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from node_agent.state import ReplicaRecord, StateDir, process_start_ticks
+from node_agent.state import PROCESS_NAMES, ReplicaRecord, StateDir, process_start_ticks
 from schemas.messages import ReplicaLoad, ReplicaState, ReplicaStatus, StartReplica
 
 log = logging.getLogger("node_agent")
@@ -41,6 +41,7 @@ DRAIN_TIMEOUT_S = 30.0
 TERM_GRACE_S = 10.0  # after SIGTERM, this long before SIGKILL
 RPC_TIMEOUT_S = 2.0
 PIPE_CLOSE_S = 2.0
+LOG_POLL_S = 0.2  # how often the processes' log files are read for new lines to forward
 HEALTH_POLL_S = 0.2
 # Active health of a READY replica: a check (gRPC Health serving, then Stats with a worker report younger than
 # STATS_AGE_LIMIT_MS; the worker reports at least every second even when idle) every HEALTH_CHECK_S, each RPC
@@ -195,7 +196,8 @@ class ReplicaProcess:
         self.detail = ""
         self._procs: dict[str, _Process] = {}  # "replica", "worker"
         self._record: ReplicaRecord | None = None  # its entry in the state directory, once written
-        self._pipes: list[asyncio.Task[None]] = []
+        self._pipes: list[asyncio.Task[None]] = []  # the binary's stdout, and the followers of both log files
+        self._exited = asyncio.Event()  # both processes are gone: the followers read what is left and end
         self._listening: asyncio.Future[str] | None = None
         self._first_exit: asyncio.Task[tuple[str, int | None]] | None = None
         self._stop = asyncio.Event()
@@ -269,6 +271,7 @@ class ReplicaProcess:
         try:
             if self._procs:  # adopted: READY, or STARTING and waited for below
                 self._first_exit = asyncio.create_task(self._wait_first_exit())
+                self._follow_logs(from_end=True)
                 self._report(self.state)
             else:
                 await self._spawn()
@@ -343,7 +346,10 @@ class ReplicaProcess:
         except (TypeError, ValueError) as e:
             raise ReplicaFailed(f"engine args cannot be passed to the worker as JSON: {e}") from None
         fds: list[int] = []
+        logs: dict[str, Any] = {}
         try:
+            for name in PROCESS_NAMES:
+                logs[name] = open(self._state.log_path(self.replica_id, name), "ab")  # closed below, once passed on
             req, resp = create_ring_fds(), create_ring_fds()
             fds = [*req, *resp]
             rings = ["--req-ring", ",".join(map(str, req)), "--resp-ring", ",".join(map(str, resp))]
@@ -357,12 +363,13 @@ class ReplicaProcess:
             for name, cmd in (("replica", replica_cmd), ("worker", worker_cmd)):
                 # its own session: a signal to the agent's process group (a Ctrl-C on its terminal) does not reach
                 # it, it outlives an agent crash, and the whole group (vLLM's engine processes too) is signalled
-                # on stop
+                # on stop. Its output goes to a file that outlives the agent; the binary's stdout alone is a pipe,
+                # for its one LISTENING line.
                 proc = await asyncio.create_subprocess_exec(
                     *cmd,
                     stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE if name == "replica" else logs[name],
+                    stderr=logs[name],
                     pass_fds=fds,
                     start_new_session=True,
                     limit=MAX_LINE,
@@ -374,18 +381,57 @@ class ReplicaProcess:
         finally:
             for fd in fds:  # the children hold their own copies
                 os.close(fd)
+            for f in logs.values():
+                f.close()
         self._save_record()  # from now on a restarted agent finds them, even before they serve
         self._listening = asyncio.get_running_loop().create_future()
-        for name, child in self._procs.items():
-            assert isinstance(child, _Child) and child.proc.stdout is not None and child.proc.stderr is not None
-            self._pipes.append(
-                asyncio.create_task(self._forward(name, child.proc.stdout, watch_listening=name == "replica"))
-            )
-            self._pipes.append(asyncio.create_task(self._forward(name, child.proc.stderr, watch_listening=False)))
+        self._follow_logs(from_end=False)
+        binary_out = self._procs["replica"]
+        assert isinstance(binary_out, _Child) and binary_out.proc.stdout is not None
+        self._pipes.append(asyncio.create_task(self._forward("replica", binary_out.proc.stdout)))
         self._first_exit = asyncio.create_task(self._wait_first_exit())
 
-    async def _forward(self, name: str, stream: asyncio.StreamReader, *, watch_listening: bool) -> None:
-        """Forwards a child's output lines to the agent's log; the binary's stdout also yields LISTENING."""
+    def _follow_logs(self, *, from_end: bool) -> None:
+        """Forwards what both processes write to their log files; an adopted replica's from the current end (what it
+        wrote while no agent ran stays in the file)."""
+        for name in PROCESS_NAMES:
+            path = self._state.log_path(self.replica_id, name)
+            try:
+                offset = path.stat().st_size if from_end else 0
+            except OSError as e:
+                log.warning("replica %s: its %s log %s cannot be read: %s", self.replica_id, name, path, e)
+                continue
+            self._pipes.append(asyncio.create_task(self._follow(name, path, offset), name=f"log-{self.replica_id}"))
+
+    async def _follow(self, name: str, path: Path, offset: int) -> None:
+        """Forwards the lines appended to `path` to the agent's log until the processes are gone and all is read."""
+        pending = b""
+        try:
+            f = open(path, "rb")  # closed by the with below
+        except OSError as e:
+            log.warning("replica %s: its %s log %s cannot be read: %s", self.replica_id, name, path, e)
+            return
+        with f:
+            f.seek(offset)
+            while True:
+                last = self._exited.is_set()  # before the read: a read after both exited gets everything
+                chunk = f.read(MAX_LINE)
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                if len(pending) >= MAX_LINE:  # no newline in a whole buffer: forwarded in pieces
+                    lines.append(pending)
+                    pending = b""
+                for line in lines:
+                    log.info("[%s %s] %s", self.replica_id, name, line.decode(errors="replace").rstrip())
+                if last and not chunk:
+                    if pending:
+                        log.info("[%s %s] %s", self.replica_id, name, pending.decode(errors="replace").rstrip())
+                    return
+                if not chunk:
+                    await asyncio.sleep(LOG_POLL_S)  # the poll period of a file that has no readiness to wait on
+
+    async def _forward(self, name: str, stream: asyncio.StreamReader) -> None:
+        """Forwards the binary's stdout lines to the agent's log, and finds its LISTENING line."""
         while True:
             try:
                 raw = await stream.readline()
@@ -395,7 +441,7 @@ class ReplicaProcess:
             if not raw:
                 return
             line = raw.decode(errors="replace").rstrip()
-            if watch_listening and self._listening is not None and not self._listening.done():
+            if self._listening is not None and not self._listening.done():
                 m = LISTENING_RE.fullmatch(line.strip())
                 if m:
                     self._listening.set_result(m.group(1))
@@ -451,9 +497,15 @@ class ReplicaProcess:
 
     async def _watch(self, stub: Any) -> None:
         """A READY replica's two loops, until cancelled: its load and its health."""
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._poll_stats(stub), name=f"stats-{self.replica_id}")
-            tasks.create_task(self._check_health(stub), name=f"health-{self.replica_id}")
+        loops = [
+            asyncio.create_task(self._poll_stats(stub), name=f"stats-{self.replica_id}"),
+            asyncio.create_task(self._check_health(stub), name=f"health-{self.replica_id}"),
+        ]
+        try:
+            await asyncio.gather(*loops)
+        finally:  # cancelled (or one failed): neither outlives the other
+            for task in loops:
+                task.cancel()
 
     async def _check_health(self, stub: Any) -> None:
         """A check every HEALTH_CHECK_S; the verdict flips to unhealthy after HEALTH_FAILURES failures in a row and
@@ -561,7 +613,8 @@ class ReplicaProcess:
         self._signal(signal.SIGKILL)  # whatever is left in the groups (an engine's own children)
         if self._first_exit is not None:
             self._first_exit.cancel()
-        # the pipes close with the last process holding them; one that left the group must not hang the stop
+        self._exited.set()
+        # the stdout pipe closes with the last process holding it; one that left the group must not hang the stop
         _, pending = await asyncio.wait(self._pipes, timeout=PIPE_CLOSE_S) if self._pipes else (set(), set())
         for t in pending:
             t.cancel()

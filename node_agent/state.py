@@ -1,9 +1,10 @@
 """The agent's state directory: one file per replica it runs, so that a restarted agent (after a crash or a SIGKILL)
 finds the replicas that outlived it and re-adopts them instead of losing their streams and their loaded models.
 
-Layout: `<state dir>/lock` (held with flock by the one agent using the directory) and `<state dir>/replicas/<id>.json`
-(a `ReplicaRecord`). Files are written whole to a temporary name, fsynced and renamed over the old one, so a
-reader sees the old record or the new one, never a torn one.
+Layout: `<state dir>/lock` (held with flock by the one agent using the directory), `<state dir>/replicas/<id>.json`
+(a `ReplicaRecord`) and `<state dir>/logs/<id>.<replica|worker>.log` (the processes' output: a file, not a pipe to
+the agent, so that it outlives the agent too). Records are written whole to a temporary name, fsynced and renamed
+over the old one, so a reader sees the old record or the new one, never a torn one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ log = logging.getLogger("node_agent")
 
 # A replica id names a file here: anything else (a path separator, a leading dot) is refused before it is used.
 REPLICA_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+PROCESS_NAMES = ("replica", "worker")  # a replica's two processes, as records and logs name them
 
 
 class StateDirError(Exception):
@@ -97,8 +101,10 @@ class StateDir:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._replicas = path / "replicas"
+        self._logs = path / "logs"
         try:
             self._replicas.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._logs.mkdir(exist_ok=True, mode=0o700)
             self._lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise StateDirError(f"cannot use state dir {path}: {e}") from None
@@ -127,10 +133,26 @@ class StateDir:
             os.close(dir_fd)
 
     def remove(self, replica_id: str) -> None:
+        """Removes the replica's record and its log files."""
+        for path in (self._file(replica_id), *(self.log_path(replica_id, name) for name in PROCESS_NAMES)):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("cannot remove %s of replica %s: %s", path, replica_id, e)
+
+    def log_path(self, replica_id: str, process: str) -> Path:
+        """The file a replica's process ("replica" or "worker") writes its output to."""
+        self._file(replica_id)  # the id's check
+        return self._logs / f"{replica_id}.{process}.log"
+
+    def last_lines(self, replica_id: str, process: str, n: int) -> list[str]:
+        """The last `n` lines of that log (read from its last 64 KiB); none when it cannot be read."""
         try:
-            self._file(replica_id).unlink(missing_ok=True)
-        except OSError as e:
-            log.warning("cannot remove the state file of replica %s: %s", replica_id, e)
+            with open(self.log_path(replica_id, process), "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+                return f.read().decode(errors="replace").splitlines()[-n:]
+        except OSError:
+            return []
 
     def load_all(self) -> list[ReplicaRecord]:
         """Every readable record; an unreadable one (or a leftover temporary file) is logged and removed."""

@@ -160,6 +160,10 @@ def state_files(tmp: Path) -> list[str]:
     return sorted(p.name for p in (tmp / "state" / "replicas").iterdir())
 
 
+def log_files(tmp: Path) -> list[str]:
+    return sorted(p.name for p in (tmp / "state" / "logs").iterdir())
+
+
 async def ready(head: FakeHead, replica_id: str) -> ReplicaStatus:
     return await head.event(replica_id, f"{replica_id} READY", lambda r: r.state is ReplicaState.READY)
 
@@ -243,7 +247,10 @@ async def test_replicas_outlive_a_killed_agent_and_the_restarted_agent_readopts_
             exited = await head.event("r1", "r1 EXITED", lambda r: r.state is ReplicaState.EXITED)
             assert exited.detail == "stopped by the head"
             await wait_until(lambda: not any(alive(pid) for pid in pids.values()), what="replica and worker gone")
-            assert state_files(tmp_path) == []
+            assert state_files(tmp_path) == [] and log_files(tmp_path) == []
+            # the output of processes it did not start reaches its log too (they write to files, not to a pipe)
+            await second.wait_for_log(r"\[r1 replica\] .* replica r1: Terminated received")
+            await second.wait_for_log(r"\[r1 worker\] .* worker r1 stopped")
         assert second.proc.returncode == 0
     assert set(os.listdir("/dev/shm")) <= shm_before
 
@@ -266,12 +273,16 @@ async def test_an_orphan_stops_itself_after_its_timeout_and_leaves_nothing_behin
             assert time.monotonic() - killed_at >= orphan_timeout_s
         assert set(os.listdir("/dev/shm")) <= shm_before
         assert state_files(tmp_path) == ["r1.json"]  # nobody was there to remove it
+        assert log_files(tmp_path) == ["r1.replica.log", "r1.worker.log"]
 
         # an agent started later finds the entry stale, removes it, and registers no replica
         registers = sum(isinstance(m, Register) for m in head.received)
         second = start_agent(tmp_path, head, "agent-2.log")
         with stopped_at_exit(second):
             await second.wait_for_log("replica r1: its processes are gone; removing its state entry")
+            # what the orphan said while no agent ran is not lost: its last lines are in the new agent's log
+            await second.wait_for_log(r"\[r1 replica\] .* orphaned, and no agent called for 2\.0 s: stopping")
+            assert log_files(tmp_path) == []
             reg = await head.nth(Register, registers + 1)
             assert isinstance(reg, Register) and reg.replicas == ()
             assert state_files(tmp_path) == []
