@@ -8,12 +8,22 @@ namespace tokenbus::proxy::testing {
 
 class FakeReplica::Writer final : public grpc::ServerWriteReactor<v1::GenerateChunk> {
  public:
-  Writer(FakeReplica& owner, const v1::GenerateRequest& request) : owner_(owner) {
-    const std::string& text =
-        request.messages_size() > 0 ? request.messages(request.messages_size() - 1).content() : request.prompt();
+  Writer(FakeReplica& owner, const v1::GenerateRequest& request, const std::string& forced) : owner_(owner) {
+    const std::string& text = !forced.empty()               ? forced
+                              : request.messages_size() > 0 ? request.messages(request.messages_size() - 1).content()
+                                                            : request.prompt();
     if (text == "hang") {
       add("first ", 1);
       hang_ = true;
+    } else if (text == "silent") {
+      hang_ = true;
+    } else if (text == "unavailable") {
+      end_status_ = grpc::Status(grpc::StatusCode::UNAVAILABLE, "replica unavailable");
+    } else if (text == "abort") {
+      finish("abort", 0);
+    } else if (text == "abort-mid") {
+      add("one ", 1);
+      finish("abort", 1);
     } else if (text == "error400") {
       v1::GenerateChunk& last = add("", 0);
       last.set_finish_reason("error");
@@ -117,7 +127,7 @@ class FakeReplica::Writer final : public grpc::ServerWriteReactor<v1::GenerateCh
   bool finished_ = false;
 };
 
-FakeReplica::FakeReplica() {
+FakeReplica::FakeReplica(std::string forced) : forced_(std::move(forced)) {
   grpc::ServerBuilder builder;
   builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
   builder.RegisterService(this);
@@ -131,8 +141,14 @@ grpc::ServerWriteReactor<v1::GenerateChunk>* FakeReplica::Generate(grpc::Callbac
   {
     std::lock_guard lock(mutex_);
     last_request_ = *request;
+    ++calls_;
   }
-  return new Writer(*this, *request);
+  return new Writer(*this, *request, forced_);
+}
+
+int FakeReplica::calls() {
+  std::lock_guard lock(mutex_);
+  return calls_;
 }
 
 v1::GenerateRequest FakeReplica::last_request() {

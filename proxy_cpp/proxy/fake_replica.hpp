@@ -2,6 +2,10 @@
 // A real in-process gRPC server implementing tokenbus.v1.Replica for the proxy's tests. What it streams
 // depends on the request's text (the prompt, or the last chat message):
 //   "hang"      one chunk "first ", then nothing until the call is cancelled
+//   "silent"    nothing at all until the call is cancelled
+//   "unavailable"  no chunk; the call fails with UNAVAILABLE at once
+//   "abort"     a final chunk with finish_reason "abort" and no text
+//   "abort-mid" one chunk "one ", then a final "abort" chunk
 //   "error400"  a final chunk with finish_reason "error", error_code 400, error_message "prompt too long"
 //   "fail-mid"  two chunks, then the call fails with UNAVAILABLE
 //   "quote"     one chunk holding characters JSON must escape, then a final "stop" chunk
@@ -21,12 +25,16 @@ inline constexpr const char* kFakeQuoteText = "he said \"hi\"\n\t\\ ok \xc3\xa9"
 
 class FakeReplica final : public v1::Replica::CallbackService {
  public:
-  FakeReplica();  // listens on 127.0.0.1, any port
+  // Listens on 127.0.0.1, any port. With `forced` set, every request behaves as if its text were `forced`
+  // (a replica that always fails, next to a healthy one).
+  explicit FakeReplica(std::string forced = "");
   ~FakeReplica() override;
 
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   int port() const { return port_; }
 
+  // Generate calls received in all.
+  int calls();
   // The last Generate request received.
   v1::GenerateRequest last_request();
   // Waits until `count` calls in all have been cancelled by the client, or the deadline passes.
@@ -44,6 +52,8 @@ class FakeReplica final : public v1::Replica::CallbackService {
   std::mutex mutex_;
   std::condition_variable cancelled_cv_;
   int cancelled_ = 0;
+  int calls_ = 0;
+  const std::string forced_;
   v1::GenerateRequest last_request_;
 };
 

@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "proxy/fake_replica.hpp"
+#include "proxy/test_client.hpp"
 #include "proxy/http_server.hpp"
 #include "proxy/metrics.hpp"
 #include "proxy/router.hpp"
@@ -30,58 +31,9 @@ namespace http = beast::http;
 using tcp = net::ip::tcp;
 using nlohmann::json;
 using testing::FakeReplica;
-
-struct Reply {
-  int status = 0;
-  std::string body;
-  http::fields headers;
-};
-
-// A blocking HTTP/1.1 client on one keep-alive connection.
-class Client {
- public:
-  explicit Client(std::uint16_t port) : stream_(io_) { stream_.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port)); }
-
-  Reply send(http::verb verb, const std::string& target, const std::string& body = "",
-             const std::string& content_type = "application/json") {
-    http::request<http::string_body> req(verb, target, 11);
-    req.set(http::field::host, "127.0.0.1");
-    if (!body.empty() || verb == http::verb::post) {
-      req.set(http::field::content_type, content_type);
-      req.body() = body;
-      req.prepare_payload();
-    }
-    stream_.expires_after(std::chrono::seconds(20));
-    http::write(stream_, req);
-    http::response_parser<http::string_body> parser;
-    parser.body_limit(64 * 1024 * 1024);
-    http::read(stream_, buffer_, parser);
-    http::response<http::string_body> res = parser.release();
-    return Reply{static_cast<int>(res.result_int()), res.body(), static_cast<http::fields&>(res)};
-  }
-
-  Reply post(const std::string& target, const std::string& body) { return send(http::verb::post, target, body); }
-  Reply get(const std::string& target) { return send(http::verb::get, target); }
-
- private:
-  net::io_context io_;
-  beast::tcp_stream stream_;
-  beast::flat_buffer buffer_;
-};
-
-// Splits an SSE body into its data payloads.
-std::vector<std::string> sse_data(const std::string& body) {
-  std::vector<std::string> out;
-  std::size_t at = 0;
-  while (at < body.size()) {
-    const std::size_t end = body.find("\n\n", at);
-    if (end == std::string::npos) break;
-    EXPECT_EQ(body.compare(at, 6, "data: "), 0) << body.substr(at, 40);
-    out.push_back(body.substr(at + 6, end - at - 6));
-    at = end + 2;
-  }
-  return out;
-}
+using testing::Client;
+using testing::Reply;
+using testing::sse_data;
 
 std::string expected_tokens(int n) {
   std::string s;

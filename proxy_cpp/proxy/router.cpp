@@ -32,9 +32,17 @@ namespace {
 std::int64_t now_ns() { return std::chrono::steady_clock::now().time_since_epoch().count(); }
 
 // A replica's routing score: this proxy's own in-flight requests there, the load its engine last reported
-// (running + waiting, which also counts other proxies' requests), and a penalty per failure in a row.
-std::int64_t route_score(const SnapshotReplica& r, const ReplicaHandle& h, const OutlierPolicy& outlier) {
-  return h.in_flight() + r.load.running + r.load.waiting + h.consecutive_failures() * outlier.failure_penalty;
+// (running + waiting, which also counts other proxies' requests), and a penalty per failure in a row while
+// the last one is recent. The penalty fades, so that a replica that failed once gets traffic again and can
+// clear its count with a success.
+std::int64_t route_score(const SnapshotReplica& r, const ReplicaHandle& h, const OutlierPolicy& outlier,
+                         std::int64_t now) {
+  const std::int64_t load = h.in_flight() + r.load.running + r.load.waiting;
+  const int failures = h.consecutive_failures();
+  if (failures == 0 || now - h.last_failure_ns() > std::chrono::nanoseconds(outlier.base_ejection).count()) {
+    return load;
+  }
+  return load + failures * outlier.failure_penalty;
 }
 
 }  // namespace
@@ -158,7 +166,7 @@ RouteResult Router::route(std::string_view deployment, std::span<const ReplicaHa
       if (std::find(exclude.begin(), exclude.end(), e.handle.get()) != exclude.end()) continue;
       any_candidate = true;
       if (e.replica->max_concurrency > 0 && e.handle->in_flight() >= e.replica->max_concurrency) continue;
-      const std::int64_t score = route_score(*e.replica, *e.handle, outlier_);
+      const std::int64_t score = route_score(*e.replica, *e.handle, outlier_, now);
       if (score < best_score) {  // strict: the first of equal scores after the cursor wins
         best = &e;
         best_score = score;
@@ -220,10 +228,11 @@ void Router::report_success(ReplicaHandle& replica) {
 }
 
 void Router::report_failure(std::string_view deployment, ReplicaHandle& replica, std::string_view why) {
+  const std::int64_t now = now_ns();
+  replica.last_failure_ns_.store(now, std::memory_order_relaxed);
   const int failures = replica.consecutive_failures_.fetch_add(1, std::memory_order_relaxed) + 1;
   if (failures < outlier_.consecutive_failures) return;
   std::lock_guard lock(eject_mutex_);
-  const std::int64_t now = now_ns();
   if (replica.ejected(now)) return;
   const std::shared_ptr<const Table> table = table_.load();
   std::size_t total = 0;
@@ -266,7 +275,7 @@ std::vector<ReplicaRouteView> Router::replica_views() const {
     for (const Table::Entry& e : route.entries) {
       const ReplicaHandle& h = *e.handle;
       views.push_back({name, e.replica->id, e.replica->addr, e.replica->routable(), h.ejected(now), h.in_flight(),
-                       h.routed(), h.ejections(), h.consecutive_failures(), route_score(*e.replica, h, outlier_)});
+                       h.routed(), h.ejections(), h.consecutive_failures(), route_score(*e.replica, h, outlier_, now)});
     }
   }
   return views;

@@ -35,6 +35,7 @@ class ReplicaHandle {
   // Requests routed here since the address first appeared in a snapshot.
   std::uint64_t routed() const { return routed_.load(std::memory_order_relaxed); }
   int consecutive_failures() const { return consecutive_failures_.load(std::memory_order_relaxed); }
+  std::int64_t last_failure_ns() const { return last_failure_ns_.load(std::memory_order_relaxed); }
   // Times this proxy ejected it, in all.
   std::uint64_t ejections() const { return ejections_total_.load(std::memory_order_relaxed); }
   bool ejected(std::int64_t now_ns) const { return now_ns < ejected_until_ns_.load(std::memory_order_relaxed); }
@@ -50,6 +51,7 @@ class ReplicaHandle {
   std::atomic<std::uint64_t> routed_{0};
   std::atomic<int> consecutive_failures_{0};
   std::atomic<std::int64_t> ejected_until_ns_{0};  // steady clock; 0: never ejected
+  std::atomic<std::int64_t> last_failure_ns_{0};   // steady clock: failures older than base_ejection are forgiven
   std::atomic<int> ejection_streak_{0};            // the next ejection lasts (streak + 1) x base
   std::atomic<std::uint64_t> ejections_total_{0};
   std::shared_ptr<SlotQueue> queue_;  // its deployment's; set by Router::apply under its mutex, read on release

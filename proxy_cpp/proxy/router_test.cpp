@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <set>
+#include <thread>
 
 #include "proxy/router.hpp"
 
@@ -135,6 +136,94 @@ TEST(Router, KeepsInFlightCountsAcrossSnapshots) {
   router.apply(snapshot(3, {}));  // the replica left: a request still in flight keeps its handle alive
   EXPECT_EQ(held.lease.replica()->in_flight(), 1);
   EXPECT_EQ(router.route("demo").outcome, RouteOutcome::kNoReplica);
+}
+
+TEST(Router, EjectsAfterConsecutiveFailuresForAGrowingTime) {
+  OutlierPolicy policy;
+  policy.base_ejection = std::chrono::milliseconds(200);
+  Router router(policy);
+  router.apply(snapshot(1, {replica("r1", 0, 0), replica("r2", 0, 0)}));
+  RouteResult held = router.route("demo");
+  ReplicaHandle& bad = *held.lease.replica();
+  router.report_failure("demo", bad, "test");
+  router.report_failure("demo", bad, "test");
+  const auto now = [] { return std::chrono::steady_clock::now().time_since_epoch().count(); };
+  EXPECT_FALSE(bad.ejected(now()));
+  router.report_failure("demo", bad, "test");
+  EXPECT_TRUE(bad.ejected(now()));
+  EXPECT_EQ(bad.ejections(), 1u);
+  // while ejected, every request goes to the other replica, and a refused one is told when to come back
+  for (int i = 0; i < 4; ++i) EXPECT_NE(routed_address(router), bad.address());
+  const ReplicaHandle* other[] = {router.route("demo").lease.replica()};
+  const RouteResult none = router.route("demo", other);
+  EXPECT_EQ(none.outcome, RouteOutcome::kNoReplica);
+  EXPECT_EQ(none.retry_after, std::chrono::seconds(1));
+  // it comes back by itself once the ejection is over
+  const auto back = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (bad.ejected(now()) && std::chrono::steady_clock::now() < back) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // polling the clock, not synchronising
+  }
+  EXPECT_FALSE(bad.ejected(now()));
+  // the next ejection in a row lasts twice as long
+  for (int i = 0; i < 3; ++i) router.report_failure("demo", bad, "test");
+  const std::int64_t second = bad.ejected(now()) ? 1 : 0;
+  EXPECT_EQ(second, 1);
+  EXPECT_EQ(bad.ejections(), 2u);
+}
+
+TEST(Router, NeverEjectsMoreThanHalfOfADeployment) {
+  Router router;
+  router.apply(snapshot(1, {replica("r1", 0, 0), replica("r2", 0, 0), replica("r3", 0, 0)}));
+  std::vector<RouteResult> held;
+  for (int i = 0; i < 3; ++i) held.push_back(router.route("demo"));
+  for (RouteResult& r : held) {
+    for (int i = 0; i < 5; ++i) router.report_failure("demo", *r.lease.replica(), "test");
+  }
+  int ejected = 0;
+  for (const ReplicaRouteView& v : router.replica_views()) ejected += v.ejected ? 1 : 0;
+  EXPECT_EQ(ejected, 1);  // floor(3 * 0.5)
+  EXPECT_TRUE(router.ready());
+}
+
+TEST(Router, AReplicaThatJustFailedNeverLooksLeastLoaded) {
+  Router router;
+  // r1 is idle but just failed; r2 is busy
+  router.apply(snapshot(1, {replica("r1", 0, 0), replica("r2", 6, 1)}));
+  ReplicaHandle* r1 = nullptr;
+  for (int i = 0; i < 2 && r1 == nullptr; ++i) {
+    RouteResult r = router.route("demo");
+    if (r.lease.replica()->address().ends_with("40001")) r1 = r.lease.replica();
+  }
+  ASSERT_NE(r1, nullptr);
+  router.report_failure("demo", *r1, "test");
+  for (int i = 0; i < 5; ++i) EXPECT_TRUE(routed_address(router).ends_with("40002"));
+  router.report_success(*r1);  // a success clears it
+  EXPECT_TRUE(routed_address(router).ends_with("40001"));
+}
+
+TEST(Router, RetriesSkipTheReplicasAlreadyTried) {
+  Router router;
+  router.apply(snapshot(1, {replica("r1", 0, 0), replica("r2", 0, 0)}));
+  RouteResult first = router.route("demo");
+  const ReplicaHandle* tried[] = {first.lease.replica()};
+  RouteResult second = router.route("demo", tried);
+  ASSERT_EQ(second.outcome, RouteOutcome::kRouted);
+  EXPECT_NE(second.lease.replica(), first.lease.replica());
+  const ReplicaHandle* both[] = {first.lease.replica(), second.lease.replica()};
+  EXPECT_EQ(router.route("demo", both).outcome, RouteOutcome::kNoReplica);
+}
+
+TEST(Router, CarriesTheDeploymentsLimits) {
+  Router router;
+  auto s = std::make_shared<Snapshot>();
+  s->version = (1ull << 32) | 1;
+  s->deployments.push_back({.name = "demo", .max_model_len = 2048, .first_token_timeout_s = 9.5,
+                            .idle_timeout_s = 2.5, .replicas = {replica("r1", 0, 0)}});
+  router.apply(s);
+  const RouteResult r = router.route("demo");
+  EXPECT_EQ(r.limits.max_model_len, 2048);
+  EXPECT_DOUBLE_EQ(r.limits.first_token_timeout_s, 9.5);
+  EXPECT_DOUBLE_EQ(r.limits.idle_timeout_s, 2.5);
 }
 
 }  // namespace
