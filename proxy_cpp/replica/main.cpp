@@ -86,7 +86,8 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-  // stdout and stderr are pipes to the agent: once it is gone, a log line must fail (EPIPE), not kill us.
+  // Whatever the agent made our stdout and stderr (its LISTENING pipe, a log file), a write to a pipe whose
+  // reader died with the agent must fail (EPIPE), not kill us.
   ::signal(SIGPIPE, SIG_IGN);
   const pid_t parent = ::getppid();
   const auto orphan_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(orphan_timeout_s * 1000));
