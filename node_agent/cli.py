@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--state-dir",
         type=Path,
-        help="where the replicas' state is kept, so that a restarted agent re-adopts them "
+        help="where the replicas' state is kept, so that a restarted agent of the same --node-id re-adopts them "
         f"(default {default_state_dir('NODE_ID')})",
     )
     p.add_argument(

@@ -297,12 +297,16 @@ async def test_malformed_commands_are_dropped_and_the_agent_goes_on(tmp_path: Pa
             bad_fields = {"v": 1, "replica_id": 7, "deployment": "d", "engine": "sim", "engine_args": {}}
             await head.send_raw([b"\x04", msgpack.packb(bad_fields)])
             await head.send_raw([b"\x7f", msgpack.packb({"v": 1})])
+            await head.send_raw([b"\x04"] * 64)  # more frames than any bus message has: dropped whole
             await head.send(StartReplica("../escape", "demo", "sim", {}, 1))  # would name a file outside the state dir
             await head.send(StopReplica("nowhere"))  # a valid command after them is still handled
             await head.event("nowhere", "nowhere EXITED", lambda r: r.state is ReplicaState.EXITED)
             refused = await head.event("../escape", "../escape refused", lambda r: r.state is ReplicaState.EXITED)
             assert "refused" in refused.detail
             assert agent.log_text().count("dropped a bad message from the head") == 3
+            assert re.search(
+                r"dropped a bus message on agent-dealer from peer \S+: \d+ bytes in 64 frames", agent.log_text()
+            )
             beats = len([m for m in head.received if isinstance(m, Heartbeat)])
             await wait_until(
                 lambda: len([m for m in head.received if isinstance(m, Heartbeat)]) > beats + 3, what="more heartbeats"
