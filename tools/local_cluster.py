@@ -118,6 +118,10 @@ class LocalCluster:
         child.proc.send_signal(sig)
         return child.pid
 
+    def wait(self, name: str, timeout: float) -> int:
+        """Waits for the named child to exit (it was signalled) and reaps it; its exit code."""
+        return self._children.get(name).proc.wait(timeout)
+
     def kill(self, name: str) -> int:
         """SIGKILLs the named child and reaps it; its pid."""
         pid = self.signal(name, signal.SIGKILL)
