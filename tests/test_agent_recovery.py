@@ -169,20 +169,29 @@ async def ready(head: FakeHead, replica_id: str) -> ReplicaStatus:
 
 
 @needs_replicas
-async def test_a_stopped_worker_is_reported_unhealthy_and_then_healthy_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("process", "symptom"),
+    [
+        ("worker", "no load report from its worker"),  # alive, answering, but its engine side produces nothing
+        ("replica", "RPC failed: DEADLINE_EXCEEDED"),  # its gRPC server itself hangs
+    ],
+)
+async def test_a_stopped_process_is_reported_unhealthy_and_then_healthy_again(
+    tmp_path: Path, process: str, symptom: str
+) -> None:
     async with fake_head() as head:
         agent = start_agent(tmp_path, head, "agent.log")
         with stopped_at_exit(agent):
             await head.send(sim_replica("r1"))
             status = await ready(head, "r1")
             assert status.healthy and status.max_model_len == 4096 and abs(status.started_at - time.time()) < SLOW_S
-            worker = pids_of(agent, "r1")["worker"]
-            os.kill(worker, signal.SIGSTOP)  # alive but producing nothing: its STATS stop
+            stopped = pids_of(agent, "r1")[process]
+            os.kill(stopped, signal.SIGSTOP)
             stopped_at = time.monotonic()
             try:
                 await head.event("r1", "r1 unhealthy", lambda r: not r.healthy)
                 detected_s = time.monotonic() - stopped_at
-                await agent.wait_for_log(r"replica r1 is unhealthy: 3 failed checks in a row, the last: no load report")
+                await agent.wait_for_log(rf"replica r1 is unhealthy: 3 failed checks in a row, the last: {symptom}")
                 # the heartbeats say so too, and it is still READY (the head decides what to do with it)
                 beat = await head.wait_for(
                     "a heartbeat with r1 unhealthy",
@@ -190,16 +199,16 @@ async def test_a_stopped_worker_is_reported_unhealthy_and_then_healthy_again(tmp
                 )
                 assert isinstance(beat, Heartbeat) and beat.replicas[0].state is ReplicaState.READY
             finally:
-                os.kill(worker, signal.SIGCONT)
+                os.kill(stopped, signal.SIGCONT)
             unhealthy = len(head.events("r1"))
             await wait_until(lambda: any(r.healthy for r in head.events("r1")[unhealthy:]), SLOW_S, "r1 healthy")
             await agent.wait_for_log("replica r1 is healthy again")
         assert agent.proc.returncode == 0
         # a graceful stop of the agent (SIGTERM) still stops what it runs: only a crash leaves replicas behind
         assert not any(alive(pid) for pid in pids_of(agent, "r1").values())
-    # about 3 s of stats age, then 3 checks 1 s apart: well under the slow-machine bound
+    # about 3 s of stats age (or 1 s RPC timeouts), and 3 checks 1 s apart: well under the slow-machine bound
     assert detected_s < 20, detected_s
-    print(f"stuck worker reported unhealthy after {detected_s:.1f} s")
+    print(f"stopped {process} reported unhealthy after {detected_s:.1f} s")
 
 
 @needs_replicas
