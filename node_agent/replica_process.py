@@ -195,7 +195,6 @@ class ReplicaProcess:
         self.exit_code: int | None = None
         self.detail = ""
         self._procs: dict[str, _Process] = {}  # "replica", "worker"
-        self._record: ReplicaRecord | None = None  # its entry in the state directory, once written
         self._pipes: list[asyncio.Task[None]] = []  # the binary's stdout, and the followers of both log files
         self._exited = asyncio.Event()  # both processes are gone: the followers read what is left and end
         self._listening: asyncio.Future[str] | None = None
@@ -230,7 +229,6 @@ class ReplicaProcess:
             on_change=on_change,
             on_update=on_update,
         )
-        replica._record = record
         replica.address = record.address
         replica.started_at = record.started_at
         replica.max_model_len = max_model_len
@@ -307,7 +305,7 @@ class ReplicaProcess:
             self._report(ReplicaState.EXITED)
 
     async def discard(self) -> None:
-        """Ends an adopted replica that does not serve any more, and forgets it (no state change is reported)."""
+        """Ends an adopted replica that does not answer, and forgets it (no state change is reported)."""
         await self._terminate()
         self._state.remove(self.replica_id)
 
@@ -317,7 +315,7 @@ class ReplicaProcess:
         ticks = {name: process_start_ticks(p.pid) for name, p in spawned.items()}
         if None in ticks.values() or len(ticks) != 2:
             return  # a process already exited: the replica is ending, there is nothing to re-adopt
-        self._record = ReplicaRecord(
+        record = ReplicaRecord(
             replica_id=self.replica_id,
             spec=self._spec.to_wire(),
             replica_pid=spawned["replica"].pid,
@@ -328,7 +326,7 @@ class ReplicaProcess:
             started_at=self.started_at,
         )
         try:
-            self._state.save(self._record)
+            self._state.save(record)
         except OSError as e:  # it still serves; it only cannot be re-adopted after an agent crash
             log.error("replica %s: cannot write its state file: %s", self.replica_id, e)
 
