@@ -114,16 +114,17 @@ class Head:
         self._publisher = SnapshotPublisher(self._pub_addr, republish_interval_s=self._republish_s, ctx=self._ctx)
         self.pub_endpoint = self._publisher.endpoint
         log.info(
-            "head %s started: epoch %d, %d deployments and %d known nodes from %s; router bound on %s, snapshots "
-            "published on %s; waiting up to %.1f s for the nodes before acting",
+            # the endpoints end the line: tests and tools read them from it
+            "head %s started: epoch %d, %d deployments and %d known nodes from %s (acts once they registered, or in "
+            "%.1f s); router bound on %s, snapshots published on %s",
             self.head_id,
             self.epoch,
             len(self._state.deployments),
             len(self._state.known_nodes),
             self._store.path,
+            self._state.sync_deadline - time.monotonic(),
             self.router_endpoint,
             self.pub_endpoint,
-            self._state.sync_deadline - time.monotonic(),
         )
 
     async def run(self) -> None:
