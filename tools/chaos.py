@@ -167,8 +167,10 @@ async def _read_sse(resp: aiohttp.ClientResponse, res: Result, max_tokens: int) 
             _error(res, Via.SSE_EVENT, f"after {res.tokens} tokens: {event['error'].get('message', '')}")
             return
         for choice in event.get("choices", []):
-            if choice.get("delta", {}).get("content") and res.first_token_s is None:
+            content = choice.get("delta", {}).get("content") or ""
+            if content and res.first_token_s is None:
                 res.first_token_s = time.monotonic() - res.started
+            res.tokens += len(content.split())  # one word a sim token; the usage below has the engine's count
             finish = choice.get("finish_reason") or finish
         if event.get("usage"):
             res.tokens = event["usage"]["completion_tokens"]
@@ -297,7 +299,11 @@ async def run(opts: argparse.Namespace, console: Console) -> int:
             for t in done:
                 if t.exception() is not None:
                     console.print(f"[red]task failed:[/red] {t.exception()!r}")
-            retries = await _proxy_retries(session, list(cluster.proxy_urls.values()))
+            urls = list(cluster.proxy_urls.values())
+            retries = {
+                "retried": await _proxy_counters(session, urls, "tokenbus_proxy_retries_total"),
+                "not retried": await _proxy_counters(session, urls, "tokenbus_proxy_retries_refused_total"),
+            }
         chaos.classify_cuts()
         report(chaos, retries, console)
         silent = sum(r.outcome is Outcome.SILENT for r in chaos.results)
@@ -306,8 +312,8 @@ async def run(opts: argparse.Namespace, console: Console) -> int:
         cluster.stop()
 
 
-async def _proxy_retries(session: aiohttp.ClientSession, urls: list[str]) -> Counter[str]:
-    """tokenbus_proxy_retries_total by reason, summed over the proxies (a restarted proxy counts from 0)."""
+async def _proxy_counters(session: aiohttp.ClientSession, urls: list[str], name: str) -> Counter[str]:
+    """A proxy counter by its `reason` label, summed over the live proxies (a restarted proxy counts from 0)."""
     total: Counter[str] = Counter()
     for url in urls:
         try:
@@ -316,13 +322,13 @@ async def _proxy_retries(session: aiohttp.ClientSession, urls: list[str]) -> Cou
         except aiohttp.ClientError:
             continue
         for line in text.splitlines():
-            if line.startswith("tokenbus_proxy_retries_total{"):
+            if line.startswith(name + "{"):
                 labels, value = line.rsplit(" ", 1)
                 total[labels.split('reason="', 1)[-1].split('"', 1)[0]] += int(float(value))
     return total
 
 
-def report(chaos: Chaos, retries: Counter[str], console: Console) -> None:
+def report(chaos: Chaos, retries: dict[str, Counter[str]], console: Console) -> None:
     faults = Table(title="faults injected")
     for col in ("at", "action", "process", "pid"):
         faults.add_column(col)
@@ -336,17 +342,22 @@ def report(chaos: Chaos, retries: Counter[str], console: Console) -> None:
         counts = Counter(r.kind for r in chaos.results if r.outcome is outcome)
         table.add_row(outcome.value, str(counts["plain"]), str(counts["sse"]), str(sum(counts.values())))
     console.print(table)
-    errors = Counter((r.via.value if r.via else "", r.detail[:80]) for r in chaos.results if r.outcome is Outcome.ERROR)
+    # grouped by how and when: an error before the first token is one a retry could have saved
+    groups: Counter[tuple[str, str, str, str]] = Counter()
+    for r in chaos.results:
+        if r.outcome in (Outcome.ERROR, Outcome.SILENT):
+            when = "before the first token" if r.first_token_s is None else "mid-stream"
+            message = r.detail.split(": ", 1)[1] if r.detail.startswith("after ") else r.detail
+            groups[(r.outcome.name.lower(), r.via.value if r.via else "", when, message[:70])] += 1
     details = Table(title="explicit errors and silent failures, by kind")
-    for col in ("outcome", "how", "detail", "count"):
+    for col in ("outcome", "how", "when", "detail", "count"):
         details.add_column(col)
-    for (via, detail), n in errors.most_common(15):
-        details.add_row("error", via, detail, str(n))
-    for detail, n in Counter(r.detail[:100] for r in chaos.results if r.outcome is Outcome.SILENT).most_common(15):
-        details.add_row("silent", "", detail, str(n))
+    for (outcome_name, via, when, message), n in groups.most_common(20):
+        details.add_row(outcome_name, via, when, message, str(n))
     console.print(details)
     console.print(f"sent to the other proxy after a connection refused: {chaos.failovers}")
-    console.print(f"proxy retries by reason (live proxies' /metrics): {dict(retries) or 'none'}")
+    for what, counts in retries.items():
+        console.print(f"proxy attempts {what}, by reason (live proxies' /metrics): {dict(counts) or 'none'}")
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
