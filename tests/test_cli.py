@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ from node_agent.binaries import bin_dir
 from schemas.messages import AdminReply, AdminRequest, decode
 from tools import cli
 from tools.procs import RESTART_CAP_S, Children, Supervisor, alive, restart_delay
-from tools.up import curl_commands, demo_deployment
+from tools.up import curl_commands, demo_deployment, port_free
 
 # --- parsing -------------------------------------------------------------------------------------------------
 
@@ -119,6 +120,21 @@ def test_up_deploys_demo_and_prints_both_curls() -> None:
         "--data 'What is machine learning?'"
     )
     assert sse.startswith("curl -N http://127.0.0.1:8123/v1/chat/completions ") and '"stream":true' in sse
+
+
+def test_up_port_check_ignores_a_previous_runs_time_wait_but_not_a_listener() -> None:
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy binds
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        assert not port_free(port)  # a listener: in use
+    served.close()  # the server side closes first: its end of the connection stays in TIME_WAIT
+    client.close()
+    assert "TIME-WAIT" in subprocess.run(["ss", "-tan", f"sport = :{port}"], capture_output=True, text=True).stdout
+    assert port_free(port)
 
 
 # --- admin commands against a real ROUTER ----------------------------------------------------------------------

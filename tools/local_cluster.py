@@ -47,7 +47,7 @@ class LocalCluster:
     """Owns the processes it starts; `stop()` ends them all, newest first, and whatever replica they left.
 
     Children are named "head", "agent", "agent-2", ... (node ids "e2e", "e2e-2", ...) and "proxy", "proxy-2", ...
-    Each agent keeps its replica records under `<state_dir>/agents/`, so a restarted agent finds its replicas.
+    Each agent keeps its replica records in `<state_dir>/agents/<node id>`, so a restarted agent finds its replicas.
     """
 
     def __init__(
@@ -75,15 +75,14 @@ class LocalCluster:
     def start(self) -> None:
         bins = require_binaries()
         logs = self.state_dir / "logs"
-        # XDG_STATE_HOME: each agent's state directory (node_agent/state.py) lives in this cluster's, not the user's
-        xdg = str(self.state_dir / "agents")
-        env = {**os.environ, "TOKENBUS_BIN_DIR": str(bins), "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": xdg}
+        env = {**os.environ, "TOKENBUS_BIN_DIR": str(bins), "PYTHONUNBUFFERED": "1"}
         tokenbus = [sys.executable, "-m", "tools"]
         hb = str(self._heartbeat_s)
         head_cmd = [*tokenbus, "head", "--router", self.router, "--pub", self.pub, "--heartbeat", hb]
         self._children.start("head", [*head_cmd, "--db", str(self._db)], logs / "head.log", env)
         for name, node_id in self._agents:
             agent_cmd = [*tokenbus, "agent", "--head", self.router, "--node-id", node_id, "--heartbeat", hb]
+            agent_cmd += ["--state-dir", str(self.state_dir / "agents" / node_id)]
             self._children.start(name, [*agent_cmd, "--cpu-slots", str(self._cpu_slots)], logs / f"{name}.log", env)
         for name in self._proxies:
             proxy_cmd = [str(bins / "tokenbus-proxy"), "--listen", "127.0.0.1:0"]

@@ -82,7 +82,7 @@ def curl_commands(port: int) -> list[str]:
     ]
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket() as s:
         # as a listener binds: a previous run's connections in TIME_WAIT do not make the port busy
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -100,7 +100,7 @@ def _free_port() -> int:
 
 
 def _port_or_free(default: int) -> int:
-    return default if _port_free(default) else _free_port()
+    return default if port_free(default) else _free_port()
 
 
 def ensure_binaries(console: Console) -> Path:
@@ -182,23 +182,23 @@ async def _bring_up(opts: argparse.Namespace, children: Children, console: Conso
     logs.mkdir(parents=True, exist_ok=True)
     bin_dir = ensure_binaries(console)
     model_dir = ensure_tiny_model(state_dir, console) if opts.engine == "vllm" else None
-    if not _port_free(opts.port):
+    if not port_free(opts.port):
         raise StartupError(f"port {opts.port} on 127.0.0.1 is in use: choose another with --port")
     router_port = _port_or_free(DEFAULT_ROUTER_PORT)
     pub_port = _port_or_free(DEFAULT_PUB_PORT)
     while pub_port == router_port:
         pub_port = _free_port()
     router, pub = f"tcp://127.0.0.1:{router_port}", f"tcp://127.0.0.1:{pub_port}"
-    # XDG_STATE_HOME: the agent keeps its replica records (node_agent/state.py) under the state directory too, so a
-    # restarted agent re-adopts the replicas of this run and of no other
-    env = {**os.environ, "TOKENBUS_BIN_DIR": str(bin_dir), "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": str(state_dir)}
+    env = {**os.environ, "TOKENBUS_BIN_DIR": str(bin_dir), "PYTHONUNBUFFERED": "1"}
     tokenbus = [sys.executable, "-m", "tools"]
     console.print(f"state in {state_dir}; child logs in {logs}/")
     slots = str(max(opts.replicas, os.cpu_count() or 1))  # sim replicas need no core of their own
     proxy = str(bin_dir / "tokenbus-proxy")
+    agent_state = ["--state-dir", str(state_dir / "agent")]
     for name, cmd in (
         ("head", [*tokenbus, "head", "--router", router, "--pub", pub, "--db", str(state_dir / "head.db")]),
-        ("agent", [*tokenbus, "agent", "--head", router, "--node-id", "local", "--cpu-slots", slots]),
+        # the agent's replica records under the state directory too: a restarted agent re-adopts this run's replicas
+        ("agent", [*tokenbus, "agent", "--head", router, "--node-id", "local", "--cpu-slots", slots, *agent_state]),
         ("proxy", [proxy, "--listen", f"127.0.0.1:{opts.port}", "--head-router", router, "--head-pub", pub]),
     ):
         child = children.start(name, cmd, logs / f"{name}.log", env)
