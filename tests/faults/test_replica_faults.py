@@ -99,6 +99,9 @@ async def test_worker_sigstop_15s_under_load(
             await asyncio.sleep(stopped - time.monotonic() + stopped_s)  # the fault's length
         finally:
             os.kill(worker, signal.SIGCONT)
+        resumed = time.monotonic()
+        await until(lambda: _count_is(c, 2), 30.0, "two healthy READY replicas again (recovered or replaced)")
+        case.recovery_s["2 healthy after SIGCONT"] = time.monotonic() - resumed
         await load.completed_since(time.monotonic(), 16)
     finally:
         results = await load.stop()
