@@ -38,8 +38,9 @@ FORGET_LOST_NODE_S = 300.0  # a lost node stays listed (alive=false) in status t
 RESTART_BACKOFF_FIRST_S = 1.0  # a deployment whose replica crashed waits this long before the next start...
 RESTART_BACKOFF_MAX_S = 30.0  # ...doubling per crash up to this, until one of its replicas is READY
 # A starting head waits at most this many liveness periods (liveness x heartbeat) for the nodes it knew: long
-# enough for every live agent to hear of the new head (REREGISTER) and register, even one in its reconnect backoff.
+# enough for every live agent to hear of the new head (REREGISTER) and register, even one in its reconnect backoff...
 SYNC_GRACE_LIVENESS_PERIODS = 2
+SYNC_GRACE_MAX_S = 20.0  # ...but no longer than this with slow heartbeats: a new deployment waits as long
 # A lost node's replicas stay published and counted this long: an agent that restarts (its replicas outlive it)
 # comes back within it, and the proxies' retries and ejection cover a replica that did die with its node.
 DEFAULT_NODE_GRACE_S = 15.0
@@ -116,7 +117,7 @@ class ClusterState:
         self._awaited = frozenset(known_nodes)  # those known at the start: the sync waits for them
         self._forgotten: list[str] = []  # nodes no longer known, for the store to drop (take_forgotten)
         self._started = now
-        self.sync_deadline = now + SYNC_GRACE_LIVENESS_PERIODS * liveness * heartbeat_s
+        self.sync_deadline = now + min(SYNC_GRACE_LIVENESS_PERIODS * liveness * heartbeat_s, SYNC_GRACE_MAX_S)
         self.synced = False
 
     # --- sync after a start ------------------------------------------------------------------------------------

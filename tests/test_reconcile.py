@@ -10,7 +10,13 @@ from dataclasses import dataclass
 import pytest
 
 from head.reconcile import reconcile
-from head.state import DEFAULT_NODE_GRACE_S, SYNC_GRACE_LIVENESS_PERIODS, UNHEALTHY_REPLACE_S, ClusterState
+from head.state import (
+    DEFAULT_NODE_GRACE_S,
+    SYNC_GRACE_LIVENESS_PERIODS,
+    SYNC_GRACE_MAX_S,
+    UNHEALTHY_REPLACE_S,
+    ClusterState,
+)
 from head.store import Deployment
 from schemas.messages import (
     Register,
@@ -260,3 +266,9 @@ def test_a_known_node_that_does_not_return_in_the_grace_is_forgotten() -> None:
     assert state.check_synced(T0 + SYNC_GRACE_S)
     assert state.take_forgotten() == ["gone"] and state.known_nodes == {"a"}
     assert state.take_forgotten() == []
+
+
+def test_the_sync_grace_is_capped_for_slow_heartbeats() -> None:
+    state = ClusterState([demo(1)], 10.0, LIVENESS, now=T0)  # 2 liveness periods would be a minute
+    assert not state.check_synced(T0 + SYNC_GRACE_MAX_S - 0.1)
+    assert state.check_synced(T0 + SYNC_GRACE_MAX_S)
