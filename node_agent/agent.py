@@ -155,8 +155,9 @@ class Agent:
         replica.stop(msg.drain, reason="stopped by the head")
 
     def _changed(self, replica: ReplicaProcess) -> None:
-        exited = replica.state is ReplicaState.EXITED
-        code = f" (exit code {replica.exit_code})" if exited else ""
+        code = ""
+        if replica.state is ReplicaState.EXITED:  # a re-adopted replica's exit code is its new parent's to know
+            code = f" (exit code {'unknown' if replica.exit_code is None else replica.exit_code})"
         log.info("replica %s is %s%s", replica.replica_id, replica.state.value, code)
         if self._link is not None:
             self._link.send(ReplicaEvent(self.node_id, replica.status()))
