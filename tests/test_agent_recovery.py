@@ -206,8 +206,8 @@ async def test_a_stopped_process_is_reported_unhealthy_and_then_healthy_again(
         assert agent.proc.returncode == 0
         # a graceful stop of the agent (SIGTERM) still stops what it runs: only a crash leaves replicas behind
         assert not any(alive(pid) for pid in pids_of(agent, "r1").values())
-    # about 3 s of stats age (or 1 s RPC timeouts), and 3 checks 1 s apart: well under the slow-machine bound
-    assert detected_s < 20, detected_s
+    # about 3 s of stats age (or 1 s RPC timeouts), and 3 checks 1 s apart: ~6 s here, 5x that on a busy CI box
+    assert detected_s < 30, detected_s
     print(f"stopped {process} reported unhealthy after {detected_s:.1f} s")
 
 
