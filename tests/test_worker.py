@@ -148,18 +148,11 @@ async def test_an_idle_worker_still_sends_stats_every_second(worker: Running) ->
     await replica.until(lambda recs: any(r[0] == STATS for r in recs))
     first = len(replica.records)
     loop = asyncio.get_running_loop()
-    arrivals: list[float] = []
-
-    def three_more(recs: list[list[Any]]) -> bool:
-        # called after each batch read: stamps the records that batch brought
-        arrivals.extend(loop.time() for _ in recs[first + len(arrivals) :])
-        return len(arrivals) >= 3
-
-    await replica.until(three_more)
-    # nothing changed, yet the load is re-sent, about STATS_MAX_GAP_S apart (a busy machine may be late)
+    started = loop.time()
+    # nothing changes, yet the load is re-sent: 3 more STATS within the deadline, about STATS_MAX_GAP_S apart
+    await replica.until(lambda recs: len(recs) >= first + 3)
     assert all(r[:3] == [STATS, 0, 0] for r in replica.records[first:])
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
-    assert all(0.5 < g < 3.0 for g in gaps), gaps
+    assert loop.time() - started > 1.5  # not a flood: 3 records take about 3 s
 
 
 @pytest.mark.parametrize("worker", [{"token_delay_ms": 5}], indirect=True)
