@@ -10,39 +10,59 @@ STATE_STYLE = {"READY": "green", "STARTING": "yellow", "DRAINING": "magenta", "E
 
 
 def status_tables(data: dict[str, Any]) -> list[Table]:
-    nodes = Table(title=f"nodes (epoch {data.get('epoch')}, version {data.get('version')})")
+    # a head still waiting for its agents after a start publishes no routing table yet
+    syncing = "" if data.get("synced", True) else ", [yellow]waiting for its agents[/yellow]"
+    head = f"head {data.get('head_id', '?')}, epoch {data.get('epoch')}, version {data.get('version')}{syncing}"
+    nodes = Table(title=f"nodes ({head})")
     for col in ("node", "host", "slots used", "alive", "last seen"):
         nodes.add_column(col)
     for n in data.get("nodes", []):
+        lost = n.get("lost_s")
         nodes.add_row(
             str(n["node_id"]),
             str(n["host"]),
             f"{n['used_slots']}/{n['cpu_slots']}",
-            "[green]yes[/green]" if n["alive"] else "[red]no[/red]",
+            "[green]yes[/green]" if n["alive"] else f"[red]lost {lost:.0f} s ago[/red]" if lost else "[red]no[/red]",
             f"{n['last_seen_s']:.1f} s ago",
         )
 
     deployments = Table(title="deployments")
-    for col in ("name", "engine", "engine args", "ready/replicas", "max concurrency"):
+    for col in ("name", "engine", "engine args", "ready/replicas", "max concurrency", "context", "timeouts"):
         deployments.add_column(col)
     replicas = Table(title="replicas")
     for col in ("replica", "deployment", "node", "state", "address", "running", "waiting", "kv usage"):
         replicas.add_column(col, no_wrap=col in ("replica", "address"))  # ids and addresses are copied from here
     for d in data.get("deployments", []):
+        engine = "[yellow]adopted[/yellow]" if d.get("adopted") else d["engine"]
+        timeouts = f"first {_limit(d.get('first_token_timeout_s'))}, idle {_limit(d.get('idle_timeout_s'))}"
         deployments.add_row(
-            d["name"], d["engine"], str(d["engine_args"]), f"{d['ready']}/{d['replicas']}", str(d["max_concurrency"])
+            d["name"],
+            engine,
+            str(d["engine_args"]),
+            f"{d['ready']}/{d['replicas']}",
+            str(d["max_concurrency"]),
+            str(d.get("max_model_len") or "-"),
+            timeouts,
         )
         for r in d.get("replicas_list", []):
             load = r.get("load") or {}
             style = STATE_STYLE.get(r["state"], "")
+            state = f"[{style}]{r['state']}[/{style}]" if style else r["state"]
+            if not r.get("healthy", True):
+                state += " [red]unhealthy[/red]"
             replicas.add_row(
                 r["id"],
                 d["name"],
                 r["node"],
-                f"[{style}]{r['state']}[/{style}]" if style else r["state"],
+                state,
                 r.get("addr") or "-",
                 str(load.get("running", 0)),
                 str(load.get("waiting", 0)),
                 f"{load.get('kv_usage', 0.0):.0%}",
             )
     return [nodes, deployments, replicas]
+
+
+def _limit(seconds: float | None) -> str:
+    """A stream timeout as shown: 0 (or none reported) is no limit."""
+    return f"{seconds:g} s" if seconds else "none"

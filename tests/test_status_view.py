@@ -1,0 +1,62 @@
+"""`tokenbus status` tables: what an operator must see after faults (adopted deployments, unhealthy replicas, lost
+nodes, a head still waiting for its agents, per-deployment stream timeouts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+from tools.status_view import status_tables
+
+
+def render(data: dict[str, Any]) -> str:
+    console = Console(record=True, width=200)
+    for table in status_tables(data):
+        console.print(table)
+    return console.export_text()
+
+
+def status(synced: bool) -> dict[str, Any]:
+    replica = {"id": "demo-1", "node": "n1", "state": "READY", "healthy": False, "addr": "127.0.0.1:7", "load": {}}
+    return {
+        "head_id": "abc123",
+        "epoch": 4,
+        "version": (4 << 32) | 9,
+        "synced": synced,
+        "nodes": [
+            {"node_id": "n1", "host": "h", "cpu_slots": 4, "used_slots": 1, "alive": True, "last_seen_s": 0.2},
+            {"node_id": "n2", "host": "h", "cpu_slots": 4, "used_slots": 0, "alive": False, "last_seen_s": 9.0}
+            | {"lost_s": 6.0},
+        ],
+        "deployments": [
+            {
+                "name": "demo",
+                "adopted": True,
+                "engine": "",
+                "engine_args": {},
+                "replicas": 1,
+                "ready": 1,
+                "max_concurrency": 256,
+                "max_model_len": 2048,
+                "first_token_timeout_s": 120.0,
+                "idle_timeout_s": 0.0,
+                "replicas_list": [replica],
+            }
+        ],
+    }
+
+
+def test_shows_what_faults_leave_behind() -> None:
+    text = render(status(synced=False))
+    assert "head abc123" in text
+    assert "waiting for its agents" in text
+    assert "lost 6 s ago" in text
+    assert "adopted" in text
+    assert "unhealthy" in text
+    assert "2048" in text
+    assert "first 120 s, idle none" in text
+
+
+def test_a_synced_head_says_nothing_of_waiting() -> None:
+    assert "waiting for its agents" not in render(status(synced=True))
