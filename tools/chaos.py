@@ -9,7 +9,7 @@ Every request is classified (`stream_request`), by what its client could tell:
 - completed: every token, a clean end (`[DONE]` in SSE, the terminating chunk in plain text), finish `length`;
 - retried: completed, after the proxy retried it before its first token (`X-Tokenbus-Attempts` > 1);
 - error: an error the client can tell from success: an HTTP error status, an SSE error event, a body cut without
-  its terminating chunk, a connection refused;
+  its terminating chunk, a connection refused or lost before any response;
 - silent: anything else: a clean end with tokens missing or an abort reported as success, a stream that stalls
   past the client's deadline. The rule tokenbus keeps (issue 6): none of these.
 """
@@ -38,6 +38,8 @@ from tools.procs import alive
 
 CLIENT_DEADLINE_S = 60.0  # a stream silent this long (no byte) is "stalled": the proxy's idle timeout is far shorter
 DEPLOYMENT = "chaos"
+TARGETS = ("worker", "replica", "agent", "head", "proxy")
+SHOWN_FAILURES = 10  # silent failures printed whole at the end
 
 
 class Outcome(enum.Enum):
@@ -53,6 +55,7 @@ class Via(enum.Enum):
     STATUS = "HTTP error status"
     SSE_EVENT = "SSE error event"
     CUT = "body cut without its terminating chunk"
+    NO_RESPONSE = "connection lost before any response"
     CONNECT = "connection refused"
 
 
@@ -121,7 +124,9 @@ async def stream_request(
     except aiohttp.ClientConnectorError as e:
         _error(res, Via.CONNECT, str(e))
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
-        _error(res, Via.CUT, f"after {res.tokens} tokens: {type(e).__name__}: {e}")
+        # before a status line the client knows nothing was answered (the proxy died, or a kept-alive connection
+        # to it was dead); after one, the body lacks its terminating chunk
+        _error(res, Via.CUT if res.status else Via.NO_RESPONSE, f"after {res.tokens} tokens: {type(e).__name__}: {e}")
     except TimeoutError:
         res.outcome, res.detail = Outcome.SILENT, f"stalled: no byte for {deadline_s} s after {res.tokens} tokens"
     res.ended = time.monotonic()
@@ -224,7 +229,8 @@ class Chaos:
         targets = [(c, self.cluster.pid(c)) for c in ("head", *self.cluster.agent_names, *self.cluster.proxy_urls)]
         for rid, procs in self.cluster.replica_processes().items():
             targets += [(f"{proc} of {rid}", pid) for proc, pid in procs.items()]
-        return [(name, pid) for name, pid in targets if alive(pid)]
+        kinds = self.opts.targets  # a target's kind is its first word: worker, replica, head, agent, proxy
+        return [(n, pid) for n, pid in targets if n.split()[0].split("-")[0] in kinds and alive(pid)]
 
     async def faults_loop(self) -> None:
         while not self.stop.is_set():
@@ -355,6 +361,12 @@ def report(chaos: Chaos, retries: dict[str, Counter[str]], console: Console) -> 
     for (outcome_name, via, when, message), n in groups.most_common(20):
         details.add_row(outcome_name, via, when, message, str(n))
     console.print(details)
+    for r in [r for r in chaos.results if r.outcome is Outcome.SILENT][:SHOWN_FAILURES]:
+        console.print(
+            f"silent: {r.kind} via {r.proxy}, {r.started - chaos.t0:.2f}-{r.ended - chaos.t0:.2f} s: {r.detail}",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(f"sent to the other proxy after a connection refused: {chaos.failovers}")
     for what, counts in retries.items():
         console.print(f"proxy attempts {what}, by reason (live proxies' /metrics): {dict(counts) or 'none'}")
@@ -376,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--interval", type=float, nargs=2, default=(10.0, 20.0), help="seconds between faults: min max")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--targets",
+        type=lambda v: set(v.split(",")),
+        default=set(TARGETS),
+        help=f"the kinds of process faults strike, comma-separated (default {','.join(TARGETS)})",
+    )
     opts = p.parse_args(argv)
     return asyncio.run(run(opts, Console()))
 

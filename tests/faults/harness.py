@@ -152,7 +152,7 @@ class CaseReport:
         silent = [r for r in results if r.outcome is Outcome.SILENT]
         assert not silent, f"{len(silent)} silent failures: {summary(results)}"
         if not proxy_killed:
-            cut_sse = [r for r in results if r.kind == "sse" and r.via in (Via.CUT, Via.CONNECT)]
+            cut_sse = [r for r in results if r.kind == "sse" and r.via in (Via.CUT, Via.NO_RESPONSE, Via.CONNECT)]
             assert not cut_sse, f"SSE streams cut without an error event: {[str(r) for r in cut_sse[:5]]}"
         errors = [r for r in results if r.outcome is Outcome.ERROR]
         if max_errors is not None:

@@ -46,6 +46,10 @@ ANSWERS: dict[str, tuple[list[bytes], bool, int]] = {
 
 
 async def answer(request: web.Request) -> web.StreamResponse:
+    if request.match_info.get("deployment") == "gone":  # the connection dies before any response
+        assert request.transport is not None
+        request.transport.close()
+        raise web.HTTPInternalServerError  # never sent: the transport is closed
     if request.match_info.get("deployment") == "busy":
         return web.Response(status=429, headers={"Retry-After": "2"}, text='{"error": {"message": "busy"}}')
     if request.content_type == "application/json":
@@ -100,7 +104,7 @@ async def test_each_answer_is_classified_by_what_its_client_can_tell(
     assert (res.outcome, res.via) == (outcome, via), res.detail
 
 
-async def test_an_error_status_and_a_refused_connection_are_explicit(server: str) -> None:
+async def test_an_error_status_and_a_refused_or_lost_connection_are_explicit(server: str) -> None:
     async with aiohttp.ClientSession() as session:
         busy = await stream_request(session, server, "plain", TOKENS, "plain complete", "busy", deadline_s=10.0)
         assert (busy.outcome, busy.via, busy.status, busy.retry_after) == (Outcome.ERROR, Via.STATUS, 429, "2")
@@ -109,6 +113,8 @@ async def test_an_error_status_and_a_refused_connection_are_explicit(server: str
             closed = f"http://127.0.0.1:{s.getsockname()[1]}"
             refused = await stream_request(session, closed, "plain", TOKENS, "plain complete", "d", deadline_s=10.0)
         assert (refused.outcome, refused.via) == (Outcome.ERROR, Via.CONNECT)
+        lost = await stream_request(session, server, "plain", TOKENS, "plain complete", "gone", deadline_s=10.0)
+        assert (lost.outcome, lost.via, lost.status) == (Outcome.ERROR, Via.NO_RESPONSE, 0)
 
 
 async def test_a_stalled_stream_is_silent() -> None:
