@@ -387,6 +387,22 @@ def test_supervisor_restarts_a_dead_child_after_its_backoff_and_reports_it(tmp_p
     assert [r.how for r in children.stop_all()] == ["SIGTERM"]
 
 
+def test_supervisor_survives_a_restart_that_cannot_spawn_and_tries_again(tmp_path: Path) -> None:
+    children = Children()
+    quitter = children.start("proxy", [sys.executable, "-c", "pass"], tmp_path / "p.log")
+    quitter.proc.wait(20)
+    lines: list[str] = []
+    commands = iter([[str(tmp_path / "missing-binary")], [sys.executable, "-c", "import time; time.sleep(300)"]])
+    supervisor = Supervisor(children, lines.append, lambda child: next(commands))
+    now = time.monotonic()
+    supervisor.check(now)
+    supervisor.check(now + restart_delay(1))
+    assert children.get("proxy") is quitter and len(lines) == 1 and lines[0].startswith("cannot restart proxy:")
+    supervisor.check(now + restart_delay(1) + restart_delay(2))
+    assert alive(children.get("proxy").pid) and lines[1].startswith("restarted proxy:")
+    assert [r.how for r in children.stop_all()] == ["SIGTERM"]
+
+
 def test_bench_entry_point_runs_as_a_real_process() -> None:
     out = subprocess.run([sys.executable, "-m", "tools", "bench", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--concurrency" in out.stdout

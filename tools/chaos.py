@@ -240,7 +240,10 @@ class Chaos:
                 return
             except TimeoutError:
                 pass
-            name, pid = self.rng.choice(self._targets())
+            targets = self._targets()
+            if not targets:  # all of them down at this moment: strike at the next interval
+                continue
+            name, pid = self.rng.choice(targets)
             at = time.monotonic() - self.t0
             if self.rng.random() < 0.5:
                 fault = Fault(at, name, pid, "SIGKILL")

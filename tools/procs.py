@@ -196,7 +196,15 @@ class Supervisor:
                 self._due[child.name] = now + restart_delay(deaths)
             if now >= self._due[child.name]:
                 del self._due[child.name]
-                new = self._children.restart(child, self._restart_cmd(child))
+                try:
+                    new = self._children.restart(child, self._restart_cmd(child))
+                except OSError as e:  # cannot spawn now (no memory, no descriptors): the next check tries again
+                    self._deaths[child.name] += 1
+                    self._due[child.name] = now + restart_delay(self._deaths[child.name])
+                    self._report(
+                        f"cannot restart {child.name}: {e}; next try in {restart_delay(self._deaths[child.name]):.1f} s"
+                    )
+                    continue
                 self._report(
                     f"restarted {child.name}: pid {child.pid} exited with code {child.proc.returncode} after "
                     f"{now - child.started_at:.1f} s; new pid {new.pid} (restart {new.restarts}, "
