@@ -22,7 +22,9 @@ MAX_TOKENS = 40  # 200 ms a stream: many streams are in flight whenever a fault 
 # the proxy's deadlines for the suite's deployments: short, so a stalled stream ends within the case
 FIRST_TOKEN_TIMEOUT_S = 3.0
 IDLE_TIMEOUT_S = 2.0
-SLACK_S = 10.0  # on top of any timeout the cluster should keep: the CI box is a busy 2-core machine
+SLACK_S = 10.0
+# a token the failed replica sent just before the fault reaches the client this much later at most (a busy CI box)
+TOKEN_IN_FLIGHT_S = 1.0  # on top of any timeout the cluster should keep: the CI box is a busy 2-core machine
 
 
 def sim_spec(replicas: int = 2, max_concurrency: int = 64, **extra: Any) -> dict[str, Any]:
@@ -145,9 +147,18 @@ class CaseReport:
     results: list[Result] = field(default_factory=list)
     recovery_s: dict[str, float] = field(default_factory=dict)
 
-    def check(self, results: list[Result], max_errors: int | None = 0, proxy_killed: bool = False) -> None:
+    def check(
+        self,
+        results: list[Result],
+        max_errors: int | None = 0,
+        proxy_killed: bool = False,
+        streaming_at: float | None = None,
+        note: str = "",
+    ) -> None:
         """Every request completed, was retried before its first token, or ended with an explicit error (an SSE
-        stream with an error event, unless its proxy was killed); at most `max_errors` explicit errors."""
+        stream with an error event, unless its proxy was killed); at most `max_errors` explicit errors; given the
+        time a replica failed (`streaming_at`), only streams that had their first token by then may fail: any other
+        could have been retried on a healthy replica. `note` is added to a failure's message."""
         self.results += results
         silent = [r for r in results if r.outcome is Outcome.SILENT]
         assert not silent, f"{len(silent)} silent failures: {summary(results)}"
@@ -157,16 +168,24 @@ class CaseReport:
         errors = [r for r in results if r.outcome is Outcome.ERROR]
         if max_errors is not None:
             assert len(errors) <= max_errors, (
-                f"{len(errors)} explicit errors (at most {max_errors}): {summary(results)}"
+                f"{len(errors)} explicit errors (at most {max_errors}): {summary(results)} {note}"
             )
+        if streaming_at is not None:
+            limit = streaming_at + TOKEN_IN_FLIGHT_S
+            avoidable = [r for r in errors if r.first_token_s is None or r.started + r.first_token_s > limit]
+            assert not avoidable, f"failed, not streaming when the replica failed: {[str(r) for r in avoidable[:5]]}"
+
+
+async def proxy_metrics(url: str, prefix: str) -> list[str]:
+    """The lines of the proxy's /metrics that start with `prefix`."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
+        return [line for line in (await resp.text()).splitlines() if line.startswith(prefix)]
 
 
 async def proxy_metric(url: str, name: str) -> float:
     """The value of an unlabelled metric on the proxy's /metrics."""
-    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
-        for line in (await resp.text()).splitlines():
-            if line.startswith(f"{name} "):
-                return float(line.split()[1])
+    for line in await proxy_metrics(url, f"{name} "):
+        return float(line.split()[1])
     raise AssertionError(f"{name} not in {url}/metrics")
 
 
