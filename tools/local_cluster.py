@@ -21,8 +21,9 @@ from typing import Any
 import aiohttp
 
 from bus.admin import AdminClient
+from node_agent.agent import SHUTDOWN_GRACE_S as AGENT_SHUTDOWN_GRACE_S
 from node_agent.binaries import bin_dir
-from tools.procs import Child, Children, Supervisor
+from tools.procs import STOP_MARGIN_S, Child, Children, Supervisor
 
 STARTUP_DEADLINE_S = 60.0
 # the agent's log line for each process of a replica it spawns (node_agent/replica_process.py)
@@ -83,7 +84,9 @@ class LocalCluster:
         for name, node_id in self._agents:
             agent_cmd = [*tokenbus, "agent", "--head", self.router, "--node-id", node_id, "--heartbeat", hb]
             agent_cmd += ["--state-dir", str(self.state_dir / "agents" / node_id)]
-            self._children.start(name, [*agent_cmd, "--cpu-slots", str(self._cpu_slots)], logs / f"{name}.log", env)
+            agent_cmd += ["--cpu-slots", str(self._cpu_slots)]
+            # the agent's own stop of its replicas is not cut short (tools/up.py does the same)
+            self._children.start(name, agent_cmd, logs / f"{name}.log", env, AGENT_SHUTDOWN_GRACE_S + STOP_MARGIN_S)
         for name in self._proxies:
             proxy_cmd = [str(bins / "tokenbus-proxy"), "--listen", "127.0.0.1:0"]
             proxy_cmd += ["--head-router", self.router, "--head-pub", self.pub]

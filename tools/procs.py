@@ -22,6 +22,7 @@ from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_S = 10.0
+STOP_MARGIN_S = 5.0  # a child with a bounded shutdown of its own gets this long on top of it before SIGKILL
 GROUP_KILL_WAIT_S = 2.0
 # Restarts: the first after RESTART_BASE_S, doubling with each death in a row up to RESTART_CAP_S; a child that
 # ran RESTART_STABLE_S is healthy again and its next death restarts at once after the base delay.
@@ -44,6 +45,7 @@ class Child:
     log_path: Path
     cmd: list[str]
     env: dict[str, str] | None
+    stop_timeout_s: float = STOP_TIMEOUT_S  # how long a stop waits after SIGTERM before SIGKILL
     started_at: float = field(default_factory=time.monotonic)
     restarts: int = 0
 
@@ -117,8 +119,15 @@ class Children:
     def get(self, name: str) -> Child:
         return next(c for c in self._children if c.name == name)
 
-    def start(self, name: str, cmd: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> Child:
-        child = Child(name, _spawn(cmd, log_path, env), log_path, list(cmd), env)
+    def start(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        stop_timeout_s: float = STOP_TIMEOUT_S,
+    ) -> Child:
+        child = Child(name, _spawn(cmd, log_path, env), log_path, list(cmd), env, stop_timeout_s)
         self._children.append(child)
         return child
 
@@ -129,7 +138,8 @@ class Children:
         self.note_descendants()
         _kill_group(child.pid)  # what it left in its group dies with it, as in a stop
         new_cmd = list(cmd) if cmd is not None else child.cmd
-        new = Child(child.name, _spawn(new_cmd, child.log_path, child.env), child.log_path, new_cmd, child.env)
+        proc = _spawn(new_cmd, child.log_path, child.env)
+        new = Child(child.name, proc, child.log_path, new_cmd, child.env, child.stop_timeout_s)
         new.restarts = child.restarts + 1
         self._children[self._children.index(child)] = new
         return new
@@ -151,14 +161,14 @@ class Children:
                 if pid not in self._descendants:
                     self._descendants[pid] = (_start_time(pid), child.name)
 
-    def stop_all(self, timeout_s: float = STOP_TIMEOUT_S) -> list[StopReport]:
-        """Stop every child, newest first: SIGTERM, wait up to `timeout_s`, then SIGKILL its process group; then
-        SIGKILL (by PID, with its group) any process a child started that is still alive."""
+    def stop_all(self, timeout_s: float | None = None) -> list[StopReport]:
+        """Stop every child, newest first: SIGTERM, wait up to its stop timeout (or `timeout_s`), then SIGKILL its
+        process group; then SIGKILL (by PID, with its group) any process a child started that is still alive."""
         self.note_descendants()
         reports = []
         while self._children:
             child = self._children.pop()
-            reports.append(_stop(child, timeout_s))
+            reports.append(_stop(child, child.stop_timeout_s if timeout_s is None else timeout_s))
         for pid, (start_time, parent) in sorted(self._descendants.items()):
             if alive(pid, start_time):
                 _kill_leftover(pid, start_time)

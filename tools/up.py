@@ -26,7 +26,7 @@ from rich.console import Console
 
 from bus.endpoints import DEFAULT_PUB, DEFAULT_ROUTER
 from tools.admin_cmds import admin_request
-from tools.procs import Child, Children, Supervisor
+from tools.procs import STOP_MARGIN_S, STOP_TIMEOUT_S, Child, Children, Supervisor
 from tools.tiny_model import make_with_progress
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +34,7 @@ BINARIES = ("tokenbus-proxy", "tokenbus-replica")
 DEFAULT_ROUTER_PORT = int(DEFAULT_ROUTER.rsplit(":", 1)[1])
 DEFAULT_PUB_PORT = int(DEFAULT_PUB.rsplit(":", 1)[1])
 POLL_INTERVAL_S = 0.5
+DRAIN_GRACE_S = 10  # on Ctrl-C, open streams may finish for this long (the proxy's --drain-grace)
 DEPLOYMENT = "demo"
 TINY_MODEL = Path("models") / "tiny-llama"  # under the state directory
 # The demo's vLLM replicas: the tiny model in float32 (its weights' type; bf16 is slow on most CPUs), a context
@@ -193,15 +194,21 @@ async def _bring_up(opts: argparse.Namespace, children: Children, console: Conso
     tokenbus = [sys.executable, "-m", "tools"]
     console.print(f"state in {state_dir}; child logs in {logs}/")
     slots = str(max(opts.replicas, os.cpu_count() or 1))  # sim replicas need no core of their own
-    proxy = str(bin_dir / "tokenbus-proxy")
-    agent_state = ["--state-dir", str(state_dir / "agent")]
-    for name, cmd in (
-        ("head", [*tokenbus, "head", "--router", router, "--pub", pub, "--db", str(state_dir / "head.db")]),
-        # the agent's replica records under the state directory too: a restarted agent re-adopts this run's replicas
-        ("agent", [*tokenbus, "agent", "--head", router, "--node-id", "local", "--cpu-slots", slots, *agent_state]),
-        ("proxy", [proxy, "--listen", f"127.0.0.1:{opts.port}", "--head-router", router, "--head-pub", pub]),
+    from node_agent.agent import SHUTDOWN_GRACE_S as agent_shutdown_s  # here: `tokenbus bench` does not need it
+
+    head_cmd = [*tokenbus, "head", "--router", router, "--pub", pub, "--db", str(state_dir / "head.db")]
+    # the agent's replica records under the state directory too: a restarted agent re-adopts this run's replicas
+    agent_cmd = [*tokenbus, "agent", "--head", router, "--node-id", "local", "--cpu-slots", slots]
+    agent_cmd += ["--state-dir", str(state_dir / "agent")]
+    proxy_cmd = [str(bin_dir / "tokenbus-proxy"), "--listen", f"127.0.0.1:{opts.port}", "--head-router", router]
+    proxy_cmd += ["--head-pub", pub, "--drain-grace", str(DRAIN_GRACE_S)]
+    for name, cmd, stop_timeout_s in (
+        ("head", head_cmd, STOP_TIMEOUT_S),
+        # the agent's own stop of its replicas (SIGTERM, so that vLLM frees its shared memory) is not cut short
+        ("agent", agent_cmd, agent_shutdown_s + STOP_MARGIN_S),
+        ("proxy", proxy_cmd, DRAIN_GRACE_S + STOP_MARGIN_S),
     ):
-        child = children.start(name, cmd, logs / f"{name}.log", env)
+        child = children.start(name, cmd, logs / f"{name}.log", env, stop_timeout_s)
         console.print(f"started {name:5} pid {child.pid:>7}  log {child.log_path}")
 
     deadline = time.monotonic() + opts.ready_timeout
