@@ -87,6 +87,17 @@ class ResilienceTest : public ::testing::Test {
 
   std::string metrics_text() { return Client(port_).get("/metrics").body; }
 
+  // A connection whose stream holds a slot of `demo` (its replica "hangs" after a first chunk) until closed.
+  tcp::socket hold_slot(net::io_context& io) {
+    tcp::socket holder(io);
+    holder.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port_));
+    const std::string hang = "POST /v1/chat/demo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nhang";
+    net::write(holder, net::buffer(hang));
+    net::streambuf got;
+    net::read_until(holder, got, "first ");
+    return holder;
+  }
+
   static std::string stream_body(const std::string& content, int max_tokens = 4) {
     return R"({"model": "demo", "stream": true, "max_tokens": )" + std::to_string(max_tokens) +
            R"(, "messages": [{"role": "user", "content": ")" + content + "\"}]}";
@@ -228,12 +239,7 @@ TEST_F(ResilienceTest, ABusyDeploymentQueuesInsteadOfRefusing) {
   apply({ready("r", replica.address(), /*max_concurrency=*/1)});
   // A holds the only slot: it reads its first chunk, then hangs up.
   net::io_context io;
-  tcp::socket holder(io);
-  holder.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port_));
-  const std::string hang = "POST /v1/chat/demo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nhang";
-  net::write(holder, net::buffer(hang));
-  net::streambuf got;
-  net::read_until(holder, got, "first ");
+  tcp::socket holder = hold_slot(io);
   // B waits in the queue for that slot...
   auto waiting = std::async(std::launch::async, [this] {
     return Client(port_).send(http::verb::post, "/v1/chat/demo?max_tokens=2", "hi", "text/plain");
@@ -252,12 +258,7 @@ TEST_F(ResilienceTest, AFullQueueAnswers429WithRetryAfter) {
   FakeReplica replica;
   apply({ready("r", replica.address(), 1)});
   net::io_context io;
-  tcp::socket holder(io);
-  holder.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port_));
-  const std::string hang = "POST /v1/chat/demo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nhang";
-  net::write(holder, net::buffer(hang));
-  net::streambuf got;
-  net::read_until(holder, got, "first ");
+  tcp::socket holder = hold_slot(io);
   const Reply r = Client(port_).send(http::verb::post, "/v1/chat/demo", "hi", "text/plain");
   EXPECT_EQ(r.status, 429);
   EXPECT_GE(std::stoi(std::string(r.headers[http::field::retry_after])), 1);
