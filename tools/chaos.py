@@ -37,6 +37,9 @@ from tools.local_cluster import LocalCluster
 from tools.procs import alive
 
 CLIENT_DEADLINE_S = 60.0  # a stream silent this long (no byte) is "stalled": the proxy's idle timeout is far shorter
+# the deployment's stream deadlines, short: a stream on a stopped or hung replica ends within seconds, explicitly
+FIRST_TOKEN_TIMEOUT_S = 10.0
+IDLE_TIMEOUT_S = 5.0
 DEPLOYMENT = "chaos"
 TARGETS = ("worker", "replica", "agent", "head", "proxy")
 SHOWN_FAILURES = 10  # silent failures printed whole at the end
@@ -290,8 +293,8 @@ async def run(opts: argparse.Namespace, console: Console) -> int:
             "engine_args": {"token_delay_ms": opts.token_delay_ms},
             "replicas": opts.replicas,
             "max_concurrency": opts.concurrency,
-            "first_token_timeout_s": 10.0,
-            "idle_timeout_s": 5.0,
+            "first_token_timeout_s": FIRST_TOKEN_TIMEOUT_S,
+            "idle_timeout_s": IDLE_TIMEOUT_S,
         }
         await cluster.deploy(spec)
         console.print(f"{opts.concurrency} streams through {len(cluster.proxy_urls)} proxies for {opts.duration} s")
