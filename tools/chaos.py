@@ -325,7 +325,7 @@ async def run(opts: argparse.Namespace, console: Console) -> int:
 
 
 async def _proxy_counters(session: aiohttp.ClientSession, urls: list[str], name: str) -> Counter[str]:
-    """A proxy counter by its `reason` label, summed over the live proxies (a restarted proxy counts from 0)."""
+    """A proxy counter by its one label's value (why), summed over the live proxies (a restarted one counts from 0)."""
     total: Counter[str] = Counter()
     for url in urls:
         try:
@@ -336,7 +336,7 @@ async def _proxy_counters(session: aiohttp.ClientSession, urls: list[str], name:
         for line in text.splitlines():
             if line.startswith(name + "{"):
                 labels, value = line.rsplit(" ", 1)
-                total[labels.split('reason="', 1)[-1].split('"', 1)[0]] += int(float(value))
+                total[labels.split('="', 1)[-1].split('"', 1)[0]] += int(float(value))
     return total
 
 
@@ -375,7 +375,7 @@ def report(chaos: Chaos, retries: dict[str, Counter[str]], console: Console) -> 
         )
     console.print(f"sent to the other proxy after a connection refused: {chaos.failovers}")
     for what, counts in retries.items():
-        console.print(f"proxy attempts {what}, by reason (live proxies' /metrics): {dict(counts) or 'none'}")
+        console.print(f"proxy attempts {what}, by why (live proxies' /metrics): {dict(counts) or 'none'}")
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:

@@ -173,7 +173,8 @@ class CaseReport:
         if streaming_at is not None:
             limit = streaming_at + TOKEN_IN_FLIGHT_S
             avoidable = [r for r in errors if r.first_token_s is None or r.started + r.first_token_s > limit]
-            assert not avoidable, f"failed, not streaming when the replica failed: {[str(r) for r in avoidable[:5]]}"
+            shown = [str(r) for r in avoidable[:3]]
+            assert not avoidable, f"{len(avoidable)} failed, not streaming when the replica failed: {shown} {note}"
 
 
 async def proxy_metrics(url: str, prefix: str) -> list[str]:

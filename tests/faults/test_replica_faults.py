@@ -63,8 +63,9 @@ async def test_sigkill_mid_stream(
         case.recovery_s["replacement READY"] = time.monotonic() - killed
     finally:
         results = await load.stop()
+    retries = await proxy_metrics(c.proxy_url, "tokenbus_proxy_retries")
     # only the streams the dead replica had started can fail; anything before its first token is retried
-    case.check(results, max_errors=None, streaming_at=killed)
+    case.check(results, max_errors=None, streaming_at=killed, note=f"proxy: {retries}")
 
 
 async def _count_is(c: LocalCluster, n: int) -> bool:
@@ -108,7 +109,8 @@ async def test_worker_sigstop_15s_under_load(
         await load.completed_since(time.monotonic(), 16)
     finally:
         results = await load.stop()
-    case.check(results, max_errors=None, streaming_at=stopped)
+    retries = await proxy_metrics(c.proxy_url, "tokenbus_proxy_retries")
+    case.check(results, max_errors=None, streaming_at=stopped, note=f"proxy: {retries}")
     # no stream waited out the stop: a stalled one ends at the idle timeout, one not started is retried
     stream_s = LONG_TOKENS * TOKEN_DELAY_MS / 1000
     longest = max(r.ended - r.started for r in results)
