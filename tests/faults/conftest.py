@@ -20,12 +20,11 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Awaitable[LocalCluste
     """`await make_cluster(spec, agents=.., proxies=..)`: a started cluster with `spec` deployed and READY."""
     clusters: list[LocalCluster] = []
 
-    async def make(spec: dict[str, Any] | None = None, **cluster_args: Any) -> LocalCluster:
+    async def make(spec: dict[str, Any], **cluster_args: Any) -> LocalCluster:
         c = LocalCluster(tmp_path / f"cluster{len(clusters)}", **cluster_args)
         clusters.append(c)
         c.start()
-        if spec is not None:
-            await c.deploy(spec)
+        await c.deploy(spec)
         return c
 
     yield make

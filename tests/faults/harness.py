@@ -22,9 +22,9 @@ MAX_TOKENS = 40  # 200 ms a stream: many streams are in flight whenever a fault 
 # the proxy's deadlines for the suite's deployments: short, so a stalled stream ends within the case
 FIRST_TOKEN_TIMEOUT_S = 3.0
 IDLE_TIMEOUT_S = 2.0
-SLACK_S = 10.0
+SLACK_S = 10.0  # on top of any timeout the cluster should keep: the CI box is a busy 2-core machine
 # a token the failed replica sent just before the fault reaches the client this much later at most (a busy CI box)
-TOKEN_IN_FLIGHT_S = 1.0  # on top of any timeout the cluster should keep: the CI box is a busy 2-core machine
+TOKEN_IN_FLIGHT_S = 1.0
 
 
 def sim_spec(replicas: int = 2, max_concurrency: int = 64, **extra: Any) -> dict[str, Any]:
