@@ -44,7 +44,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   } catch (const tokenbus::ring::RingError&) {
     return 0;  // impossible positions: refused at attach, as they should be
   }
-  const std::byte* begin = ring.base + tokenbus::ring::kHeaderSize;
+  const std::byte* begin = consumer->region().data();  // the consumer's own mapping of the ring
   // Every record takes at least 8 bytes of the ring, so a consumer that hands out more than capacity / 8
   // records without running dry is going round in circles.
   for (std::size_t n = 0;; ++n) {
