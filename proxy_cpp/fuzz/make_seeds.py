@@ -12,7 +12,6 @@ import hashlib
 import json
 import mmap
 import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Any
@@ -130,10 +129,17 @@ def framed_ring_images() -> list[bytes]:
     return images
 
 
+# Inputs the fuzzers found that once broke a target (Makefile: FUZZ_BUILD/crash-*), kept as seeds so that the
+# bug stays fixed: "regression-" files survive a regeneration of the corpus.
+REGRESSION_PREFIX = "regression-"
+
+
 def write(target: str, seeds: list[bytes]) -> None:
     folder = CORPUS / target
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        if not old.name.startswith(REGRESSION_PREFIX):
+            old.unlink()
     for seed in seeds:
         (folder / hashlib.sha1(seed).hexdigest()).write_bytes(seed)
 
