@@ -33,6 +33,7 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
+from tools.arg_types import positive_float, positive_int
 from tools.local_cluster import LocalCluster
 from tools.procs import alive
 
@@ -387,12 +388,14 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.chaos", description=__doc__.split("\n\n")[0])
-    p.add_argument("--duration", type=float, default=600.0, help="seconds of load and faults")
-    p.add_argument("--concurrency", type=int, default=128, help="concurrent streams")
-    p.add_argument("--replicas", type=int, default=3)
-    p.add_argument("--token-delay-ms", type=float, default=10.0)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--interval", type=float, nargs=2, default=(10.0, 20.0), help="seconds between faults: min max")
+    p.add_argument("--duration", type=positive_float, default=600.0, help="seconds of load and faults")
+    p.add_argument("--concurrency", type=positive_int, default=128, help="concurrent streams")
+    p.add_argument("--replicas", type=positive_int, default=3)
+    p.add_argument("--token-delay-ms", type=positive_float, default=10.0)
+    p.add_argument("--max-tokens", type=positive_int, default=32)
+    p.add_argument(
+        "--interval", type=positive_float, nargs=2, default=(10.0, 20.0), help="seconds between faults: min max"
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument(
         "--targets",
@@ -401,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the kinds of process faults strike, comma-separated (default {','.join(TARGETS)})",
     )
     opts = p.parse_args(argv)
+    if opts.interval[0] > opts.interval[1]:
+        p.error("--interval wants min <= max")
+    if unknown := opts.targets - set(TARGETS):
+        p.error(f"--targets: no such kind {', '.join(sorted(unknown))} (kinds: {', '.join(TARGETS)})")
     return asyncio.run(run(opts, Console()))
 
 
