@@ -27,6 +27,8 @@ using boost::system::error_code;
 
 constexpr std::uint32_t kPlainDefaultMaxTokens = 64;
 constexpr std::size_t kWatchBytes = 4096;
+// How often a request waiting for a slot or a first snapshot looks again, woken or not.
+constexpr std::chrono::milliseconds kQueueRecheck{100};
 // How many replicas a generate request was sent to (1 + retries): on every response to one.
 constexpr std::string_view kAttemptsHeader = "X-Tokenbus-Attempts";
 
@@ -175,22 +177,31 @@ class ClientWatch {
   bool gone_ = false;
 };
 
-// Why an attempt that produced no text may be sent to another replica; empty when it may not (success,
-// the client's own error, a timeout).
-std::string_view retry_reason(const CallStatus& status, bool final_seen, std::string_view finish_reason,
-                              std::uint32_t engine_error) {
+// Why an attempt that produced no text may be sent to another replica (empty when it may not: success, the
+// client's own error, the stream's own deadline), and whether that retry draws on the budget. Only retries of
+// a replica that may be overloaded (it refused for load, or was too slow to answer) are budgeted: they add
+// load where load is the problem. A replica that is dead or broken did no work for the request, and its
+// retries are bounded by the per-request cap and by its ejection.
+struct RetryKind {
+  std::string_view reason;
+  bool budgeted = false;
+};
+
+RetryKind retry_kind(const CallStatus& status, bool final_seen, std::string_view finish_reason,
+                     std::uint32_t engine_error, bool timed_out) {
+  if (timed_out) return {"first_token_timeout", true};
   if (final_seen) {
-    if (finish_reason == "error" && engine_error >= 500) return "engine_error";
-    if (finish_reason == "abort") return "engine_abort";
+    if (finish_reason == "error" && engine_error >= 500) return {"engine_error"};
+    if (finish_reason == "abort") return {"engine_abort"};
     return {};
   }
   switch (status.code) {
-    case 0: return "no_final_chunk";
+    case 0: return {"no_final_chunk"};
     case 3: return {};  // INVALID_ARGUMENT: the request itself is wrong
     case 4: return {};  // DEADLINE_EXCEEDED: the stream's own deadline
-    case 8: return "resource_exhausted";
-    case 14: return "unavailable";
-    default: return "call_error";
+    case 8: return {"resource_exhausted", true};
+    case 14: return {"unavailable"};
+    default: return {"call_error"};
   }
 }
 
@@ -319,11 +330,20 @@ net::awaitable<RouteResult> Handlers::route(const GenerateJob& job, std::span<co
   const Clock::time_point deadline = Clock::now() + limits_.queue_timeout;
   for (;;) {
     RouteResult route = router_.route(job.model, tried);
-    if (route.outcome != RouteOutcome::kOverloaded || !route.queue) co_return route;
-    // Every replica is at max_concurrency: wait for a slot (bounded in count and time) instead of refusing.
-    const SlotQueue::Wait wait = co_await route.queue->wait(executor, deadline);
-    if (wait != SlotQueue::Wait::kWoken) {
-      metrics_.count_queue_refusal(wait == SlotQueue::Wait::kFull ? "full" : "timeout");
+    // Every replica is at max_concurrency, or no snapshot has arrived yet (a proxy just started): wait, bounded in
+    // count and time, instead of refusing.
+    const bool wait = route.outcome == RouteOutcome::kOverloaded || route.outcome == RouteOutcome::kNoSnapshot;
+    if (!wait || !route.queue) co_return route;
+    const Clock::time_point now = Clock::now();
+    if (now >= deadline) {
+      metrics_.count_queue_refusal("timeout");
+      co_return route;
+    }
+    // Woken by a freed slot or a new snapshot; re-checked every slice too, so that a wake-up that came between
+    // the route above and joining the queue costs a slice, not the whole timeout.
+    const SlotQueue::Wait result = co_await route.queue->wait(executor, std::min(deadline, now + kQueueRecheck));
+    if (result == SlotQueue::Wait::kFull) {
+      metrics_.count_queue_refusal("full");
       co_return route;
     }
   }
@@ -488,15 +508,16 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
 
     if (timed_out) {
       router_.report_failure(job.model, replica, "timed out");
-      break;
-    }
-    if (replica_failed(status, final_seen, finish_reason, engine_error)) {
+      if (text_seen) break;
+    } else if (replica_failed(status, final_seen, finish_reason, engine_error)) {
       router_.report_failure(job.model, replica,
                              final_seen ? "finish_reason " + finish_reason : "gRPC status " + std::to_string(status.code));
     } else if (status.ok() || final_seen) {
       router_.report_success(replica);
     }
-    if (final_seen && finish_reason == "error") {
+    if (timed_out) {
+      // `failure` says which timeout
+    } else if (final_seen && finish_reason == "error") {
       const int code = engine_error >= 400 && engine_error <= 599 ? static_cast<int>(engine_error) : 500;
       failure.emplace(code, engine_message.empty() ? "the engine failed" : engine_message);
     } else if (final_seen && finish_reason == "abort") {
@@ -511,15 +532,16 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
     if (!failure || text_seen) break;
 
     // No text reached the client: another replica may serve it, within the per-request cap and the budget.
-    const std::string_view reason = retry_reason(status, final_seen, finish_reason, engine_error);
+    const RetryKind kind = retry_kind(status, final_seen, finish_reason, engine_error, timed_out);
+    const std::string_view reason = kind.reason;
     if (reason.empty()) break;
     if (attempts > retry_budget_.policy().max_retries) {
       metrics_.count_retry_refused("max_retries");
       break;
     }
     retry = RetryBudget::Retry();  // the last retry's slot, if any, is free again before asking for one
-    retry = retry_budget_.try_retry();
-    if (!retry) {
+    if (kind.budgeted) retry = retry_budget_.try_retry();
+    if (kind.budgeted && !retry) {
       metrics_.count_retry_refused("budget");
       log(LogLevel::kWarn, "proxy", "%s: not retried (%.*s): retry budget spent", request_id.c_str(),
           static_cast<int>(reason.size()), reason.data());

@@ -44,7 +44,9 @@ std::string expected_tokens(int n) {
 class ProxyTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    server_ = std::make_unique<HttpServer>(router_, metrics_, 2);
+    ProxyLimits limits;
+    limits.queue_timeout = std::chrono::seconds(1);  // the 429 and no-snapshot answers come after this wait
+    server_ = std::make_unique<HttpServer>(router_, metrics_, 2, limits);
     std::string error;
     port_ = server_->listen("127.0.0.1", 0, error);
     ASSERT_NE(port_, 0) << error;

@@ -63,7 +63,9 @@ class ResilienceTest : public ::testing::Test {
   }
 
   void TearDown() override {
-    if (server_) EXPECT_TRUE(server_->stop(5s));
+    if (server_) {
+      EXPECT_TRUE(server_->stop(5s));
+    }
   }
 
   static ProxyLimits test_limits() {
@@ -219,6 +221,33 @@ TEST_F(ResilienceTest, AStalledStreamEndsWithAnErrorAfterTheIdleTime) {
   EXPECT_EQ(cut.body, "first ");
   EXPECT_FALSE(cut.error.empty());
   EXPECT_TRUE(replica.wait_for_cancellations(2, 10s));
+}
+
+TEST_F(ResilienceTest, NoFirstTokenInTimeIsRetriedOnAnotherReplica) {
+  start();
+  FakeReplica silent("silent");
+  FakeReplica good;
+  // the silent one first: the first request's scan starts there
+  apply({ready("silent", silent.address()), ready("good", good.address())}, /*first_token_s=*/0.3);
+  Client client(port_);
+  const Reply r = client.post("/v1/chat/completions", stream_body("hi"));
+  EXPECT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(r.headers["X-Tokenbus-Attempts"], "2");
+  EXPECT_TRUE(silent.wait_for_cancellations(1, 10s));
+  EXPECT_EQ(metric(metrics_text(), "tokenbus_proxy_retries_total{reason=\"first_token_timeout\"}"), 1);
+}
+
+TEST_F(ResilienceTest, ARequestBeforeTheFirstSnapshotWaitsForIt) {
+  start();
+  FakeReplica replica;
+  auto waiting = std::async(std::launch::async, [this] {
+    return Client(port_).send(http::verb::post, "/v1/chat/demo?max_tokens=2", "hi", "text/plain");
+  });
+  EXPECT_EQ(waiting.wait_for(200ms), std::future_status::timeout);
+  apply({ready("r", replica.address())});
+  const Reply r = waiting.get();
+  EXPECT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(r.body, "tok0 tok1 ");
 }
 
 TEST_F(ResilienceTest, MaxTokensOverTheContextLengthIs400BeforeRouting) {

@@ -70,7 +70,8 @@ void Lease::release() {
   }
 }
 
-Router::Router(OutlierPolicy outlier, std::size_t queue_depth) : outlier_(outlier), queue_depth_(queue_depth) {}
+Router::Router(OutlierPolicy outlier, std::size_t queue_depth)
+    : outlier_(outlier), queue_depth_(queue_depth), awaiting_snapshot_(std::make_shared<SlotQueue>(queue_depth)) {}
 Router::~Router() = default;
 
 void Router::apply(std::shared_ptr<const Snapshot> snapshot) {
@@ -129,6 +130,7 @@ void Router::apply(std::shared_ptr<const Snapshot> snapshot) {
   }
   queues_ = std::move(queues);
   table_.store(std::move(table));
+  if (awaiting_snapshot_->has_waiters()) awaiting_snapshot_->notify_all();
   // Capacity may have grown (a replica came up or reported less load): waiting requests route again.
   for (auto& [name, queue] : queues_) {
     if (queue->has_waiters()) queue->notify_all();
@@ -145,7 +147,7 @@ double Router::staleness_seconds() const {
 
 RouteResult Router::route(std::string_view deployment, std::span<const ReplicaHandle* const> exclude) {
   const std::shared_ptr<const Table> table = table_.load();
-  if (!table) return {RouteOutcome::kNoSnapshot};
+  if (!table) return {RouteOutcome::kNoSnapshot, {}, {}, awaiting_snapshot_};
   const auto it = table->routes.find(deployment);
   if (it == table->routes.end()) return {RouteOutcome::kUnknownDeployment};
   const Table::Route& route = it->second;

@@ -134,6 +134,7 @@ class Router {
   // Picks the routable replica with the lowest score (own in-flight + reported running + waiting + a
   // penalty per recent failure), skipping ejected ones and those in `exclude` (already tried by this
   // request), ties broken round-robin, and claims one unit of its in-flight count.
+  // Before the first snapshot: kNoSnapshot, with `queue` the requests waiting for it.
   RouteResult route(std::string_view deployment, std::span<const ReplicaHandle* const> exclude = {});
 
   // What a call on `replica` of `deployment` came to: a success clears its failure count; the
@@ -158,6 +159,7 @@ class Router {
   std::mutex apply_mutex_;  // serialises apply(); never taken on the request path
   std::map<std::string, std::shared_ptr<ReplicaHandle>> handles_;  // by address; guarded by apply_mutex_
   std::map<std::string, std::shared_ptr<SlotQueue>, std::less<>> queues_;  // by deployment; guarded by apply_mutex_
+  const std::shared_ptr<SlotQueue> awaiting_snapshot_;  // requests that came before the first snapshot
   std::mutex eject_mutex_;  // serialises ejection decisions (rare: only on a failure)
   std::atomic<std::int64_t> last_received_ns_{-1};
 };
