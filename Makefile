@@ -85,8 +85,6 @@ ASAN_ENV := ASAN_OPTIONS=halt_on_error=1:detect_leaks=1:check_initialization_ord
 # ignore_noninstrumented_modules: the accesses that libc interceptors (memmove, epoll_wait, free) see made from
 # inside uninstrumented gRPC and Abseil are not races TSan could judge without their synchronisation.
 TSAN_ENV := TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:history_size=4:ignore_noninstrumented_modules=1:suppressions=$(SAN_DIR)/tsan.supp:print_suppressions=0
-# Too slow under TSan to finish inside ctest's timeout, and covered by the ASan run: (none yet)
-TSAN_EXCLUDE :=
 
 test-asan: $(STAMPS)/apt
 	$(call SAN_CMAKE,$(ASAN_BUILD),address$(,)undefined)
@@ -94,7 +92,7 @@ test-asan: $(STAMPS)/apt
 
 test-tsan: $(STAMPS)/apt
 	$(call SAN_CMAKE,$(TSAN_BUILD),thread)
-	cd $(TSAN_BUILD) && $(TSAN_ENV) ctest --output-on-failure -j $(JOBS) $(if $(TSAN_EXCLUDE),-E '$(TSAN_EXCLUDE)')
+	cd $(TSAN_BUILD) && $(TSAN_ENV) ctest --output-on-failure -j $(JOBS)
 
 # --- fuzz targets (proxy_cpp/fuzz): libFuzzer needs clang. Each run starts from the committed seeds
 # (proxy_cpp/fuzz/corpus/TARGET) plus what earlier runs here found (FUZZ_BUILD/corpus/TARGET, not committed).
