@@ -11,7 +11,7 @@ APT_PKGS := cmake g++ make pkg-config ccache libgrpc++-dev protobuf-compiler-grp
 	libmsgpack-cxx-dev libboost-dev libgtest-dev libsimdjson-dev nlohmann-json3-dev prometheus-cpp-dev prometheus-pushgateway \
 	clang libclang-rt-14-dev
 
-.PHONY: all deps build up test test-cpp test-py lint bench clean test-asan test-tsan fuzz-build fuzz-short fuzz
+.PHONY: all deps build up test test-cpp test-py lint bench clean test-asan test-tsan fuzz-build fuzz-short fuzz chaos
 
 all: build
 
@@ -119,6 +119,11 @@ fuzz: fuzz-build
 	@$(call FUZZ_RUN,$(FUZZ_LONG_S))
 
 test: lint test-cpp test-asan test-tsan fuzz-short test-py
+
+# Not in CI: 10 minutes of 128 streams through two proxies on 3 sim replicas while a random process is killed or
+# stopped every 10-20 s, then a table of what the clients saw (CHAOS_ARGS, e.g. '--duration 120', passes through).
+chaos: build
+	$(PY) -m tools.chaos $(CHAOS_ARGS)
 
 lint: deps
 	$(VENV)/bin/ruff check .

@@ -178,10 +178,11 @@ class ClientWatch {
 };
 
 // Why an attempt that produced no text may be sent to another replica (empty when it may not: success, the
-// client's own error, the stream's own deadline), and whether that retry draws on the budget. Only retries of
-// a replica that may be overloaded (it refused for load, or was too slow to answer) are budgeted: they add
-// load where load is the problem. A replica that is dead or broken did no work for the request, and its
-// retries are bounded by the per-request cap and by its ejection.
+// client's own error, the stream's own deadline), and whether that retry may draw on the budget. Only retries
+// after a sign of load (the replica refused for load, or was too slow to answer) are budgeted, and only when
+// they would land on a replica with requests already waiting: there they would feed an overload. A replica
+// that is dead, broken or stuck did no work for the request, and its retries are bounded by the per-request
+// cap and by its ejection.
 struct RetryKind {
   std::string_view reason;
   bool budgeted = false;
@@ -540,16 +541,17 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
       break;
     }
     retry = RetryBudget::Retry();  // the last retry's slot, if any, is free again before asking for one
-    if (kind.budgeted) retry = retry_budget_.try_retry();
-    if (kind.budgeted && !retry) {
-      metrics_.count_retry_refused("budget");
-      log(LogLevel::kWarn, "proxy", "%s: not retried (%.*s): retry budget spent", request_id.c_str(),
-          static_cast<int>(reason.size()), reason.data());
-      break;
-    }
     RouteResult next = co_await this->route(job, tried, c.stream.get_executor());
     if (next.outcome != RouteOutcome::kRouted) {
       metrics_.count_retry_refused("no_replica");
+      break;
+    }
+    // The budget bounds retries that could feed an overload: a retry after a sign of load, onto a replica whose
+    // engine has requests waiting.
+    if (kind.budgeted && next.queued > 0 && !(retry = retry_budget_.try_retry())) {
+      metrics_.count_retry_refused("budget");
+      log(LogLevel::kWarn, "proxy", "%s: not retried (%.*s): retry budget spent", request_id.c_str(),
+          static_cast<int>(reason.size()), reason.data());
       break;
     }
     log(LogLevel::kInfo, "proxy", "%s: retrying on %s after %.*s from %s: %s", request_id.c_str(),

@@ -185,6 +185,7 @@ RouteResult Router::route(std::string_view deployment, std::span<const ReplicaHa
       best->handle->routed_.fetch_add(1, std::memory_order_relaxed);
       result.outcome = RouteOutcome::kRouted;
       result.lease = Lease(best->handle, route.queue);
+      result.queued = best->replica->load.waiting;
       return result;
     }
     best->handle->in_flight_.fetch_sub(1, std::memory_order_relaxed);

@@ -115,6 +115,7 @@ struct RouteResult {
   DeploymentLimits limits;          // set unless kNoSnapshot or kUnknownDeployment
   std::shared_ptr<SlotQueue> queue;  // the deployment's wait queue: set unless kNoSnapshot or kUnknownDeployment
   std::chrono::seconds retry_after{0};  // kNoReplica, kOverloaded: what to tell the client
+  std::int64_t queued = 0;  // kRouted: the requests the chosen replica's engine last reported waiting
 };
 
 class Router {

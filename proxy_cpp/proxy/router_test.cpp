@@ -4,6 +4,7 @@
 #include <set>
 #include <thread>
 
+#include "proxy/retry_budget.hpp"
 #include "proxy/router.hpp"
 
 namespace tokenbus::proxy {
@@ -224,6 +225,27 @@ TEST(Router, CarriesTheDeploymentsLimits) {
   EXPECT_EQ(r.limits.max_model_len, 2048);
   EXPECT_DOUBLE_EQ(r.limits.first_token_timeout_s, 9.5);
   EXPECT_DOUBLE_EQ(r.limits.idle_timeout_s, 2.5);
+}
+
+TEST(RetryBudget, AllowsAShareOfTheActiveRequestsAndAtLeastAFew) {
+  RetryBudget budget(RetryPolicy{});
+  std::vector<std::unique_ptr<RetryBudget::Active>> active;
+  for (int i = 0; i < 30; ++i) active.push_back(std::make_unique<RetryBudget::Active>(budget));
+  std::vector<RetryBudget::Retry> held;
+  for (int i = 0; i < 6; ++i) {
+    RetryBudget::Retry r = budget.try_retry();
+    EXPECT_TRUE(r) << i;  // 20% of 30
+    held.push_back(std::move(r));
+  }
+  EXPECT_FALSE(budget.try_retry());
+  held.pop_back();  // a retry that ends gives its slot back
+  EXPECT_TRUE(budget.try_retry());
+  active.clear();
+  held.clear();
+  std::vector<RetryBudget::Retry> few;
+  for (int i = 0; i < 3; ++i) few.push_back(budget.try_retry());  // with nothing active, the floor of 3
+  for (const auto& r : few) EXPECT_TRUE(r);
+  EXPECT_FALSE(budget.try_retry());
 }
 
 }  // namespace

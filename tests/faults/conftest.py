@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from faults.harness import REPORTS, CaseReport, Outcome
+from faults.harness import REPORTS, CaseReport, Outcome, proxy_metrics, until
 from tools.local_cluster import LocalCluster
 
 
@@ -25,6 +25,15 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Awaitable[LocalCluste
         clusters.append(c)
         c.start()
         await c.deploy(spec)
+        # The head has them READY; each proxy applies them a snapshot later. Faults start once every proxy routes
+        # to every replica, so that a retry has somewhere to go.
+        for url in c.proxy_urls.values():
+
+            async def routes_to_all(url: str = url) -> bool:
+                lines = await proxy_metrics(url, "tokenbus_proxy_replica_routable{")
+                return sum(line.endswith(" 1") for line in lines) >= spec["replicas"]
+
+            await until(routes_to_all, 30.0, f"{url} routing to {spec['replicas']} replicas")
         return c
 
     yield make
