@@ -57,7 +57,20 @@ class SnapshotPublisher:
                 await asyncio.wait_for(self._sent.wait(), self._interval)
             except asyncio.TimeoutError:
                 if self._latest_frames is not None:
-                    await self._sock.send_multipart(self._latest_frames)
+                    await self._republish()
+
+    async def _republish(self) -> None:
+        # A failed send is logged and the loop goes on: the next interval sends again. Ending here would leave
+        # subscribers that missed a version stale until the next change.
+        try:
+            await self._sock.send_multipart(self._latest_frames or [])
+        except zmq.ZMQError as e:
+            log.error(
+                "re-publishing snapshot version %s failed: %s; trying again in %.1f s",
+                self._latest.version if self._latest else "-",
+                e,
+                self._interval,
+            )
 
     def close(self) -> None:
         self._sock.close(linger=0)

@@ -253,6 +253,41 @@ async def test_publisher_republishes_the_latest() -> None:
         publisher.close()
 
 
+async def test_publisher_survives_a_failed_republish(caplog: pytest.LogCaptureFixture) -> None:
+    publisher = SnapshotPublisher("tcp://127.0.0.1:*", republish_interval_s=0.05)
+    sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(publisher.endpoint)
+    await publisher.publish(snap(v(5)))
+    # the socket's next send fails once (as a send can, e.g. EINTR or a full queue): the loop must go on
+    real_send = publisher._sock.send_multipart
+    failures = 0
+
+    async def failing_once(frames: list[bytes]) -> None:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise zmq.ZMQError(zmq.EAGAIN)
+        await real_send(frames)
+
+    publisher._sock.send_multipart = failing_once  # type: ignore[method-assign]
+    task = asyncio.create_task(publisher.run())
+    try:
+        with caplog.at_level(logging.ERROR, logger="bus.snapshot_pub"):
+            await wait_until(lambda: failures == 1, 10.0)
+            while await sub.poll(0, zmq.POLLIN):  # what came before the failure
+                await sub.recv_multipart()
+            assert await sub.poll(10_000, zmq.POLLIN)  # a re-publish after it
+            assert decode(await sub.recv_multipart()) == snap(v(5))
+        assert "re-publishing snapshot version" in caplog.text
+        assert not task.done()
+    finally:
+        task.cancel()
+        sub.close(linger=0)
+        publisher.close()
+
+
 def test_liveness_counts_silent_intervals_and_any_message_resets() -> None:
     peer = Liveness(3)
     assert not peer.tick() and not peer.tick()
