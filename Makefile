@@ -103,14 +103,15 @@ fuzz-build: $(STAMPS)/apt
 	$(call SAN_CMAKE,$(FUZZ_BUILD),fuzzer-no-link$(,)address$(,)undefined,-DTOKENBUS_FUZZ=ON -DCMAKE_CXX_COMPILER=clang++) \
 		--target fuzz_targets
 
-# $(1): seconds per target. A finding leaves its input as $(FUZZ_BUILD)/crash-* and fails the run.
-FUZZ_RUN = for t in $(FUZZ_TARGETS); do \
+# $(1): seconds per target. Every target runs; a finding leaves its input as $(FUZZ_BUILD)/crash-*, prints the
+# end of that target's log and fails the run once all have run.
+FUZZ_RUN = failed=""; for t in $(FUZZ_TARGETS); do \
 		mkdir -p $(FUZZ_BUILD)/corpus/$$t && echo "fuzzing $$t for $(1) s" && \
-		$(ASAN_ENV) $(FUZZ_BUILD)/bin/$$t -max_total_time=$(1) -timeout=60 -rss_limit_mb=4096 -print_final_stats=1 \
-			-artifact_prefix=$(FUZZ_BUILD)/ $(FUZZ_BUILD)/corpus/$$t proxy_cpp/fuzz/corpus/$$t \
-			>$(FUZZ_BUILD)/$$t.log 2>&1 || { tail -n 60 $(FUZZ_BUILD)/$$t.log; exit 1; }; \
-		grep -E '^stat::number_of_executed_units|^Done' $(FUZZ_BUILD)/$$t.log | tr '\n' ' '; echo; \
-	done
+		if $(ASAN_ENV) $(FUZZ_BUILD)/bin/$$t -max_total_time=$(1) -timeout=60 -rss_limit_mb=4096 -print_final_stats=1 \
+			-artifact_prefix=$(FUZZ_BUILD)/ $(FUZZ_BUILD)/corpus/$$t proxy_cpp/fuzz/corpus/$$t >$(FUZZ_BUILD)/$$t.log 2>&1; \
+		then grep -E '^stat::number_of_executed_units|^Done' $(FUZZ_BUILD)/$$t.log | tr '\n' ' '; echo; \
+		else tail -n 60 $(FUZZ_BUILD)/$$t.log; failed="$$failed $$t"; fi; \
+	done; if [ -n "$$failed" ]; then echo "fuzz targets with findings:$$failed"; exit 1; fi
 
 fuzz-short: fuzz-build
 	@$(call FUZZ_RUN,$(FUZZ_SHORT_S))
