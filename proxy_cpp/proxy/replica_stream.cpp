@@ -69,12 +69,24 @@ class GenerateCall::Reactor final : public grpc::ClientReadReactor<v1::GenerateC
     notify([ok](Shared& s) { (ok ? s.chunk_ready : s.reads_done) = true; });
   }
 
+  // The coroutine may end, drop its lease (possibly the last reference to the replica's channel) and let the
+  // server destroy its io_context as soon as it sees `done`. So the reactor is destroyed first: its
+  // ClientContext, which also references the channel, must not be the one to destroy it here, on a gRPC thread
+  // inside the channel's own callback (gRPC 1.51 then frees its callback queue from the thread using it). And
+  // the last reference to `shared` (whose timer belongs to the coroutine's io_context) goes to that executor,
+  // queued before `done` can be seen.
   void OnDone(const grpc::Status& status) override {
-    notify([&status](Shared& s) {
-      s.done = true;
-      s.status = CallStatus{static_cast<int>(status.error_code()), status.error_message()};
-    });
+    CallStatus result{static_cast<int>(status.error_code()), status.error_message()};
+    std::shared_ptr<Shared> shared = std::move(shared_);
     delete this;
+    Shared& s = *shared;
+    std::lock_guard lock(s.mutex);
+    s.done = true;
+    s.status = std::move(result);
+    const bool wake = std::exchange(s.parked, false);
+    net::post(s.timer.get_executor(), [shared = std::move(shared), wake] {
+      if (wake) shared->timer.cancel();
+    });
   }
 
   grpc::ClientContext& context() { return context_; }

@@ -72,7 +72,10 @@ class FakeWorker {
     thread_.join();
   }
 
-  void pause() { paused_ = true; }
+  void pause() {
+    std::lock_guard lock(mutex_);
+    paused_ = true;
+  }
   void resume() {
     {
       std::lock_guard lock(mutex_);

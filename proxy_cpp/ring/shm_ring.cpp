@@ -1,5 +1,7 @@
 #include "ring/shm_ring.hpp"
 
+#include <utility>
+
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -339,10 +341,9 @@ std::optional<std::span<const std::byte>> Consumer::peek() {
 }
 
 void Consumer::release() {
-  if (next_pos_ == 0) return;
+  if (!next_pos_) return;
   RingHeader& h = region_.header();
-  read_pos_ = next_pos_;
-  next_pos_ = 0;
+  read_pos_ = *std::exchange(next_pos_, std::nullopt);
   atomic(h.read_pos).store(read_pos_, std::memory_order_release);
   // Pairs with the producer's fence in prepare_wait(), as in try_write().
   std::atomic_thread_fence(std::memory_order_seq_cst);

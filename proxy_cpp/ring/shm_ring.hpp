@@ -157,7 +157,8 @@ class Consumer : public Endpoint {
   bool has_data() const;
 
   std::uint64_t read_pos_ = 0;  // mirror of the shared read_pos (only this side writes it)
-  std::uint64_t next_pos_ = 0;  // read_pos after the peeked record, 0 when nothing is peeked
+  // read_pos after the peeked record, when one is peeked (any value, 0 included: positions wrap at 2^64)
+  std::optional<std::uint64_t> next_pos_;
   std::string broken_;
 };
 
