@@ -8,6 +8,7 @@ import contextlib
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -21,6 +22,8 @@ import zmq.asyncio
 from bus.admin import AdminClient
 from bus.snapshot_sub import SnapshotSubscriber
 from head.server import Head
+from node_agent import binaries
+from node_agent.replica_process import REPLICA_BINARY
 from schemas.messages import (
     Heartbeat,
     Message,
@@ -206,3 +209,16 @@ class LoggedProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+def replica_path_missing() -> str | None:
+    """Why real replicas cannot run here (the binary, the ring binding or the gRPC stubs not built), or None."""
+    binary = binaries.bin_dir() / REPLICA_BINARY
+    if not binary.exists() or not binary.stat().st_mode & stat.S_IXUSR:
+        return f"{binary} not built (make build)"
+    try:
+        import model_worker.ring  # noqa: F401
+        from schemas.rpc import pb  # noqa: F401
+    except ImportError as e:
+        return f"ring binding or gRPC stubs missing: {e}"
+    return None

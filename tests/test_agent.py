@@ -10,17 +10,15 @@ import os
 import re
 import signal
 import socket
-import stat
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from controlplane_helpers import DEADLINE_S, TEST_HEARTBEAT_S, LoggedProcess, admin, wait_until
+from controlplane_helpers import DEADLINE_S, TEST_HEARTBEAT_S, LoggedProcess, admin, replica_path_missing, wait_until
 
 from bus.snapshot_sub import SnapshotSubscriber
 from node_agent import binaries, capacity
-from node_agent.replica_process import REPLICA_BINARY
 from schemas.messages import ReplicaState, Snapshot
 
 HB = str(TEST_HEARTBEAT_S)
@@ -178,18 +176,6 @@ def test_capacity_reads_meminfo_and_counts_gpus(monkeypatch: pytest.MonkeyPatch,
 # --- the real replica path, where it is built ------------------------------------------------------------------
 
 
-def _replica_path_missing() -> str | None:
-    binary = binaries.bin_dir() / REPLICA_BINARY
-    if not binary.exists() or not binary.stat().st_mode & stat.S_IXUSR:
-        return f"{binary} not built (make build)"
-    try:
-        import model_worker.ring  # noqa: F401
-        from schemas.rpc import pb  # noqa: F401
-    except ImportError as e:
-        return f"ring binding or gRPC stubs missing: {e}"
-    return None
-
-
 @contextlib.asynccontextmanager
 async def snapshots(head: HeadProcess) -> AsyncIterator[SnapshotSubscriber]:
     sub = SnapshotSubscriber(head.router, head.pub)
@@ -208,7 +194,7 @@ def _gone(pid: int) -> bool:
     return not Path(f"/proc/{pid}").exists()
 
 
-@pytest.mark.skipif(_replica_path_missing() is not None, reason=str(_replica_path_missing()))
+@pytest.mark.skipif(replica_path_missing() is not None, reason=str(replica_path_missing()))
 async def test_agent_runs_real_sim_replicas_replaces_a_crashed_one_and_stops_them(tmp_path: Path) -> None:
     import grpc
 

@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import signal
-import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,10 +21,8 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
-from controlplane_helpers import DEADLINE_S, TEST_HEARTBEAT_S, LoggedProcess, wait_until
+from controlplane_helpers import DEADLINE_S, TEST_HEARTBEAT_S, LoggedProcess, replica_path_missing, wait_until
 
-from node_agent import binaries
-from node_agent.replica_process import REPLICA_BINARY
 from schemas.messages import (
     Heartbeat,
     Message,
@@ -43,19 +40,7 @@ HB = str(TEST_HEARTBEAT_S)
 SLOW_S = 60.0  # starting real replicas on a busy 2-core machine, or waiting for a multi-second detection
 
 
-def _replica_path_missing() -> str | None:
-    binary = binaries.bin_dir() / REPLICA_BINARY
-    if not binary.exists() or not binary.stat().st_mode & stat.S_IXUSR:
-        return f"{binary} not built (make build)"
-    try:
-        import model_worker.ring  # noqa: F401
-        from schemas.rpc import pb  # noqa: F401
-    except ImportError as e:
-        return f"ring binding or gRPC stubs missing: {e}"
-    return None
-
-
-needs_replicas = pytest.mark.skipif(_replica_path_missing() is not None, reason=str(_replica_path_missing()))
+needs_replicas = pytest.mark.skipif(replica_path_missing() is not None, reason=str(replica_path_missing()))
 
 
 class FakeHead:
