@@ -12,7 +12,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -222,3 +222,13 @@ def replica_path_missing() -> str | None:
     except ImportError as e:
         return f"ring binding or gRPC stubs missing: {e}"
     return None
+
+
+@contextlib.contextmanager
+def stopped_at_exit(*procs: LoggedProcess) -> Iterator[None]:
+    """Stops `procs` (started test processes) when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.stop()

@@ -11,11 +11,19 @@ import re
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from controlplane_helpers import DEADLINE_S, TEST_HEARTBEAT_S, LoggedProcess, admin, replica_path_missing, wait_until
+from controlplane_helpers import (
+    DEADLINE_S,
+    TEST_HEARTBEAT_S,
+    LoggedProcess,
+    admin,
+    replica_path_missing,
+    stopped_at_exit,
+    wait_until,
+)
 
 from bus.snapshot_sub import SnapshotSubscriber
 from node_agent import binaries, capacity
@@ -51,15 +59,6 @@ def start_agent(
     args = ["--head", router, "--node-id", node_id, "--cpu-slots", "3", "--heartbeat", HB]
     args += ["--state-dir", str(tmp / f"state-{node_id}"), *extra]
     return LoggedProcess("node_agent", args, tmp / f"agent-{node_id}.log", env)
-
-
-@contextlib.contextmanager
-def stopped_at_exit(*procs: LoggedProcess) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for p in procs:
-            p.stop()
 
 
 async def node_status(router: str, node_id: str) -> dict | None:

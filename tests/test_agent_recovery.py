@@ -13,7 +13,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,14 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
-from controlplane_helpers import DEADLINE_S, TEST_HEARTBEAT_S, LoggedProcess, replica_path_missing, wait_until
+from controlplane_helpers import (
+    DEADLINE_S,
+    TEST_HEARTBEAT_S,
+    LoggedProcess,
+    replica_path_missing,
+    stopped_at_exit,
+    wait_until,
+)
 
 from schemas.messages import (
     Heartbeat,
@@ -113,15 +120,6 @@ def start_agent(tmp: Path, head: FakeHead, log_name: str, *extra: str) -> Logged
     """A real agent of node n1 with its state directory in `tmp` (the same for every start)."""
     args = ["--head", head.endpoint, "--node-id", "n1", "--heartbeat", HB, "--state-dir", str(tmp / "state"), *extra]
     return LoggedProcess("node_agent", args, tmp / log_name)
-
-
-@contextlib.contextmanager
-def stopped_at_exit(*procs: LoggedProcess) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for p in procs:
-            p.stop()
 
 
 def sim_replica(replica_id: str, **engine_args: Any) -> StartReplica:
