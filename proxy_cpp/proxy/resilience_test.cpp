@@ -68,9 +68,11 @@ class ResilienceTest : public ::testing::Test {
     }
   }
 
+  // A queue wait far longer than any test needs: a request that must be served from the queue is, even on a
+  // busy machine under a sanitizer.
   static ProxyLimits test_limits() {
     ProxyLimits limits;
-    limits.queue_timeout = 3s;
+    limits.queue_timeout = 30s;
     return limits;
   }
 
@@ -227,8 +229,9 @@ TEST_F(ResilienceTest, NoFirstTokenInTimeIsRetriedOnAnotherReplica) {
   start();
   FakeReplica silent("silent");
   FakeReplica good;
-  // the silent one first: the first request's scan starts there
-  apply({ready("silent", silent.address()), ready("good", good.address())}, /*first_token_s=*/0.3);
+  // the silent one first: the first request's scan starts there. The limit leaves the good replica ample time
+  // (a new channel's connect included) under a sanitizer on a busy machine.
+  apply({ready("silent", silent.address()), ready("good", good.address())}, /*first_token_s=*/3.0);
   Client client(port_);
   const Reply r = client.post("/v1/chat/completions", stream_body("hi"));
   EXPECT_EQ(r.status, 200) << r.body;
