@@ -177,41 +177,47 @@ class ClientWatch {
   bool gone_ = false;
 };
 
-// Why an attempt that produced no text may be sent to another replica (empty when it may not: success, the
-// client's own error, the stream's own deadline), and whether that retry may draw on the budget. Only retries
-// after a sign of load (the replica refused for load, or was too slow to answer) are budgeted, and only when
-// they would land on a replica with requests already waiting: there they would feed an overload. A replica
-// that is dead, broken or stuck did no work for the request, and its retries are bounded by the per-request
-// cap and by its ejection.
+// Whether an attempt that produced no text may be sent to another replica (an empty reason: it may not), and
+// whether that retry may draw on the budget. Only retries after a sign of load (the replica refused for load,
+// or was too slow to answer) are budgeted, and only when they would land on a replica with requests already
+// waiting: there they would feed an overload. A replica that is dead, broken or stuck did no work for the
+// request, and its retries are bounded by the per-request cap and by its ejection.
 struct RetryKind {
   std::string_view reason;
   bool budgeted = false;
 };
 
-RetryKind retry_kind(const CallStatus& status, bool final_seen, std::string_view finish_reason,
-                     std::uint32_t engine_error, bool timed_out) {
-  if (timed_out) return {"first_token_timeout", true};
+// What the end of one attempt (not a timeout) means, decided in one place: the failure the client would be
+// told of (none on success), whether it counts against the replica (outlier detection: overload and the
+// client's own errors do not), and whether another replica may be tried.
+struct AttemptEnd {
+  std::optional<std::pair<int, std::string>> failure;
+  bool replica_failed = false;
+  RetryKind retry;
+};
+
+AttemptEnd classify_end(const CallStatus& status, bool final_seen, std::string_view finish_reason,
+                        std::uint32_t engine_error, const std::string& engine_message) {
   if (final_seen) {
-    if (finish_reason == "error" && engine_error >= 500) return {"engine_error"};
-    if (finish_reason == "abort") return {"engine_abort"};
+    if (finish_reason == "error") {
+      const int code = engine_error >= 400 && engine_error <= 599 ? static_cast<int>(engine_error) : 500;
+      const bool engine_fault = engine_error >= 500;  // 4xx: the request itself is wrong
+      return {std::pair(code, engine_message.empty() ? "the engine failed" : engine_message), engine_fault,
+              engine_fault ? RetryKind{"engine_error"} : RetryKind{}};
+    }
+    if (finish_reason == "abort") return {std::pair(503, "the engine aborted the request"), true, {"engine_abort"}};
     return {};
   }
+  if (status.ok()) return {std::pair(502, "replica ended the stream without a final chunk"), false, {"no_final_chunk"}};
+  AttemptEnd end{std::pair(http_status_for(status.code), "replica call failed: " + status.message), true, {}};
   switch (status.code) {
-    case 0: return {"no_final_chunk"};
-    case 3: return {};  // INVALID_ARGUMENT: the request itself is wrong
-    case 4: return {};  // DEADLINE_EXCEEDED: the stream's own deadline
-    case 8: return {"resource_exhausted", true};
-    case 14: return {"unavailable"};
-    default: return {"call_error"};
+    case 3: end.replica_failed = false; break;  // INVALID_ARGUMENT: the request itself is wrong
+    case 4: break;                               // DEADLINE_EXCEEDED: the stream's own deadline
+    case 8: end.replica_failed = false; end.retry = {"resource_exhausted", true}; break;
+    case 14: end.retry = {"unavailable"}; break;
+    default: end.retry = {"call_error"}; break;
   }
-}
-
-// What a finished attempt says about the replica's health (outlier detection): overload and the client's
-// own errors are not the replica's failures.
-bool replica_failed(const CallStatus& status, bool final_seen, std::string_view finish_reason,
-                    std::uint32_t engine_error) {
-  if (final_seen) return finish_reason == "abort" || (finish_reason == "error" && engine_error >= 500);
-  return status.code != 0 && status.code != 3 && status.code != 8;
+  return end;
 }
 
 }  // namespace
@@ -507,33 +513,25 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
     watch.attach(nullptr);
     if (client_gone) break;  // the call was cancelled by finish(); nothing more can be said to the client
 
-    if (timed_out) {
+    RetryKind kind;
+    if (timed_out) {  // `failure` already says which timeout
       router_.report_failure(job.model, replica, "timed out");
       if (text_seen) break;
-    } else if (replica_failed(status, final_seen, finish_reason, engine_error)) {
-      router_.report_failure(job.model, replica,
-                             final_seen ? "finish_reason " + finish_reason : "gRPC status " + std::to_string(status.code));
-    } else if (status.ok() || final_seen) {
-      router_.report_success(replica);
-    }
-    if (timed_out) {
-      // `failure` says which timeout
-    } else if (final_seen && finish_reason == "error") {
-      const int code = engine_error >= 400 && engine_error <= 599 ? static_cast<int>(engine_error) : 500;
-      failure.emplace(code, engine_message.empty() ? "the engine failed" : engine_message);
-    } else if (final_seen && finish_reason == "abort") {
-      failure.emplace(503, "the engine aborted the request");
-    } else if (!final_seen) {
-      failure.emplace(status.ok() ? 502 : http_status_for(status.code),
-                      status.ok() ? "replica ended the stream without a final chunk"
-                                  : "replica call failed: " + status.message);
+      kind = {"first_token_timeout", true};
     } else {
-      failure.reset();
+      AttemptEnd end = classify_end(status, final_seen, finish_reason, engine_error, engine_message);
+      if (end.replica_failed) {
+        router_.report_failure(job.model, replica,
+                               final_seen ? "finish_reason " + finish_reason : "gRPC status " + std::to_string(status.code));
+      } else if (status.ok() || final_seen) {
+        router_.report_success(replica);
+      }
+      failure = std::move(end.failure);
+      kind = end.retry;
     }
     if (!failure || text_seen) break;
 
     // No text reached the client: another replica may serve it, within the per-request cap and the budget.
-    const RetryKind kind = retry_kind(status, final_seen, finish_reason, engine_error, timed_out);
     const std::string_view reason = kind.reason;
     if (reason.empty()) break;
     if (attempts > retry_budget_.policy().max_retries) {
