@@ -14,7 +14,7 @@ def status_tables(data: dict[str, Any]) -> list[Table]:
     syncing = "" if data.get("synced", True) else ", [yellow]waiting for its agents[/yellow]"
     head = f"head {data.get('head_id', '?')}, epoch {data.get('epoch')}, version {data.get('version')}{syncing}"
     nodes = Table(title=f"nodes ({head})")
-    for col in ("node", "host", "slots used", "alive", "last seen"):
+    for col in ("node", "host", "slots used", "GPUs free", "alive", "last seen"):
         nodes.add_column(col)
     for n in data.get("nodes", []):
         lost = n.get("lost_s")
@@ -22,6 +22,7 @@ def status_tables(data: dict[str, Any]) -> list[Table]:
             str(n["node_id"]),
             str(n["host"]),
             f"{n['used_slots']}/{n['cpu_slots']}",
+            _gpus_free(n),
             "[green]yes[/green]" if n["alive"] else f"[red]lost {lost:.0f} s ago[/red]" if lost else "[red]no[/red]",
             f"{n['last_seen_s']:.1f} s ago",
         )
@@ -30,16 +31,19 @@ def status_tables(data: dict[str, Any]) -> list[Table]:
     for col in ("name", "engine", "engine args", "ready/replicas", "max concurrency", "context", "timeouts"):
         deployments.add_column(col)
     replicas = Table(title="replicas")
-    for col in ("replica", "deployment", "node", "state", "address", "running", "waiting", "kv usage"):
+    for col in ("replica", "deployment", "node", "GPUs", "state", "address", "running", "waiting", "kv usage"):
         replicas.add_column(col, no_wrap=col in ("replica", "address"))  # ids and addresses are copied from here
     for d in data.get("deployments", []):
         engine = "[yellow]adopted[/yellow]" if d.get("adopted") else d["engine"]
         timeouts = f"first {_limit(d.get('first_token_timeout_s'))}, idle {_limit(d.get('idle_timeout_s'))}"
+        ready = f"{d['ready']}/{d['replicas']}"
+        if d.get("unplaced"):  # replicas no node has room for: say which resource is short
+            ready += f"\n[red]{d['unplaced']} unplaced: {d.get('unplaced_reason', '')}[/red]"
         deployments.add_row(
             d["name"],
             engine,
             str(d["engine_args"]),
-            f"{d['ready']}/{d['replicas']}",
+            ready,
             str(d["max_concurrency"]),
             str(d.get("max_model_len") or "-"),
             timeouts,
@@ -54,6 +58,7 @@ def status_tables(data: dict[str, Any]) -> list[Table]:
                 r["id"],
                 d["name"],
                 r["node"],
+                ",".join(map(str, r.get("gpus", []))) or "-",
                 state,
                 r.get("addr") or "-",
                 str(load.get("running", 0)),
@@ -61,6 +66,15 @@ def status_tables(data: dict[str, Any]) -> list[Table]:
                 f"{load.get('kv_usage', 0.0):.0%}",
             )
     return [nodes, deployments, replicas]
+
+
+def _gpus_free(node: dict[str, Any]) -> str:
+    """Free of all, with their names when the node has any: "2/4 (A100)"."""
+    gpus = node.get("gpus", [])
+    if not gpus:
+        return "-"
+    names = ", ".join(sorted({g["name"] for g in gpus}))
+    return f"{len(node.get('free_gpus', []))}/{len(gpus)} ({names})"
 
 
 def _limit(seconds: float | None) -> str:
