@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from tools import admin_cmds, bench, tiny_model, up
+from tools import admin_cmds, apply, bench, keys, tiny_model, up
 
 # run by another module's own argument parser: everything after the name is passed through untouched
 PASSTHROUGH = ("head", "agent")
@@ -30,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("agent", help="run a node agent (tokenbus agent --help)")
     up.add_parser(sub)
     admin_cmds.add_parsers(sub)
+    apply.add_parser(sub)
     bench.add_parser(sub)
     tiny_model.add_parser(sub)
+    keys.add_parser(sub)
     return parser
 
 
