@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from tools import admin_cmds, apply, bench, keys, tiny_model, up
+from tools import admin_cmds, apply, bench, tiny_model, up
 
 # run by another module's own argument parser: everything after the name is passed through untouched
 PASSTHROUGH = ("head", "agent")
@@ -33,7 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_parser(sub)
     bench.add_parser(sub)
     tiny_model.add_parser(sub)
-    keys.add_parser(sub)
     return parser
 
 
