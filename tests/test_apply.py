@@ -16,7 +16,7 @@ from controlplane_helpers import REPO_ROOT, LoggedProcess, admin
 
 from schemas.deployment import DeploymentSpec
 from tools import cli
-from tools.apply import MAX_DEPLOYMENTS, MAX_DEPTH, MAX_FILE_BYTES, SpecFileError, load
+from tools.apply import MAX_DEPLOYMENTS, MAX_DEPTH, MAX_FILE_BYTES, SpecFileError, load, plan
 from tools.up import TINY_MODEL, demo_deployment
 
 
@@ -264,3 +264,29 @@ def test_no_head_is_exit_1(tmp_path: Path, capsys: Any) -> None:
         path = write(tmp_path, V1)
         assert cli.main(["apply", "-f", str(path), "--head", f"tcp://127.0.0.1:{port}", "--timeout", "0.3"]) == 1
     assert "apply failed" in capsys.readouterr().out
+
+
+def test_plan_from_a_status_reply() -> None:
+    declared = [
+        DeploymentSpec(name="chat", engine="sim", gpus_per_replica=0, placement="pack"),
+        DeploymentSpec(name="same", engine="sim"),
+        DeploymentSpec(name="ours", engine="sim"),
+        DeploymentSpec(name="new", engine="vllm"),
+    ]
+    status = {
+        "deployments": [
+            {"name": "chat", "adopted": False, "spec": {"name": "chat", "engine": "sim"}},
+            {"name": "same", "adopted": False, "spec": msgspec.to_builtins(declared[1])},
+            {"name": "ours", "adopted": True},  # runs, with no spec on this head
+            {"name": "gone", "adopted": False, "spec": {"name": "gone", "engine": "sim"}},
+        ]
+    }
+    shown = [(c.name, c.action.value, c.fields) for c in plan(declared, status, prune=True)]
+    assert shown == [
+        ("chat", "updated", ["gpus_per_replica null -> 0", "placement spread -> pack"]),
+        ("same", "unchanged", []),
+        ("ours", "created", ["adopts its running replicas"]),
+        ("new", "created", []),
+        ("gone", "pruned", []),
+    ]
+    assert [c.action.value for c in plan(declared, status, prune=False)][-1] == "kept"

@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from schemas.deployment import NAME_PATTERN, DeploymentSpec
 from tools import admin_cmds
@@ -241,7 +242,8 @@ def _differences(old: DeploymentSpec, new: DeploymentSpec) -> list[str]:
 
 
 def _shown(value: Any) -> str:
-    return str(value.value if isinstance(value, enum.Enum) else value)
+    """As the file writes it."""
+    return "null" if value is None else str(value.value if isinstance(value, enum.Enum) else value)
 
 
 def plan(declared: list[DeploymentSpec], status: dict[str, Any], prune: bool) -> list[Change]:
@@ -295,7 +297,7 @@ def _line_for(change: Change, dry_run: bool) -> str:
     verb = change.action.value
     if dry_run and change.action is not Action.UNCHANGED:
         verb = "would be " + verb
-    detail = f" ({', '.join(change.fields)})" if change.fields else ""
+    detail = escape(f" ({', '.join(change.fields)})") if change.fields else ""
     return f"{change.name}: [{_STYLE[change.action]}]{verb}[/{_STYLE[change.action]}]{detail}"
 
 
@@ -306,10 +308,12 @@ async def _apply(opts: argparse.Namespace, declared: list[DeploymentSpec], conso
     try:
         changes = plan(declared, await request(opts.head, "status", {}, opts.timeout), opts.prune)
     except (AdminError, TimeoutError) as e:
-        console.print(f"[red]apply failed:[/red] status: {e}", highlight=False)
+        console.print(f"[red]apply failed:[/red] status: {escape(str(e))}", highlight=False)
         return 1
     except (KeyError, msgspec.ValidationError) as e:
-        console.print(f"[red]apply failed:[/red] the head's status has no valid spec: {e}", highlight=False)
+        console.print(
+            f"[red]apply failed:[/red] the head's status has no valid spec: {escape(str(e))}", highlight=False
+        )
         return 1
     for change in changes:
         if not opts.dry_run and change.action in (Action.CREATE, Action.UPDATE, Action.PRUNE):
@@ -321,7 +325,7 @@ async def _apply(opts: argparse.Namespace, declared: list[DeploymentSpec], conso
             try:
                 reply = await request(opts.head, op, args, opts.timeout)
             except (AdminError, TimeoutError) as e:
-                console.print(f"{change.name}: [red]{op} failed:[/red] {e}", highlight=False)
+                console.print(f"{change.name}: [red]{op} failed:[/red] {escape(str(e))}", highlight=False)
                 return 1
             if op == "deploy" and reply.get("changed") is False:  # changed by someone else since the status read
                 change = Change(change.name, Action.UNCHANGED)
