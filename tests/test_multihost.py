@@ -1,0 +1,412 @@
+"""Many hosts on one machine: a head and a proxy on one emulated host, an agent on each of three others, a client on
+a fifth (tests/netns.py), all started by running the README's "Several machines" block command by command.
+
+Checked: replicas spread over the hosts and streams reach each of them; a host cut off from the network under load
+(its bridge port down), or its agent and replicas SIGKILLed, costs no request another replica could serve (every
+request classified as in the fault suite), its replicas are placed on the other hosts, and the host rejoins when it
+comes back. Printed: the time from a host's loss until the proxy no longer routes to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq.asyncio
+from faults.harness import (
+    FIRST_TOKEN_TIMEOUT_S,
+    IDLE_TIMEOUT_S,
+    OK,
+    SLACK_S,
+    TOKEN_DELAY_MS,
+    CaseReport,
+    Load,
+    proxy_metrics,
+    summary,
+    until,
+)
+from netns import Network, unavailable
+
+from bus.admin import AdminClient
+from bus.curve import load_client
+from node_agent.agent import SHUTDOWN_GRACE_S as AGENT_SHUTDOWN_GRACE_S
+from tools.local_cluster import REPLICA_STARTED_RE, STARTUP_DEADLINE_S, require_binaries
+from tools.procs import STOP_MARGIN_S, STOP_TIMEOUT_S, Children
+
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(unavailable() is not None, reason=str(unavailable())),
+]
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+MARKER = "<!-- several-machines -->"
+NODES = ("n1", "n2", "n3")
+CUT = "n3"  # the host cut off or killed
+# Only these are added to the README's commands: shorter heartbeats and node grace, so a lost host is noticed and
+# replaced within seconds, and the fault suite's sim deployment (short tokens, short stream timeouts).
+HEARTBEAT_S = 0.5
+NODE_GRACE_S = 5.0
+TEST_FLAGS = {
+    "head": ["--heartbeat", str(HEARTBEAT_S), "--node-grace", str(NODE_GRACE_S)],
+    "agent": ["--heartbeat", str(HEARTBEAT_S), "--cpu-slots", "4"],
+    "deploy": [
+        *("--engine-arg", f"token_delay_ms={TOKEN_DELAY_MS}"),
+        *("--first-token-timeout", str(FIRST_TOKEN_TIMEOUT_S), "--idle-timeout", str(IDLE_TIMEOUT_S)),
+    ],
+}
+LONG_TOKENS = 200  # 1 s a stream: a host lost under load has streams running on it
+COMMAND_TIMEOUT_S = 60.0  # one short command of the block (keys gen, deploy, status, curl)
+
+
+# --- the README's block ----------------------------------------------------------------------------------------
+
+SECTION_RE = re.compile(
+    r"# on (the head machine|each GPU node|each proxy machine|a client)(?:, for each (GPU node|proxy machine))?"
+)
+ROLES = {"the head machine": "head", "each GPU node": "node", "each proxy machine": "proxy", "a client": "client"}
+TARGETS = {"GPU node": "node", "proxy machine": "proxy"}
+
+
+@dataclass(frozen=True)
+class Step:
+    where: str  # the role of the machines that run it: "head", "node", "proxy", "client"
+    each: str | None  # "node" or "proxy": run once for each machine of that role (the target of ssh and scp)
+    line: str
+
+
+def readme_steps() -> list[Step]:
+    """The commands of the README block marked MARKER, with the machines each runs on; variable lines skipped."""
+    text = README.read_text()
+    assert MARKER in text, f"{README} has no {MARKER} block"
+    block = text.split(MARKER, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    steps: list[Step] = []
+    where, each = "", None
+    for line in block.splitlines():
+        if line.startswith("#"):
+            match = SECTION_RE.match(line)
+            assert match, f"a README comment that names no machine: {line!r}"
+            where, each = ROLES[match[1]], TARGETS.get(match[2] or "")
+        elif re.match(r"\w+=", line):  # the user's addresses: the test has its own
+            continue
+        elif line.strip():
+            assert where, f"a README command before any '# on ...' line: {line!r}"
+            steps.append(Step(where, each, line))
+    return steps
+
+
+@dataclass(frozen=True)
+class Machine:
+    """An emulated machine: the host (namespace) it runs on, and its own directory, home and variables."""
+
+    name: str
+    role: str
+    host: str
+    dir: Path
+    vars: dict[str, str] = field(default_factory=dict)
+
+    def sub(self, text: str, **more: str) -> str:
+        return string.Template(text).substitute({**self.vars, **more})
+
+
+# --- the cluster ---------------------------------------------------------------------------------------------------
+
+
+class MultiHost:
+    """The emulated machines, what the README block started on them (by PID), and the test's own view of it from
+    the client host (the admin API with the cli key, the proxy's /metrics)."""
+
+    def __init__(self, net: Network, root: Path) -> None:
+        self.net = net
+        self.children = Children()
+        self.bins = require_binaries()
+        head_ip = net.hosts["head"].ip
+        common = {"HEAD": head_ip, "PROXY": head_ip}
+
+        def machine(name: str, role: str, host: str, **extra: str) -> Machine:
+            path = root / name
+            path.mkdir(parents=True)
+            return Machine(name, role, host, path, {**common, "KEYS": str(path / "keys"), **extra})
+
+        self.head = machine("head", "head", "head")
+        self.nodes = [machine(n, "node", n, NODE=net.hosts[n].ip, NODE_ID=n) for n in NODES]
+        self.proxy = machine("proxy", "proxy", "head")  # the proxy's machine is the head's host
+        self.client = machine("client", "client", "client")
+        self.router = f"tcp://{head_ip}:5555"
+        self.proxy_url = f"http://{head_ip}:8000"
+        self.deployment = ""
+        self.replicas = 0
+        self._ctx: zmq.asyncio.Context | None = None
+        self._admin: AdminClient | None = None
+
+    def of_role(self, role: str) -> list[Machine]:
+        return {"head": [self.head], "node": self.nodes, "proxy": [self.proxy], "client": [self.client]}[role]
+
+    def node_ip(self, node: str) -> str:
+        return self.net.hosts[node].ip
+
+    # --- running the README ---
+
+    async def start(self) -> None:
+        """Every command of the README block, in order, on its machines; after the deploy, waits for READY."""
+        for step in readme_steps():
+            for machine in self.of_role(step.where):
+                for target in self.of_role(step.each) if step.each else [None]:
+                    await self._run(machine, target, step.line)
+
+    async def _run(self, machine: Machine, target: Machine | None, line: str) -> None:
+        # a "for each" target lends its own variables (NODE, NODE_ID) to the machine's (its KEYS stays)
+        lent = {k: v for k, v in (target.vars if target else {}).items() if k not in machine.vars}
+        argv = shlex.split(line)
+        if argv[0] in ("ssh", "scp"):
+            assert target is not None, f"{argv[0]} outside a 'for each' section: {line}"
+        if argv[0] == "ssh":  # the rest runs on the target, with its variables
+            self._command(target, [target.sub(a) for a in argv[2:]], line)
+            return
+        if argv[0] == "scp":  # the machines share one filesystem: a copy into the target's directory
+            destination = Path(target.sub(argv[-1].split(":", 1)[1]))
+            for source in argv[1:-1]:
+                shutil.copy2(machine.sub(source, **lent), destination)
+            return
+        argv = [machine.sub(a, **lent) for a in argv]
+        if argv[0] == "tokenbus":
+            argv = [sys.executable, "-m", "tools", *argv[1:]]
+            program = argv[3]
+        else:
+            argv[0] = str(self.bins / Path(argv[0]).name) if argv[0].startswith("build/bin/") else argv[0]
+            program = Path(argv[0]).name
+        if program in ("head", "agent", "tokenbus-proxy"):
+            name = {"head": "head", "agent": f"agent-{machine.name}", "tokenbus-proxy": "proxy"}[program]
+            # the agent's own stop of its replicas is not cut short (tools/up.py does the same)
+            stop_s = AGENT_SHUTDOWN_GRACE_S + STOP_MARGIN_S if program == "agent" else STOP_TIMEOUT_S
+            cmd = self.net.exec_argv(machine.host, ["env", "-C", str(machine.dir), *argv, *TEST_FLAGS.get(program, [])])
+            self.children.start(name, cmd, machine.dir / f"{name}.log", self._env(machine), stop_s)
+            return
+        if program == "deploy":
+            argv += TEST_FLAGS["deploy"]
+            self.deployment, self.replicas = argv[4], int(argv[argv.index("--replicas") + 1])
+        self._command(machine, argv, line)
+        if program == "deploy":
+            await self.wait_spread(self.replicas)
+
+    def _env(self, machine: Machine) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("XDG_STATE_HOME", "TOKENBUS_KEYS")}
+        return {**env, "HOME": str(machine.dir), "TOKENBUS_BIN_DIR": str(self.bins), "PYTHONUNBUFFERED": "1"}
+
+    def _command(self, machine: Machine, argv: list[str], line: str) -> None:
+        proc = subprocess.run(
+            self.net.exec_argv(machine.host, argv),
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+            env=self._env(machine),
+            cwd=machine.dir,
+        )
+        assert proc.returncode == 0, f"on {machine.name}: {line}\n{proc.stdout}{proc.stderr}\n{self.logs()}"
+        if argv[0] == "curl":
+            assert len(proc.stdout.split()) > 0, f"curl printed nothing: {proc.stderr}"
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {c.name} ---\n{c.log_tail(30)}" for c in self.children)
+
+    def stop(self) -> None:
+        self.children.stop_all()
+        if self._admin is not None:
+            self._admin.close()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+
+    # --- the test's view ---
+
+    async def admin(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        if self._admin is None:
+            # a context of its own, made here: its I/O threads start in the client host's namespace
+            self._ctx = zmq.asyncio.Context()
+            self._admin = AdminClient(self.router, ctx=self._ctx, keys=load_client(Path(self.head.vars["KEYS"]), "cli"))
+        return await self._admin.request(op, args or {}, timeout=5.0)
+
+    async def ready_by_node(self) -> dict[str, list[dict[str, Any]]]:
+        """node id -> the deployment's READY, healthy replicas there."""
+        status = await self.admin("status")
+        dep = next((d for d in status["deployments"] if d["name"] == self.deployment), {"replicas_list": []})
+        found: dict[str, list[dict[str, Any]]] = {}
+        for r in dep["replicas_list"]:
+            if r["state"] == "READY" and r["healthy"]:
+                found.setdefault(r["node"], []).append(r)
+        return found
+
+    async def alive_nodes(self) -> set[str]:
+        return {n["node_id"] for n in (await self.admin("status"))["nodes"] if n["alive"]}
+
+    async def routes(self) -> dict[str, tuple[bool, bool]]:
+        """The proxy's replicas by address: (routable in its snapshot, ejected by the proxy)."""
+        routable = await _by_address(self.proxy_url, "tokenbus_proxy_replica_routable{")
+        ejected = await _by_address(self.proxy_url, "tokenbus_proxy_replica_ejected{")
+        return {addr: (value == 1, ejected.get(addr) == 1) for addr, value in routable.items()}
+
+    async def wait_spread(self, replicas: int, nodes: tuple[str, ...] = NODES) -> dict[str, list[dict[str, Any]]]:
+        """Waits until `replicas` READY replicas run, each on one of `nodes`, and the proxy routes to all of them."""
+        found: dict[str, list[dict[str, Any]]] = {}
+
+        async def spread() -> bool:
+            nonlocal found
+            found = await self.ready_by_node()
+            addrs = {r["addr"] for reps in found.values() for r in reps}
+            if sum(map(len, found.values())) != replicas or not set(found) <= set(nodes):
+                return False
+            routes = await self.routes()
+            return all(routes.get(a, (False, False))[0] for a in addrs)
+
+        try:
+            await until(spread, STARTUP_DEADLINE_S, f"{replicas} READY replicas on {nodes}, routed by the proxy")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {found}\n{self.logs()}") from None
+        return found
+
+    def replica_pids(self, node: str) -> list[int]:
+        """Every replica and worker process the node's agent spawned (from its log)."""
+        log = (self.of_node(node).dir / f"agent-{node}.log").read_text(errors="replace")
+        return [int(pid) for _, _, pid in REPLICA_STARTED_RE.findall(log)]
+
+    def of_node(self, node: str) -> Machine:
+        return next(m for m in self.nodes if m.name == node)
+
+
+async def _by_address(url: str, prefix: str) -> dict[str, float]:
+    found = {}
+    for line in await proxy_metrics(url, prefix):
+        match = re.search(r'address="([^"]*)"', line)
+        if match:
+            found[match[1]] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+@pytest.fixture
+def multihost(tmp_path: Path) -> Iterator[MultiHost]:
+    """Five emulated hosts (head, n1-n3, client), the test itself on the client; not started (`await start()`).
+    Afterwards every process is stopped by PID, then the namespaces are removed."""
+    net = Network(["head", *NODES, "client"]).create()
+    mh: MultiHost | None = None
+    try:
+        with net.entered("client"):
+            mh = MultiHost(net, tmp_path)
+            try:
+                yield mh
+            finally:
+                mh.stop()
+    finally:
+        net.destroy()
+
+
+# --- the tests -------------------------------------------------------------------------------------------------
+
+
+async def test_readme_replicas_spread_and_every_host_serves(multihost: MultiHost) -> None:
+    mh = multihost
+    await mh.start()
+    status = await mh.admin("status")
+    assert status["head"]["router"] == mh.router, status["head"]
+    by_node = await mh.ready_by_node()
+    assert sorted(by_node) == list(NODES), f"replicas not on every node: {by_node}"
+    for node, reps in by_node.items():  # each listens on its own host's address
+        assert all(r["addr"].startswith(f"{mh.node_ip(node)}:") for r in reps), reps
+    load = await Load([mh.proxy_url], concurrency=12, deployment=mh.deployment).start()
+    try:
+        await load.completed_since(0.0, 36)
+    finally:
+        results = await load.stop()
+    CaseReport("multihost spread").check(results, max_errors=0)
+    routed = await _by_address(mh.proxy_url, "tokenbus_proxy_replica_routed_total{")
+    per_node = {n: sum(v for a, v in routed.items() if a.startswith(f"{mh.node_ip(n)}:")) for n in NODES}
+    assert all(per_node.values()), f"requests routed per node: {per_node}"
+
+
+async def _loss_case(mh: MultiHost, strike: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Strikes CUT under load (`strike`: "cut" its link, or "kill" its agent and replicas); checks what the clients
+    saw, that the replicas move to the other hosts, and that the host rejoins and takes a replica again."""
+    await mh.start()
+    cut_ip = f"{mh.node_ip(CUT)}:"
+    load = await Load([mh.proxy_url], concurrency=16, max_tokens=LONG_TOKENS, deployment=mh.deployment).start()
+    case = CaseReport(f"multihost {strike}")
+    try:
+        await load.completed_since(0.0, 16)
+
+        async def streaming_on_cut() -> bool:
+            in_flight = await _by_address(mh.proxy_url, "tokenbus_proxy_replica_in_flight{")
+            return any(v > 0 for a, v in in_flight.items() if a.startswith(cut_ip))
+
+        await until(streaming_on_cut, 30.0, f"streams running on {CUT}")
+        if strike == "cut":
+            mh.net.set_link(CUT, up=False)
+        else:
+            mh.children.note_descendants()
+            for pid in [mh.children.get(f"agent-{CUT}").pid, *mh.replica_pids(CUT)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        struck = time.monotonic()
+
+        async def not_routed() -> bool:  # ejected by the proxy, or gone from its snapshot
+            return not any(r and not e for a, (r, e) in (await mh.routes()).items() if a.startswith(cut_ip))
+
+        async def not_in_snapshot() -> bool:
+            return not any(r for a, (r, _) in (await mh.routes()).items() if a.startswith(cut_ip))
+
+        case.recovery_s["proxy stops routing there"] = await until(not_routed, 60.0, f"the proxy avoids {CUT}")
+        await until(not_in_snapshot, 60.0, f"{CUT}'s replicas out of the proxy's snapshot")
+        case.recovery_s["out of every proxy's snapshot"] = time.monotonic() - struck
+        await mh.wait_spread(mh.replicas, nodes=tuple(n for n in NODES if n != CUT))
+        case.recovery_s["replaced, READY and routed"] = time.monotonic() - struck
+        await load.completed_since(time.monotonic(), 16)
+    finally:
+        results = await load.stop()
+    retries = await proxy_metrics(mh.proxy_url, "tokenbus_proxy_retries")
+    # only streams already running on the lost host may fail (explicitly): any other could be retried elsewhere
+    case.check(results, max_errors=None, streaming_at=struck, note=f"proxy: {retries}")
+    longest = max(r.ended - r.started for r in results)
+    stream_s = LONG_TOKENS * TOKEN_DELAY_MS / 1000
+    assert longest < stream_s + FIRST_TOKEN_TIMEOUT_S + IDLE_TIMEOUT_S + SLACK_S, f"a stream took {longest:.1f} s"
+
+    # the host comes back: its agent registers again, and a scale-up places replicas there
+    if strike == "cut":
+        mh.net.set_link(CUT, up=True)
+    else:
+        mh.children.restart(mh.children.get(f"agent-{CUT}"))
+    back = time.monotonic()
+
+    async def alive() -> bool:
+        return CUT in await mh.alive_nodes()
+
+    case.recovery_s["rejoined"] = await until(alive, STARTUP_DEADLINE_S, f"{CUT} alive again")
+    await mh.admin("scale", {"name": mh.deployment, "replicas": 2 * len(NODES)})
+
+    async def placed_there() -> bool:
+        return bool((await mh.ready_by_node()).get(CUT))
+
+    await until(placed_there, STARTUP_DEADLINE_S, f"a replica READY on {CUT} after the scale-up")
+    case.recovery_s["replica on it again"] = time.monotonic() - back
+    ok = sum(r.outcome in OK for r in results)
+    with capsys.disabled():
+        times = ", ".join(f"{k} {v:.2f} s" for k, v in case.recovery_s.items())
+        print(f"\nmultihost, {CUT} {strike} under load: {times}; clients: {ok} ok of {summary(results)}")
+
+
+async def test_host_cut_off_under_load_and_back(multihost: MultiHost, capsys: pytest.CaptureFixture[str]) -> None:
+    await _loss_case(multihost, "cut", capsys)
+
+
+async def test_host_agent_and_replicas_killed_under_load(
+    multihost: MultiHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await _loss_case(multihost, "kill", capsys)
