@@ -1,6 +1,6 @@
 #pragma once
 // The head's side of the snapshot protocol for the proxy's tests: a real ROUTER and PUB on ephemeral
-// loopback ports.
+// loopback ports, CURVE servers when given a secret key (with no ZAP handler: any client key is accepted).
 #include <chrono>
 #include <optional>
 #include <string>
@@ -14,9 +14,16 @@ namespace tokenbus::proxy::testing {
 
 class FakeHead {
  public:
-  FakeHead() : router_(context_, zmq::socket_type::router), pub_(context_, zmq::socket_type::pub) {
-    router_.set(zmq::sockopt::linger, 0);
-    pub_.set(zmq::sockopt::linger, 0);
+  // `curve_secret_key`: the head's secret key in Z85; empty for plain ZeroMQ.
+  explicit FakeHead(const std::string& curve_secret_key = {})
+      : router_(context_, zmq::socket_type::router), pub_(context_, zmq::socket_type::pub) {
+    for (zmq::socket_t* s : {&router_, &pub_}) {
+      s->set(zmq::sockopt::linger, 0);
+      if (!curve_secret_key.empty()) {
+        s->set(zmq::sockopt::curve_server, 1);
+        s->set(zmq::sockopt::curve_secretkey, curve_secret_key);
+      }
+    }
     router_.bind("tcp://127.0.0.1:*");
     pub_.bind("tcp://127.0.0.1:*");
   }

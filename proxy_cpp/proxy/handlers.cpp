@@ -52,6 +52,16 @@ std::optional<std::string_view> query_param(std::string_view target, std::string
   return std::nullopt;
 }
 
+// The endpoint a request for `path` is counted under when it is refused before dispatch.
+Endpoint endpoint_of(std::string_view path) {
+  if (path == "/v1/chat/completions") return Endpoint::kChatCompletions;
+  if (path == "/v1/completions") return Endpoint::kCompletions;
+  if (path == "/v1/models") return Endpoint::kModels;
+  if (path == "/metrics") return Endpoint::kMetrics;
+  if (path.starts_with("/v1/chat/")) return Endpoint::kChatPlain;
+  return Endpoint::kOther;
+}
+
 std::string next_request_id() {
   static std::atomic<std::uint64_t> counter{0};
   return "tb-" + std::to_string(counter.fetch_add(1, std::memory_order_relaxed) + 1);
@@ -73,6 +83,7 @@ struct Extra {
   std::string_view allow;                // 405: the allowed method
   std::chrono::seconds retry_after{0};   // 429, 503: when to come back (1 s when not given)
   int attempts = 0;                      // generate requests: replicas tried (X-Tokenbus-Attempts)
+  bool challenge = false;                // 401: says which credentials to send (WWW-Authenticate)
 };
 
 // Writes a complete (non-streamed) response; returns whether the connection may carry another request.
@@ -87,6 +98,7 @@ net::awaitable<bool> write_response(Connection& c, const Request& req, Metrics& 
   }
   if (!extra.allow.empty()) res.set(http::field::allow, extra.allow);
   if (extra.attempts > 0) res.set(kAttemptsHeader, std::to_string(extra.attempts));
+  if (extra.challenge) res.set(http::field::www_authenticate, "Bearer");
   res.keep_alive(req.keep_alive());
   res.body() = std::move(body);
   res.prepare_payload();
@@ -240,6 +252,22 @@ net::awaitable<bool> Handlers::handle(Connection& c, Request& req) {
   const std::string_view path = path_of(target);
   const bool post = req.method() == http::verb::post;
   const bool get = req.method() == http::verb::get;
+
+  // Every /v1/ route (and /metrics with --metrics-auth) needs a key, checked before anything else is looked at.
+  if (access_.keys != nullptr && (path.starts_with("/v1/") || (access_.metrics && path == "/metrics"))) {
+    const auto header = req[http::field::authorization];
+    const std::string_view presented = bearer_token(std::string_view(header.data(), header.size()));
+    const std::shared_ptr<const std::string> name = access_.keys->match(presented);
+    if (!name) {
+      log(LogLevel::kWarn, "proxy", "401 to %s on %s: %s", c.peer.c_str(), std::string(path).c_str(),
+          presented.empty() ? "no API key" : "unknown API key");
+      co_return co_await write_error(c, req, metrics_, endpoint_of(path), 401,
+                                     presented.empty() ? "no API key given: send 'Authorization: Bearer KEY'"
+                                                       : "incorrect API key provided",
+                                     {}, {.challenge = true});
+    }
+    metrics_.count_request_by_key(*name);
+  }
 
   if (path == "/v1/chat/completions" || path == "/v1/completions") {
     const bool chat = path == "/v1/chat/completions";

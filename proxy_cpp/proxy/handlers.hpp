@@ -5,6 +5,7 @@
 #include <span>
 #include <string_view>
 
+#include "proxy/api_keys.hpp"
 #include "proxy/connection.hpp"
 #include "proxy/limits.hpp"
 #include "proxy/retry_budget.hpp"
@@ -16,8 +17,8 @@ class Metrics;
 
 class Handlers {
  public:
-  Handlers(Router& router, Metrics& metrics, const ProxyLimits& limits)
-      : router_(router), metrics_(metrics), limits_(limits), retry_budget_(limits.retry) {}
+  Handlers(Router& router, Metrics& metrics, const ProxyLimits& limits, AccessPolicy access = {})
+      : router_(router), metrics_(metrics), limits_(limits), access_(access), retry_budget_(limits.retry) {}
 
   // Answers one request; returns whether the connection may carry another.
   net::awaitable<bool> handle(Connection& connection, Request& request);
@@ -38,6 +39,7 @@ class Handlers {
   Router& router_;
   Metrics& metrics_;
   const ProxyLimits limits_;
+  const AccessPolicy access_;
   RetryBudget retry_budget_;
   std::atomic<bool> draining_{false};
 };

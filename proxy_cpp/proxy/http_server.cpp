@@ -60,8 +60,8 @@ struct Worker {
 }  // namespace
 
 struct HttpServer::Impl {
-  Impl(Router& router, Metrics& metrics, int threads, const ProxyLimits& limits)
-      : limits(limits), metrics(metrics), handlers(router, metrics, limits) {
+  Impl(Router& router, Metrics& metrics, int threads, const ProxyLimits& limits, AccessPolicy access)
+      : limits(limits), metrics(metrics), handlers(router, metrics, limits, access) {
     for (int i = 0; i < std::max(threads, 1); ++i) workers.push_back(std::make_unique<Worker>());
   }
 
@@ -249,8 +249,8 @@ net::awaitable<void> HttpServer::Impl::session(Worker& worker, tcp::socket socke
   worker.connections.erase(registration);
 }
 
-HttpServer::HttpServer(Router& router, Metrics& metrics, int threads, const ProxyLimits& limits)
-    : impl_(std::make_unique<Impl>(router, metrics, threads, limits)) {}
+HttpServer::HttpServer(Router& router, Metrics& metrics, int threads, const ProxyLimits& limits, AccessPolicy access)
+    : impl_(std::make_unique<Impl>(router, metrics, threads, limits, access)) {}
 
 HttpServer::~HttpServer() { stop(std::chrono::seconds(5)); }
 

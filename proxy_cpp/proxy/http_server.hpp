@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 
+#include "proxy/api_keys.hpp"
 #include "proxy/limits.hpp"
 
 namespace tokenbus::proxy {
@@ -16,7 +17,8 @@ class Metrics;
 
 class HttpServer {
  public:
-  HttpServer(Router& router, Metrics& metrics, int threads, const ProxyLimits& limits = {});
+  // `access`: which routes need an API key (none by default); its keys must outlive the server.
+  HttpServer(Router& router, Metrics& metrics, int threads, const ProxyLimits& limits = {}, AccessPolicy access = {});
   ~HttpServer();  // stops if still running
   HttpServer(const HttpServer&) = delete;
   HttpServer& operator=(const HttpServer&) = delete;

@@ -18,7 +18,7 @@ namespace {
 constexpr std::array kEndpointNames = {"chat_completions", "completions", "chat_plain", "models",
                                        "healthz",          "readyz",      "metrics",    "other"};
 // Statuses the proxy answers with; their counters are made up front so that counting is lock-free.
-constexpr std::array kStatuses = {200, 400, 404, 405, 413, 414, 429, 431, 499, 500, 502, 503, 504};
+constexpr std::array kStatuses = {200, 400, 401, 404, 405, 413, 414, 429, 431, 499, 500, 502, 503, 504};
 
 prometheus::Histogram::BucketBoundaries latency_buckets() {
   return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
@@ -32,6 +32,10 @@ struct Metrics::Impl {
                                                           .Name("tokenbus_proxy_requests_total")
                                                           .Help("HTTP requests answered, by endpoint and status")
                                                           .Register(registry);
+  prometheus::Family<prometheus::Counter>& by_key = prometheus::BuildCounter()
+                                                        .Name("tokenbus_proxy_requests_by_key_total")
+                                                        .Help("Requests that presented a valid API key, by the key's name")
+                                                        .Register(registry);
   prometheus::Gauge& in_flight = prometheus::BuildGauge()
                                      .Name("tokenbus_proxy_in_flight_streams")
                                      .Help("Generate calls open to replicas")
@@ -124,6 +128,9 @@ void Metrics::count_request(Endpoint endpoint, int status) {
   impl_->requests.Add({{"endpoint", kEndpointNames[e]}, {"status", std::to_string(status)}}).Increment();
 }
 
+void Metrics::count_request_by_key(std::string_view name) {
+  impl_->by_key.Add({{"key", std::string(name)}}).Increment();
+}
 void Metrics::stream_started() { impl_->in_flight.Increment(); }
 void Metrics::stream_ended() { impl_->in_flight.Decrement(); }
 void Metrics::observe_ttft(double seconds) { impl_->ttft.Observe(seconds); }

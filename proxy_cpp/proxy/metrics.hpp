@@ -21,6 +21,8 @@ class Metrics {
 
   // One finished request and the status it was answered with (499: the client went away first).
   void count_request(Endpoint endpoint, int status);
+  // A request that presented the API key named `name` (names are bounded by the key file).
+  void count_request_by_key(std::string_view name);
   // Generate streams open to replicas.
   void stream_started();
   void stream_ended();

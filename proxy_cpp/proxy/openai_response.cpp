@@ -11,6 +11,7 @@ using ordered = nlohmann::ordered_json;  // response fields in OpenAI's order
 const char* error_type(int status) {
   switch (status) {
     case 400:
+    case 401:
     case 404:
     case 405:
     case 413:
@@ -57,7 +58,8 @@ std::string error_json(int status, std::string_view message, std::string_view pa
   ordered error = {{"message", message},
                    {"type", error_type(status)},
                    {"param", param.empty() ? ordered(nullptr) : ordered(param)},
-                   {"code", status}};
+                   // the only 401 is a missing or wrong key, which OpenAI's clients know by this code
+                   {"code", status == 401 ? ordered("invalid_api_key") : ordered(status)}};
   return ordered{{"error", std::move(error)}}.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 

@@ -17,7 +17,8 @@ struct Usage {
   std::uint32_t completion_tokens = 0;
 };
 
-// `{"error": {"message", "type", "param", "code"}}`, the type derived from the HTTP status.
+// `{"error": {"message", "type", "param", "code"}}`, the type derived from the HTTP status; the code is the
+// status, or "invalid_api_key" for a 401.
 std::string error_json(int status, std::string_view message, std::string_view param = {});
 
 // GET /v1/models: the deployments of the snapshot.

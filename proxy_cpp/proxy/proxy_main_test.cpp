@@ -1,5 +1,5 @@
 // The tokenbus-proxy process itself: its command line, the LISTENING line, a snapshot from a (fake) head
-// making it ready, and a clean exit on SIGTERM.
+// making it ready, a clean exit on SIGTERM, and exit 2 naming the file on a bad key file.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -74,7 +74,7 @@ TEST(ProxyProcess, ListensServesAndStopsOnSigterm) {
   posix_spawn_file_actions_addclose(&actions, out[0]);
   const std::string router = head.router_endpoint();
   const std::string pub = head.pub_endpoint();
-  std::vector<std::string> args = {TOKENBUS_PROXY_BIN, "--listen", "127.0.0.1:0", "--head-router", router,
+  std::vector<std::string> args = {TOKENBUS_PROXY_BIN, "--bind", "127.0.0.1:0", "--head-router", router,
                                    "--head-pub",       pub,        "--threads",   "2"};
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
@@ -118,6 +118,56 @@ TEST(ProxyProcess, ListensServesAndStopsOnSigterm) {
   }
   EXPECT_EQ(WEXITSTATUS(status), 0);
   close(out[0]);
+}
+
+// Runs tokenbus-proxy with `args` until it exits by itself (within 10 s); its exit status and stderr.
+std::pair<int, std::string> run_to_exit(std::vector<std::string> args) {
+  int err[2];
+  EXPECT_EQ(pipe(err), 0);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, err[1], STDERR_FILENO);
+  posix_spawn_file_actions_addclose(&actions, err[0]);
+  args.insert(args.begin(), TOKENBUS_PROXY_BIN);
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = 0;
+  EXPECT_EQ(posix_spawn(&pid, TOKENBUS_PROXY_BIN, &actions, nullptr, argv.data(), environ), 0);
+  posix_spawn_file_actions_destroy(&actions);
+  close(err[1]);
+  std::string text;
+  while (const auto line = read_line(err[0], 10s)) text += *line + "\n";  // ends at EOF: the process is gone
+  close(err[0]);
+  int status = -1;
+  for (auto end = std::chrono::steady_clock::now() + 10s; std::chrono::steady_clock::now() < end;) {
+    if (waitpid(pid, &status, WNOHANG) == pid) return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, text};
+    std::this_thread::sleep_for(20ms);
+  }
+  kill(pid, SIGKILL);
+  waitpid(pid, &status, 0);
+  return {-1, text + "(did not exit)"};
+}
+
+TEST(ProxyProcess, BadKeyFilesStopTheStartNamingTheFile) {
+  char dir[] = "/tmp/tokenbus-proxy-main-XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  const std::string keys = std::string(dir) + "/api-keys";
+  std::ofstream(keys) << "# keys\nsk-0123456789abcdef alice\nsk-short bob\n";
+  auto [code, err] = run_to_exit({"--bind", "127.0.0.1:0", "--api-keys", keys});
+  EXPECT_EQ(code, 2) << err;
+  EXPECT_NE(err.find(keys + ": line 3: the key is 8 bytes long"), std::string::npos) << err;
+  EXPECT_EQ(err.find("sk-short"), std::string::npos) << "a key was logged: " << err;
+
+  std::tie(code, err) = run_to_exit({"--bind", "127.0.0.1:0", "--keys", dir});
+  EXPECT_EQ(code, 2) << err;
+  EXPECT_NE(err.find(std::string(dir) + "/head.key: No such file or directory"), std::string::npos) << err;
+
+  std::tie(code, err) = run_to_exit({"--bind", "127.0.0.1:0", "--metrics-auth"});
+  EXPECT_EQ(code, 2) << err;
+  EXPECT_NE(err.find("--metrics-auth needs --api-keys"), std::string::npos) << err;
+  std::remove(keys.c_str());
+  rmdir(dir);
 }
 
 }  // namespace

@@ -55,12 +55,14 @@ bool receive_bounded(zmq::socket_t& socket, std::vector<zmq::message_t>& frames,
 }  // namespace
 
 SnapshotSubscriber::SnapshotSubscriber(Router& router, std::string pub_endpoint, std::string router_endpoint,
-                                       std::chrono::milliseconds head_silence, Metrics* metrics)
+                                       std::chrono::milliseconds head_silence, Metrics* metrics,
+                                       std::optional<CurveClientKeys> curve)
     : router_(router),
       pub_endpoint_(std::move(pub_endpoint)),
       router_endpoint_(std::move(router_endpoint)),
       head_silence_(head_silence),
-      metrics_(metrics) {}
+      metrics_(metrics),
+      curve_(std::move(curve)) {}
 
 SnapshotSubscriber::~SnapshotSubscriber() { stop(); }
 
@@ -100,6 +102,11 @@ void SnapshotSubscriber::serve(SnapshotTracker& tracker) {
     s->set(zmq::sockopt::linger, 0);
     // A frame larger than any valid bus payload (plus slack) drops the peer; receive_bounded bounds the rest.
     s->set(zmq::sockopt::maxmsgsize, static_cast<int64_t>(kMaxBusPayloadBytes + 1024));
+    if (curve_) {  // set before connect: the handshake is made on connect
+      s->set(zmq::sockopt::curve_serverkey, curve_->server_public);
+      s->set(zmq::sockopt::curve_publickey, curve_->public_key);
+      s->set(zmq::sockopt::curve_secretkey, curve_->secret_key);
+    }
   }
   // Requests go only to a connected head and do not pile up while it is away; they are re-sent anyway.
   dealer.set(zmq::sockopt::immediate, 1);
@@ -107,8 +114,8 @@ void SnapshotSubscriber::serve(SnapshotTracker& tracker) {
   sub.set(zmq::sockopt::subscribe, std::string(1, static_cast<char>(kKindSnapshot)));
   sub.connect(pub_endpoint_);
   dealer.connect(router_endpoint_);
-  log(LogLevel::kInfo, "proxy", "snapshot subscriber connecting: SUB %s, DEALER %s", pub_endpoint_.c_str(),
-      router_endpoint_.c_str());
+  log(LogLevel::kInfo, "proxy", "snapshot subscriber connecting: SUB %s, DEALER %s%s", pub_endpoint_.c_str(),
+      router_endpoint_.c_str(), curve_ ? ", CURVE" : "");
 
   auto request = [&](const char* why) {
     const std::string payload = encode_snapshot_request(tracker.version());

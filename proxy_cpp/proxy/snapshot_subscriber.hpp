@@ -6,8 +6,11 @@
 // Not an Asio thread: zmq calls block.
 #include <atomic>
 #include <chrono>
+#include <optional>
 #include <string>
 #include <thread>
+
+#include "proxy/curve_keys.hpp"
 
 namespace tokenbus::proxy {
 
@@ -18,9 +21,11 @@ class SnapshotTracker;
 class SnapshotSubscriber {
  public:
   // `head_silence`: how long the followed head must be silent before a head with lower versions (a new
-  // database) is followed. `metrics` (optional) counts dropped bus messages.
+  // database) is followed. `metrics` (optional) counts dropped bus messages. With `curve`, both sockets are
+  // CURVE clients of the head: a head with another key, or one refusing this client's key, sends nothing.
   SnapshotSubscriber(Router& router, std::string pub_endpoint, std::string router_endpoint,
-                     std::chrono::milliseconds head_silence = std::chrono::seconds(3), Metrics* metrics = nullptr);
+                     std::chrono::milliseconds head_silence = std::chrono::seconds(3), Metrics* metrics = nullptr,
+                     std::optional<CurveClientKeys> curve = std::nullopt);
   ~SnapshotSubscriber();  // stops the thread
   SnapshotSubscriber(const SnapshotSubscriber&) = delete;
   SnapshotSubscriber& operator=(const SnapshotSubscriber&) = delete;
@@ -39,6 +44,7 @@ class SnapshotSubscriber {
   const std::string router_endpoint_;
   const std::chrono::milliseconds head_silence_;
   Metrics* const metrics_;
+  const std::optional<CurveClientKeys> curve_;
   std::atomic<bool> stopping_{false};
   std::thread thread_;
 };

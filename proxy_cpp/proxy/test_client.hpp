@@ -37,6 +37,7 @@ class Client {
              const std::string& content_type = "application/json") {
     http::request<http::string_body> req(verb, target, 11);
     req.set(http::field::host, "127.0.0.1");
+    if (!authorization_.empty()) req.set(http::field::authorization, authorization_);
     if (!body.empty() || verb == http::verb::post) {
       req.set(http::field::content_type, content_type);
       req.body() = body;
@@ -55,12 +56,15 @@ class Client {
   }
 
   Reply post(const std::string& target, const std::string& body) { return send(http::verb::post, target, body); }
+  // The Authorization header of the requests from now on (empty: none).
+  void set_authorization(std::string value) { authorization_ = std::move(value); }
   Reply get(const std::string& target) { return send(http::verb::get, target); }
 
  private:
   net::io_context io_;
   beast::tcp_stream stream_;
   beast::flat_buffer buffer_;
+  std::string authorization_;
 };
 
 // Splits an SSE body into its data payloads.
