@@ -13,6 +13,7 @@ import zmq
 import zmq.asyncio
 
 from bus.bounded_recv import limit_frames, recv_bounded
+from bus.curve import ClientKeys, secure_client
 from schemas.messages import AdminReply, AdminRequest, MessageError, decode
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,11 @@ class AdminTimeout(AdminError, TimeoutError):
 
 
 class AdminClient:
-    def __init__(self, endpoint: str, *, ctx: zmq.asyncio.Context | None = None) -> None:
+    def __init__(
+        self, endpoint: str, *, keys: ClientKeys | None = None, ctx: zmq.asyncio.Context | None = None
+    ) -> None:
         self._endpoint = endpoint
+        self._keys = keys
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._lock = asyncio.Lock()  # one request in flight: the reply read belongs to it
@@ -40,6 +44,7 @@ class AdminClient:
             self._sock = self._ctx.socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
             limit_frames(self._sock)
+            secure_client(self._sock, self._keys)  # a head with keys answers nothing without them
             self._sock.connect(self._endpoint)
         return self._sock
 

@@ -11,6 +11,10 @@ What it cannot bound: libzmq makes a multipart message readable only once all of
 the receiving process briefly holds the whole message inside libzmq before the first frame can be read.
 `limit_frames` (ZMQ_MAXMSGSIZE per frame) stays the first line of defence: a peer sending one frame over it is
 disconnected by libzmq before any of it is buffered.
+
+A message received keeps its first frame, whose `User-Id` property (set by the head's ZAP handler, bus/curve.py)
+names the CURVE key its sender authenticated with: the drop's log line, and the head's for a message it cannot
+decode, name the peer by it as well as by its routing identity.
 """
 
 from __future__ import annotations
@@ -39,19 +43,44 @@ DROPPED_MESSAGES = Counter(
 _sync_recv = zmq.Socket.recv  # the remaining frames are already queued: read them without a future each
 
 
+class Frames(list[bytes]):
+    """A received message's frames, and who sent it."""
+
+    def __init__(self, first: zmq.Frame) -> None:
+        super().__init__()
+        self._first = first
+
+    @property
+    def user_id(self) -> str | None:
+        """The name of the CURVE key the sender authenticated with, None without CURVE."""
+        return user_id(self._first)
+
+
+def user_id(frame: zmq.Frame) -> str | None:
+    try:
+        return frame.get("User-Id")
+    except zmq.ZMQError:  # EINVAL: no such property, the peer did not authenticate
+        return None
+
+
+def describe_peer(name: str, key: str | None) -> str:
+    """A peer in a log line: its routing identity or endpoint, and the name of its key when it has one."""
+    return name if key is None else f"{name} (key {key})"
+
+
 def limit_frames(sock: zmq.Socket) -> None:
     """Sets ZMQ_MAXMSGSIZE so that libzmq disconnects a peer sending any single frame over the message limit."""
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
 
 
-async def recv_bounded(sock: zmq.asyncio.Socket, socket_name: str, flags: int = 0) -> list[bytes] | None:
+async def recv_bounded(sock: zmq.asyncio.Socket, socket_name: str, flags: int = 0) -> Frames | None:
     """Receives one multipart message, as recv_multipart would, or None when it was over a limit and dropped.
 
     `socket_name` labels the drop counter and the log line (for example "head-router"). With zmq.NOBLOCK it
     raises zmq.Again when no message is waiting, as recv_multipart does.
     """
     frame = await sock.recv(flags, copy=False)
-    frames: list[bytes] = []
+    frames = Frames(frame)
     total = 0
     while True:
         total += len(frame)
@@ -66,12 +95,11 @@ async def recv_bounded(sock: zmq.asyncio.Socket, socket_name: str, flags: int = 
         frame = _sync_recv(sock, zmq.NOBLOCK, copy=False)
 
 
-def _drop(
-    sock: zmq.asyncio.Socket, socket_name: str, reason: str, kept: list[bytes], frame: zmq.Frame, total: int
-) -> None:
+def _drop(sock: zmq.asyncio.Socket, socket_name: str, reason: str, kept: Frames, frame: zmq.Frame, total: int) -> None:
     """Releases the frames kept so far, discards the rest of the message, then counts and logs the drop once."""
     # the first frame is the peer's routing identity on a ROUTER; elsewhere the connected endpoint names the peer
-    peer = kept[0].hex() if kept and sock.type == zmq.ROUTER else sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    name = kept[0].hex() if kept and sock.type == zmq.ROUTER else sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    peer = describe_peer(name, user_id(frame))
     count = len(kept) + 1
     kept.clear()
     while frame.more:

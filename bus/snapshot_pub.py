@@ -10,6 +10,7 @@ import logging
 import zmq
 import zmq.asyncio
 
+from bus.curve import ServerKeys, secure_server
 from schemas.messages import Snapshot
 
 log = logging.getLogger(__name__)
@@ -24,10 +25,12 @@ class SnapshotPublisher:
         *,
         republish_interval_s: float = DEFAULT_REPUBLISH_S,
         ctx: zmq.asyncio.Context | None = None,
+        keys: ServerKeys | None = None,
     ) -> None:
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.LINGER, 0)
+        secure_server(self._sock, keys)  # subscribers without a known key get no snapshot
         self._sock.bind(endpoint)
         # the resolved endpoint, so "tcp://127.0.0.1:*" (a free port) can be used by tests
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)

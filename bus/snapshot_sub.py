@@ -18,6 +18,8 @@ from collections.abc import Callable
 import zmq
 import zmq.asyncio
 
+from bus.bounded_recv import limit_frames, recv_bounded
+from bus.curve import ClientKeys, secure_client
 from bus.endpoints import DEFAULT_HEARTBEAT_S, DEFAULT_LIVENESS
 from schemas.messages import Kind, MessageError, Snapshot, SnapshotRequest, decode
 
@@ -37,12 +39,14 @@ class SnapshotSubscriber:
         request_interval_s: float = DEFAULT_REQUEST_INTERVAL_S,
         head_silence_s: float = DEFAULT_HEAD_SILENCE_S,
         ctx: zmq.asyncio.Context | None = None,
+        keys: ClientKeys | None = None,
     ) -> None:
         self._router = router
         self._pub = pub
         self._request_interval = request_interval_s
         self._head_silence_s = head_silence_s
         self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._keys = keys
         self._sub: zmq.asyncio.Socket | None = None
         self._dealer: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -104,12 +108,12 @@ class SnapshotSubscriber:
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.SUBSCRIBE, bytes([Kind.SNAPSHOT]))
-        self._sub.setsockopt(zmq.MAXMSGSIZE, 8 * 1024 * 1024)
-        self._sub.connect(self._pub)
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.LINGER, 0)
-        self._dealer.setsockopt(zmq.MAXMSGSIZE, 8 * 1024 * 1024)
-        self._dealer.connect(self._router)
+        for sock, endpoint in ((self._sub, self._pub), (self._dealer, self._router)):
+            limit_frames(sock)
+            secure_client(sock, self._keys)
+            sock.connect(endpoint)
         self._task = asyncio.create_task(self._run(), name="snapshot-subscriber")
         log.info("snapshot subscriber connected to %s (snapshots) and %s (requests)", self._pub, self._router)
 
@@ -138,9 +142,9 @@ class SnapshotSubscriber:
                 timeout_ms = max(0.0, self._next_request - time.monotonic()) * 1000 if self._request_pending else None
                 events = dict(await poller.poll(timeout_ms))
                 if self._sub in events:
-                    await self._on_frames(await self._sub.recv_multipart(), source="pub", answers_request=False)
+                    await self._receive(self._sub, "pub", answers_request=False)
                 if self._dealer in events:
-                    await self._on_frames(await self._dealer.recv_multipart(), source="router", answers_request=True)
+                    await self._receive(self._dealer, "router", answers_request=True)
                 if self._request_pending and time.monotonic() >= self._next_request:
                     await self._request()
         except asyncio.CancelledError:
@@ -162,6 +166,11 @@ class SnapshotSubscriber:
             await self._dealer.send_multipart(SnapshotRequest(self.version).encode(), flags=zmq.NOBLOCK)
         except zmq.Again:
             log.debug("snapshot request not sent: %s not reachable yet", self._router)
+
+    async def _receive(self, sock: zmq.asyncio.Socket, source: str, *, answers_request: bool) -> None:
+        frames = await recv_bounded(sock, f"snapshot-{source}")
+        if frames is not None:  # None: over the bus limits, dropped (counted and logged)
+            await self._on_frames(frames, source=source, answers_request=answers_request)
 
     async def _on_frames(self, frames: list[bytes], *, source: str, answers_request: bool) -> None:
         try:

@@ -5,6 +5,9 @@ agents their heartbeats, ticks their liveness, reconciles, and publishes a new s
 routing table changed. The publisher's own task only re-sends the latest snapshot. Each of those steps survives
 its own failure (logged with its traceback once, then retried after a short back-off), as a control loop must.
 Until the state's view has synced after the start (state.py) nothing is published and snapshot requests wait.
+
+With keys (bus/curve.py) both sockets are CURVE servers and the ZAP handler, a task of this loop too, admits only
+the authorized client keys; a log line about a peer's message names the key it authenticated with.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any, TypeVar
 import zmq
 import zmq.asyncio
 
-from bus.bounded_recv import limit_frames, recv_bounded
+from bus.bounded_recv import DROPPED_MESSAGES, Frames, describe_peer, limit_frames, recv_bounded
+from bus.curve import ServerKeys, ZapHandler, secure_server
 from bus.endpoints import DEFAULT_HEARTBEAT_S, DEFAULT_LIVENESS
 from bus.snapshot_pub import DEFAULT_REPUBLISH_S, SnapshotPublisher
 from head.admin_ops import handle_admin
@@ -56,8 +60,16 @@ LOOP_ERROR_BACKOFF_S = 0.25
 T = TypeVar("T")
 
 
-def _peer(identity: bytes) -> str:
-    return identity.hex()
+def _peer(identity: bytes, key: str | None = None) -> str:
+    return describe_peer(identity.hex(), key)
+
+
+def advertised(endpoint: str, host: str | None) -> str:
+    """`endpoint` as clients reach it: a tcp endpoint's host replaced by `host` when given."""
+    if host is None or not endpoint.startswith("tcp://"):
+        return endpoint
+    port = endpoint.rsplit(":", 1)[1]
+    return f"tcp://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 class Head:
@@ -71,10 +83,14 @@ class Head:
         liveness: int = DEFAULT_LIVENESS,
         republish_interval_s: float = DEFAULT_REPUBLISH_S,
         node_grace_s: float = DEFAULT_NODE_GRACE_S,
+        keys: ServerKeys | None = None,
+        advertise: str | None = None,
         ctx: zmq.asyncio.Context | None = None,
     ) -> None:
         self._router_addr = router
         self._pub_addr = pub
+        self._keys = keys
+        self._advertise = advertise
         self._heartbeat_s = heartbeat_s
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._store = Store(db_path)
@@ -94,35 +110,52 @@ class Head:
         self._republish_s = republish_interval_s
         self._router: zmq.asyncio.Socket | None = None
         self._publisher: SnapshotPublisher | None = None
+        self._zap: ZapHandler | None = None
+        self.bad_messages = 0  # messages from peers that arrived whole but did not decode
         self._table: dict[str, SnapshotDeployment] | None = None  # the routing table last published
         self.router_endpoint = ""
         self.pub_endpoint = ""
+        self.advertised: dict[str, str] = {}  # "router", "pub": the endpoints as clients reach them
 
     @property
     def version(self) -> int:
         return self.epoch << 32 | self._seq
 
     def bind(self) -> None:
-        """Binds both sockets; the resolved endpoints (a "*" port becomes the real one) are then set."""
+        """Binds both sockets (the ZAP handler first, with keys); the resolved endpoints (a "*" port becomes the real
+        one) and the advertised ones are then set."""
+        if self._keys is not None:
+            self._zap = ZapHandler(self._keys, self._ctx)
+            self._zap.bind()
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer fails instead of vanishing
         limit_frames(router)  # libzmq drops a peer sending one frame over the limit; recv_bounded does the rest
+        secure_server(router, self._keys)
         router.bind(self._router_addr)
         self._router = router
         self.router_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._publisher = SnapshotPublisher(self._pub_addr, republish_interval_s=self._republish_s, ctx=self._ctx)
+        self._publisher = SnapshotPublisher(
+            self._pub_addr, republish_interval_s=self._republish_s, ctx=self._ctx, keys=self._keys
+        )
         self.pub_endpoint = self._publisher.endpoint
+        self.advertised = {
+            "router": advertised(self.router_endpoint, self._advertise),
+            "pub": advertised(self.pub_endpoint, self._advertise),
+        }
         log.info(
             # the endpoints end the line: tests and tools read them from it
             "head %s started: epoch %d, %d deployments and %d known nodes from %s (acts once they registered, or in "
-            "%.1f s); router bound on %s, snapshots published on %s",
+            "%.1f s); %s; clients use %s and %s; router bound on %s, snapshots published on %s",
             self.head_id,
             self.epoch,
             len(self._state.deployments),
             len(self._state.known_nodes),
             self._store.path,
             self._state.sync_deadline - time.monotonic(),
+            "CURVE, authorized keys only" if self._keys is not None else "no keys: open to any peer that reaches it",
+            self.advertised["router"],
+            self.advertised["pub"],
             self.router_endpoint,
             self.pub_endpoint,
         )
@@ -132,13 +165,18 @@ class Head:
         if self._router is None:
             self.bind()
         assert self._router is not None and self._publisher is not None
-        republisher = asyncio.create_task(self._publisher.run(), name="snapshot-republish")
+        tasks = [asyncio.create_task(self._publisher.run(), name="snapshot-republish")]
+        if self._zap is not None:
+            tasks.append(asyncio.create_task(self._zap.run(), name="zap"))
         try:
             await self._loop()
         finally:
-            republisher.cancel()
+            for task in tasks:
+                task.cancel()
             self._router.close(linger=0)
             self._publisher.close()
+            if self._zap is not None:
+                self._zap.close()
             self._store.close()
             log.info("head stopped at version %#x", self.version)
 
@@ -202,7 +240,7 @@ class Head:
 
     # --- messages --------------------------------------------------------------------------------------------
 
-    async def _on_frames(self, frames: list[bytes]) -> bool:
+    async def _on_frames(self, frames: Frames) -> bool:
         """Handles one ROUTER message; returns whether the state changed. Never raises."""
         identity, body = frames[0], frames[1:]
         envelope: list[bytes] = []
@@ -211,12 +249,19 @@ class Head:
         try:
             msg = decode(body)
         except MessageError as e:
-            log.warning("dropped a bad message from peer %s: %s", _peer(identity), e)
+            self.bad_messages += 1
+            DROPPED_MESSAGES.labels("head-router", "malformed").inc()
+            log.warning(
+                "dropped a bad message from peer %s: %s (%d bad messages so far)",
+                _peer(identity, frames.user_id),
+                e,
+                self.bad_messages,
+            )
             return False
         try:
             return await self._on_message(identity, envelope, msg)
         except Exception:  # a bug in one handler must not take the head down
-            log.exception("handling %s from peer %s failed", type(msg).__name__, _peer(identity))
+            log.exception("handling %s from peer %s failed", type(msg).__name__, _peer(identity, frames.user_id))
             return False
 
     async def _on_message(self, identity: bytes, envelope: list[bytes], msg: Message) -> bool:
@@ -229,7 +274,7 @@ class Head:
             await self._send(identity, envelope, self._current_snapshot())
             return False
         if isinstance(msg, AdminRequest):
-            extra = {"head_id": self.head_id, "epoch": self.epoch, "version": self.version}
+            extra = {"head_id": self.head_id, "epoch": self.epoch, "version": self.version, "head": self.advertised}
             reply, changed = handle_admin(msg, state, self._store, extra, now)
             if not reply.ok:
                 log.warning("admin %s from peer %s refused: %s", msg.op, _peer(identity), reply.error)

@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
+from bus.curve import ClientKeys, CurveKeyError, add_client_args, client_keys
 from bus.endpoints import DEFAULT_ROUTER as DEFAULT_HEAD
 from schemas.messages import DEFAULT_FIRST_TOKEN_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONCURRENCY
 from tools.arg_types import non_negative_int, positive_int
@@ -39,6 +40,7 @@ def seconds(text: str) -> float:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", default=DEFAULT_HEAD, help=f"the head's ROUTER endpoint (default {DEFAULT_HEAD})")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for the head")
+    add_client_args(p, "cli")
 
 
 def add_parsers(sub: Any) -> None:
@@ -90,10 +92,12 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=status)
 
 
-async def admin_request(head: str, op: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+async def admin_request(
+    head: str, op: str, args: dict[str, Any], timeout: float, keys: ClientKeys | None = None
+) -> dict[str, Any]:
     from bus.admin import AdminClient
 
-    client = AdminClient(head)
+    client = AdminClient(head, keys=keys)
     try:
         return await client.request(op, args, timeout)
     finally:
@@ -105,7 +109,10 @@ def _call(opts: argparse.Namespace, op: str, args: dict[str, Any], console: Cons
     from bus.admin import AdminError
 
     try:
-        return asyncio.run(admin_request(opts.head, op, args, opts.timeout))
+        return asyncio.run(admin_request(opts.head, op, args, opts.timeout, client_keys(opts)))
+    except CurveKeyError as e:
+        console.print(f"[red]{op} failed:[/red] {e}")
+        return None
     except (AdminError, TimeoutError) as e:
         console.print(f"[red]{op} failed:[/red] {e or f'no answer from the head at {opts.head} in {opts.timeout} s'}")
         return None

@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_parser(sub)
     bench.add_parser(sub)
     tiny_model.add_parser(sub)
+    keys.add_parser(sub)
     return parser
 
 
