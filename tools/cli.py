@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from tools import admin_cmds, apply, bench, tiny_model, up
+from tools import admin_cmds, apply, bench, keys, tiny_model, up
 
 # run by another module's own argument parser: everything after the name is passed through untouched
 PASSTHROUGH = ("head", "agent")
