@@ -25,7 +25,7 @@ sys.stdin.read()
 @pytest.mark.parametrize(
     ("argv", "kind"),
     [
-        (["/work/build/bin/tokenbus-proxy", "--listen", "127.0.0.1:0"], "proxy"),
+        (["/work/build/bin/tokenbus-proxy", "--bind", "127.0.0.1:0"], "proxy"),
         (["tokenbus-replica", "--replica-id", "r1"], "replica"),
         (["/venv/bin/python3", "-m", "model_worker", "--replica-id", "r1"], "worker"),
         (["/venv/bin/python", "-m", "tools", "head", "--db", "x"], "head"),

@@ -52,7 +52,13 @@ class LocalCluster:
     """
 
     def __init__(
-        self, state_dir: Path, cpu_slots: int = 4, heartbeat_s: float = 0.5, agents: int = 1, proxies: int = 1
+        self,
+        state_dir: Path,
+        cpu_slots: int = 4,
+        heartbeat_s: float = 0.5,
+        agents: int = 1,
+        proxies: int = 1,
+        api_keys: Path | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.router = f"tcp://127.0.0.1:{free_port()}"
@@ -62,6 +68,7 @@ class LocalCluster:
         self._heartbeat_s = heartbeat_s
         self._agents = [("agent", "e2e")] + [(f"agent-{i}", f"e2e-{i}") for i in range(2, agents + 1)]
         self._proxies = ["proxy"] + [f"proxy-{i}" for i in range(2, proxies + 1)]
+        self._api_keys = api_keys  # every proxy's --api-keys file
         self.proxy_urls: dict[str, str] = {}
         self._db = state_dir / "head.db"
 
@@ -88,8 +95,10 @@ class LocalCluster:
             # the agent's own stop of its replicas is not cut short (tools/up.py does the same)
             self._children.start(name, agent_cmd, logs / f"{name}.log", env, AGENT_SHUTDOWN_GRACE_S + STOP_MARGIN_S)
         for name in self._proxies:
-            proxy_cmd = [str(bins / "tokenbus-proxy"), "--listen", "127.0.0.1:0"]
+            proxy_cmd = [str(bins / "tokenbus-proxy"), "--bind", "127.0.0.1:0"]
             proxy_cmd += ["--head-router", self.router, "--head-pub", self.pub]
+            if self._api_keys is not None:
+                proxy_cmd += ["--api-keys", str(self._api_keys)]
             self._children.start(name, proxy_cmd, logs / f"{name}.log", env)
         for name in self._proxies:
             self.proxy_urls[name] = f"http://{self._listening_address(self._children.get(name), 0)}"
@@ -147,7 +156,7 @@ class LocalCluster:
     def _restart_cmd(self, child: Child) -> list[str]:
         cmd = list(child.cmd)
         if child.name in self.proxy_urls:  # the port it was given, so its clients find it again
-            cmd[cmd.index("--listen") + 1] = self.proxy_urls[child.name].removeprefix("http://")
+            cmd[cmd.index("--bind") + 1] = self.proxy_urls[child.name].removeprefix("http://")
         return cmd
 
     def supervisor(self, report: Any) -> Supervisor:

@@ -54,6 +54,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000, help="the proxy's HTTP port on 127.0.0.1")
     p.add_argument("--state-dir", default=".tokenbus", help="head database and child logs")
     p.add_argument("--ready-timeout", type=float, default=360.0, help="seconds to wait for /readyz")
+    p.add_argument(
+        "--api-keys", type=Path, metavar="FILE", help="the proxy's API keys (`KEY [NAME]` per line); SIGHUP reloads"
+    )
     p.set_defaults(func=main)
 
 
@@ -73,11 +76,14 @@ def demo_deployment(engine: str, replicas: int, model_dir: Path | None = None) -
     }
 
 
-def curl_commands(port: int) -> list[str]:
+def curl_commands(port: int, api_key: bool = False) -> list[str]:
+    """Requests to try; with `api_key`, they send the key in $TOKENBUS_API_KEY (keys are never printed)."""
     base = f"http://127.0.0.1:{port}"
+    auth = ' -H "Authorization: Bearer $TOKENBUS_API_KEY"' if api_key else ""
     return [
-        f"curl -N -X POST {base}/v1/chat/{DEPLOYMENT} -H 'Content-Type: text/plain' --data 'What is machine learning?'",
-        f"curl -N {base}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"curl -N -X POST {base}/v1/chat/{DEPLOYMENT}{auth} -H 'Content-Type: text/plain' "
+        "--data 'What is machine learning?'",
+        f"curl -N {base}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
         f'-d \'{{"model":"{DEPLOYMENT}","messages":[{{"role":"user","content":"What is machine learning?"}}],'
         f'"stream":true}}\'',
     ]
@@ -200,8 +206,10 @@ async def _bring_up(opts: argparse.Namespace, children: Children, console: Conso
     # the agent's replica records under the state directory too: a restarted agent re-adopts this run's replicas
     agent_cmd = [*tokenbus, "agent", "--head", router, "--node-id", "local", "--cpu-slots", slots]
     agent_cmd += ["--state-dir", str(state_dir / "agent")]
-    proxy_cmd = [str(bin_dir / "tokenbus-proxy"), "--listen", f"127.0.0.1:{opts.port}", "--head-router", router]
+    proxy_cmd = [str(bin_dir / "tokenbus-proxy"), "--bind", f"127.0.0.1:{opts.port}", "--head-router", router]
     proxy_cmd += ["--head-pub", pub, "--drain-grace", str(DRAIN_GRACE_S)]
+    if opts.api_keys:
+        proxy_cmd += ["--api-keys", str(opts.api_keys.resolve())]
     for name, cmd, stop_timeout_s in (
         ("head", head_cmd, STOP_TIMEOUT_S),
         # the agent's own stop of its replicas (SIGTERM, so that vLLM frees its shared memory) is not cut short
@@ -217,8 +225,10 @@ async def _bring_up(opts: argparse.Namespace, children: Children, console: Conso
     await _wait_ready(f"http://127.0.0.1:{opts.port}/readyz", children, deadline, console)
     ready = f"[green]ready[/green]: head {router} (pub {pub}), proxy http://127.0.0.1:{opts.port}\n"
     console.print(ready, soft_wrap=True)
+    if opts.api_keys:
+        console.print(f"the proxy wants an API key: set TOKENBUS_API_KEY to one of {opts.api_keys}", markup=False)
     console.print("try:")
-    for cmd in curl_commands(opts.port):
+    for cmd in curl_commands(opts.port, api_key=opts.api_keys is not None):
         console.print(cmd, markup=False, highlight=False, soft_wrap=True)
     console.print("\nCtrl-C stops everything.")
     supervisor = Supervisor(children, lambda line: console.print(line, highlight=False, soft_wrap=True))
