@@ -15,12 +15,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from bus.liveness import Liveness
-from head.store import Deployment
+from schemas.deployment import DeploymentSpec
 from schemas.messages import (
-    DEFAULT_FIRST_TOKEN_TIMEOUT_S,
-    DEFAULT_IDLE_TIMEOUT_S,
-    DEFAULT_MAX_CONCURRENCY,
     Register,
     ReplicaLoad,
     ReplicaState,
@@ -93,7 +92,7 @@ class RestartBackoff:
 class ClusterState:
     def __init__(
         self,
-        deployments: list[Deployment],
+        deployments: list[DeploymentSpec],
         heartbeat_s: float,
         liveness: int,
         *,
@@ -101,7 +100,7 @@ class ClusterState:
         known_nodes: frozenset[str] = frozenset(),
         node_grace_s: float = DEFAULT_NODE_GRACE_S,
     ) -> None:
-        self.deployments: dict[str, Deployment] = {d.name: d for d in deployments}
+        self.deployments: dict[str, DeploymentSpec] = {d.name: d for d in deployments}
         self.nodes: dict[str, Node] = {}
         self.replicas: dict[str, Replica] = {}
         self.backoff: dict[str, RestartBackoff] = {}
@@ -369,14 +368,12 @@ class ClusterState:
         """A READY replica the head is stopping is shown (and routed) as DRAINING from the moment it decides."""
         return ReplicaState.DRAINING if r.stopping and r.state is ReplicaState.READY else r.state
 
-    def settings(self, name: str) -> Deployment:
+    def settings(self, name: str) -> DeploymentSpec:
         """A published deployment's settings: its desired spec, or defaults for one only adopted."""
         d = self.deployments.get(name)
         if d is not None:
             return d
-        return Deployment(
-            name, "", {}, 0, DEFAULT_MAX_CONCURRENCY, DEFAULT_FIRST_TOKEN_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S
-        )
+        return DeploymentSpec(name=name, engine="", replicas=0)  # type: ignore[arg-type]  # its engine is not known
 
     def max_model_len(self, name: str) -> int:
         """The deployment's context length: the smallest any of its replicas reported (0 when none did)."""
@@ -441,6 +438,7 @@ class ClusterState:
                 {
                     "name": name,
                     "adopted": adopted,  # run by agents, unknown to this head's database
+                    "spec": None if adopted else msgspec.to_builtins(d),  # as deployed (`tokenbus apply` compares it)
                     "engine": d.engine,
                     "engine_args": d.engine_args,
                     "replicas": len(reps) if adopted else d.replicas,

@@ -1,5 +1,5 @@
-"""The head's persistent state in SQLite: the desired deployments, the epoch (incremented at every start) and the
-ids of the nodes that registered (a restarted head waits for them before it acts).
+"""The head's persistent state in SQLite: the desired deployments (one column per DeploymentSpec field), the epoch
+(incremented at every start) and the ids of the nodes that registered (a restarted head waits for them before it acts).
 
 Every write is its own committed transaction, so a head killed at any point restarts from what it acknowledged.
 """
@@ -8,25 +8,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schemas.messages import DEFAULT_FIRST_TOKEN_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S
+import msgspec
 
-
-@dataclass
-class Deployment:
-    """A deployment's desired state."""
-
-    name: str
-    engine: str
-    engine_args: dict[str, Any]
-    replicas: int
-    max_concurrency: int
-    first_token_timeout_s: float = DEFAULT_FIRST_TOKEN_TIMEOUT_S  # the proxy's deadlines for its streams (0 = none)
-    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
-
+from schemas.deployment import DeploymentSpec
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -36,18 +23,29 @@ CREATE TABLE IF NOT EXISTS deployments (
     engine_args TEXT NOT NULL,
     replicas INTEGER NOT NULL,
     max_concurrency INTEGER NOT NULL,
-    first_token_timeout_s REAL NOT NULL,
-    idle_timeout_s REAL NOT NULL
+    first_token_timeout_s REAL,
+    idle_timeout_s REAL,
+    gpus_per_replica INTEGER,
+    placement TEXT
 );
 CREATE TABLE IF NOT EXISTS nodes (node_id TEXT PRIMARY KEY);
 """
-# Columns added after the first release: a database written before them gains them, with their defaults.
+# Columns added after the first release: a database written before them gains them, NULL in its rows, which reads as
+# the field's default in DeploymentSpec.
 _ADDED_COLUMNS = {
     "deployments": (
-        ("first_token_timeout_s", f"REAL NOT NULL DEFAULT {DEFAULT_FIRST_TOKEN_TIMEOUT_S}"),
-        ("idle_timeout_s", f"REAL NOT NULL DEFAULT {DEFAULT_IDLE_TIMEOUT_S}"),
+        ("first_token_timeout_s", "REAL"),
+        ("idle_timeout_s", "REAL"),
+        ("gpus_per_replica", "INTEGER"),
+        ("placement", "TEXT"),
     ),
 }
+_SPEC_COLUMNS = tuple(f.name for f in msgspec.structs.fields(DeploymentSpec))
+
+
+def _spec(row: dict[str, Any]) -> DeploymentSpec:
+    row["engine_args"] = json.loads(row["engine_args"])
+    return msgspec.convert({k: v for k, v in row.items() if v is not None}, DeploymentSpec)
 
 
 class Store:
@@ -73,30 +71,18 @@ class Store:
             self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
         return epoch
 
-    def load_deployments(self) -> list[Deployment]:
-        rows = self._db.execute(
-            "SELECT name, engine, engine_args, replicas, max_concurrency, first_token_timeout_s, idle_timeout_s "
-            "FROM deployments ORDER BY name"
-        ).fetchall()
-        return [
-            Deployment(name, engine, json.loads(args), replicas, mc, first_token, idle)
-            for name, engine, args, replicas, mc, first_token, idle in rows
-        ]
+    def load_deployments(self) -> list[DeploymentSpec]:
+        rows = self._db.execute(f"SELECT {', '.join(_SPEC_COLUMNS)} FROM deployments ORDER BY name").fetchall()
+        return [_spec(dict(zip(_SPEC_COLUMNS, row, strict=True))) for row in rows]
 
-    def put_deployment(self, d: Deployment) -> None:
+    def put_deployment(self, spec: DeploymentSpec) -> None:
+        row = msgspec.to_builtins(spec)
+        # as DeploymentSpec measures them: msgspec's JSON, which takes anything a bus message can carry
+        row["engine_args"] = msgspec.json.encode(row["engine_args"], order="sorted").decode()
         self._db.execute(
-            "INSERT OR REPLACE INTO deployments "
-            "(name, engine, engine_args, replicas, max_concurrency, first_token_timeout_s, idle_timeout_s) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                d.name,
-                d.engine,
-                json.dumps(d.engine_args, sort_keys=True),
-                d.replicas,
-                d.max_concurrency,
-                d.first_token_timeout_s,
-                d.idle_timeout_s,
-            ),
+            f"INSERT OR REPLACE INTO deployments ({', '.join(_SPEC_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(_SPEC_COLUMNS))})",
+            [row[c] for c in _SPEC_COLUMNS],
         )
 
     def delete_deployment(self, name: str) -> None:

@@ -37,6 +37,8 @@ class Placement(str, enum.Enum):
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, description="1-64 characters of [a-zA-Z0-9_-]")]
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_TIMEOUT_S)]
+Replicas = Annotated[int, msgspec.Meta(ge=0, le=MAX_REPLICAS)]
+Concurrency = Annotated[int, msgspec.Meta(ge=1, le=MAX_CONCURRENCY)]  # a replica's open requests
 
 
 class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -46,9 +48,9 @@ class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: Name
     engine: Engine
     engine_args: dict[str, Any] = msgspec.field(default_factory=dict)
-    replicas: Annotated[int, msgspec.Meta(ge=0, le=MAX_REPLICAS)] = 1
+    replicas: Replicas = 1
     gpus_per_replica: Annotated[int, msgspec.Meta(ge=0, le=MAX_GPUS_PER_REPLICA)] | None = None
-    max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=MAX_CONCURRENCY)] = DEFAULT_MAX_CONCURRENCY
+    max_concurrency: Concurrency = DEFAULT_MAX_CONCURRENCY
     first_token_timeout_s: Seconds = DEFAULT_FIRST_TOKEN_TIMEOUT_S
     idle_timeout_s: Seconds = DEFAULT_IDLE_TIMEOUT_S
     placement: Placement = Placement.SPREAD

@@ -1,25 +1,30 @@
-"""Bus messages: each wire type declared once, encoded explicitly, validated on decode.
+"""Bus messages: each wire type declared once, as a msgspec Struct, which both encodes it and validates it on decode.
 
-A bus message travels as two ZeroMQ frames: one byte naming its kind, then its MessagePack payload, a map
-whose "v" field is the wire version. Decoding checks kind, version and every field's type, so a bad peer
-gets a `MessageError` naming what is wrong instead of a crash deep in a handler.
+A bus message travels as two ZeroMQ frames: one byte naming its kind, then its MessagePack payload, a map whose
+first key "v" is the wire version, then the fields in their declared order (the golden vectors and the C++ reader
+depend on that order). Decoding goes straight to the kind's type and checks every field's type and bounds (a bool
+is not an int, a count is not negative), so a bad peer gets a `MessageError` naming the field instead of a crash
+deep in a handler. A field added with a default is optional on decode: older peers that omit it still decode.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+import functools
+from typing import Annotated, Any, ClassVar, TypeVar
 
-import msgpack
+import msgspec
+
+from schemas.deployment import Concurrency, Seconds
 
 WIRE_VERSION = 1
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024  # any bus payload larger than this is refused unread
-# A deployment's stream deadlines at the proxy, unless `tokenbus deploy` sets them (0 = no limit). Generous enough
-# for a long prefill on a slow machine; they exist to end streams on a replica that hangs, not to shape latency.
-DEFAULT_FIRST_TOKEN_TIMEOUT_S = 120.0  # from the call's start to its first token
-DEFAULT_IDLE_TIMEOUT_S = 60.0  # between two tokens
-DEFAULT_MAX_CONCURRENCY = 256  # a replica's open requests, unless `tokenbus deploy --max-concurrency` sets it
+MAX_ID_CHARS = 256  # node, replica and head ids, hosts, addresses, deployment and op names on the wire
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
+Short = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]  # may be empty: a replica with no address yet
+Count = Annotated[int, msgspec.Meta(ge=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class MessageError(ValueError):
@@ -47,434 +52,216 @@ class ReplicaState(str, enum.Enum):
     EXITED = "EXITED"  # processes gone
 
 
-def _req(d: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:
-    if key not in d:
-        raise MessageError(f"missing field {key!r}")
-    value = d[key]
-    # bool is an int subclass: refuse it where an int is meant
-    if isinstance(value, bool) and typ in (int, float, (int, float)):
-        raise MessageError(f"field {key!r} must be {typ}, got bool")
-    if not isinstance(value, typ):
-        raise MessageError(f"field {key!r} must be {typ}, got {type(value).__name__}")
-    return value
+W = TypeVar("W", bound="Wire")
 
 
-def _opt(d: dict[str, Any], key: str, typ: type | tuple[type, ...], default: Any) -> Any:
-    return _req(d, key, typ) if key in d and d[key] is not None else default
+@functools.cache
+def _float_fields(cls: type[Wire]) -> tuple[str, ...]:
+    return tuple(f.name for f in msgspec.inspect.type_info(cls).fields if isinstance(f.type, msgspec.inspect.FloatType))
 
 
-N = TypeVar("N", int, float)
+class Wire(msgspec.Struct, frozen=True):
+    """A message or a part of one."""
 
-
-def _non_negative(d: dict[str, Any], key: str, value: N) -> N:
-    if value < 0:
-        raise MessageError(f"field {key!r} must be >= 0, got {value}")
-    return value
-
-
-@dataclass(frozen=True)
-class ReplicaLoad:
-    running: int = 0
-    waiting: int = 0
-    kv_usage: float = 0.0
+    def __post_init__(self) -> None:
+        # MessagePack keeps 1 and 1.0 apart, and the wire says float64 for these fields (the C++ reader, the golden
+        # vectors): an int given by Python code is stored as the float it stands for. Decoding already does this.
+        for name in _float_fields(type(self)):
+            value = getattr(self, name)
+            if type(value) is not float:
+                msgspec.structs.force_setattr(self, name, float(value))
 
     def to_wire(self) -> dict[str, Any]:
-        return {"running": self.running, "waiting": self.waiting, "kv_usage": float(self.kv_usage)}
+        """The payload as plain data, wire names as keys (an agent's state file keeps its StartReplica so)."""
+        return msgspec.to_builtins(self)
 
     @classmethod
-    def from_wire(cls, d: Any) -> ReplicaLoad:
-        if not isinstance(d, dict):
-            raise MessageError("load must be a map")
-        return cls(_req(d, "running", int), _req(d, "waiting", int), float(_req(d, "kv_usage", (int, float))))
+    def from_wire(cls: type[W], data: Any) -> W:
+        """The inverse of `to_wire`, validated like a decode."""
+        try:
+            return msgspec.convert(data, cls)
+        except msgspec.ValidationError as e:
+            raise MessageError(f"bad {cls.__name__}: {e}") from None
 
 
-@dataclass(frozen=True)
-class ReplicaStatus:
+class ReplicaLoad(Wire, frozen=True):
+    running: Count = 0
+    waiting: Count = 0
+    kv_usage: NonNegative = 0.0
+
+
+class GpuInfo(Wire, frozen=True):
+    """One GPU of a node, as its agent found it (NVML) or was told (`--gpus`)."""
+
+    index: Count  # its CUDA device index on the node: what CUDA_VISIBLE_DEVICES names
+    name: Short
+    memory_bytes: Count
+
+
+class ReplicaStatus(Wire, frozen=True):
     """What an agent knows of one of its replicas."""
 
-    replica_id: str
-    deployment: str
+    replica_id: Id = msgspec.field(name="id")
+    deployment: Short  # empty in the EXITED report of a replica the agent failed to start
     state: ReplicaState
-    grpc_address: str = ""
-    load: ReplicaLoad = field(default_factory=ReplicaLoad)
-    exit_code: int | None = None
+    grpc_address: Short = msgspec.field(default="", name="addr")
+    load: ReplicaLoad = msgspec.field(default_factory=ReplicaLoad)
+    exit_code: int | None = None  # negative: the signal that ended it
     detail: str = ""
     healthy: bool = True  # the agent's active health verdict: false after 3 failed checks in a row
-    max_model_len: int = 0  # context length in tokens from the replica's gRPC Health (0 = not known yet)
-    started_at: float = 0.0  # unix seconds when the agent spawned it: a restarted head keeps the oldest
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "id": self.replica_id,
-            "deployment": self.deployment,
-            "state": self.state.value,
-            "addr": self.grpc_address,
-            "load": self.load.to_wire(),
-            "exit_code": self.exit_code,
-            "detail": self.detail,
-            "healthy": self.healthy,
-            "max_model_len": self.max_model_len,
-            "started_at": float(self.started_at),
-        }
-
-    @classmethod
-    def from_wire(cls, d: Any) -> ReplicaStatus:
-        if not isinstance(d, dict):
-            raise MessageError("replica status must be a map")
-        try:
-            state = ReplicaState(_req(d, "state", str))
-        except ValueError as e:
-            raise MessageError(f"bad replica state: {e}") from None
-        return cls(
-            replica_id=_req(d, "id", str),
-            deployment=_req(d, "deployment", str),
-            state=state,
-            grpc_address=_req(d, "addr", str),
-            load=ReplicaLoad.from_wire(_req(d, "load", dict)),
-            exit_code=_opt(d, "exit_code", int, None),
-            detail=_opt(d, "detail", str, ""),
-            # optional: an agent older than these fields still decodes
-            healthy=_opt(d, "healthy", bool, True),
-            max_model_len=_non_negative(d, "max_model_len", _opt(d, "max_model_len", int, 0)),
-            started_at=float(_opt(d, "started_at", (int, float), 0.0)),
-        )
+    max_model_len: Count = 0  # context length in tokens from the replica's gRPC Health (0 = not known yet)
+    started_at: NonNegative = 0.0  # unix seconds when the agent spawned it: a restarted head keeps the oldest
 
 
-@dataclass(frozen=True)
-class SnapshotReplica:
-    """One routable replica in a routing snapshot. Field order is the wire order (golden vectors)."""
+class SnapshotReplica(Wire, frozen=True):
+    """One routable replica in a routing snapshot."""
 
-    replica_id: str
-    node: str
-    grpc_address: str
+    replica_id: Id = msgspec.field(name="id")
+    node: Id
+    grpc_address: Short = msgspec.field(name="addr")
     state: ReplicaState
-    max_concurrency: int
+    max_concurrency: Concurrency
     load: ReplicaLoad
     healthy: bool
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "id": self.replica_id,
-            "node": self.node,
-            "addr": self.grpc_address,
-            "state": self.state.value,
-            "max_concurrency": self.max_concurrency,
-            "load": self.load.to_wire(),
-            "healthy": self.healthy,
-        }
-
-    @classmethod
-    def from_wire(cls, d: Any) -> SnapshotReplica:
-        if not isinstance(d, dict):
-            raise MessageError("snapshot replica must be a map")
-        state = ReplicaState(_req(d, "state", str))
-        if state not in (ReplicaState.READY, ReplicaState.DRAINING):
-            raise MessageError(f"snapshot replica state must be READY or DRAINING, got {state.value}")
-        return cls(
-            replica_id=_req(d, "id", str),
-            node=_req(d, "node", str),
-            grpc_address=_req(d, "addr", str),
-            state=state,
-            max_concurrency=_req(d, "max_concurrency", int),
-            load=ReplicaLoad.from_wire(_req(d, "load", dict)),
-            healthy=_req(d, "healthy", bool),
-        )
+    def __post_init__(self) -> None:
+        if self.state not in (ReplicaState.READY, ReplicaState.DRAINING):
+            raise ValueError(f"snapshot replica state must be READY or DRAINING, got {self.state.value}")
+        super().__post_init__()
 
 
-M = TypeVar("M", bound="Message")
+class SnapshotDeployment(Wire, frozen=True):
+    """One deployment in a routing snapshot: its proxy-side settings and its routable replicas."""
+
+    max_model_len: Count  # context length in tokens, the smallest any replica reported (0 = unknown)
+    first_token_timeout_s: Seconds  # the proxy ends a call with no token by then (0 = no limit)
+    idle_timeout_s: Seconds  # ... or with no token for this long after one (0 = no limit)
+    replicas: tuple[SnapshotReplica, ...] = ()
 
 
-class Message:
-    """Base of every bus message: `KIND` plus `to_wire`/`from_wire` for the payload map."""
+class Message(Wire, frozen=True, tag_field="v", tag=WIRE_VERSION):
+    """Base of every bus message: its `KIND`; the wire version rides as the payload's first key ("v", the tag)."""
 
     KIND: ClassVar[Kind]
 
-    def to_wire(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    @classmethod
-    def from_wire(cls: type[M], d: dict[str, Any]) -> M:
-        raise NotImplementedError
-
     def encode(self) -> list[bytes]:
-        """The two frames: kind byte, then the payload with the wire version first."""
-        payload = {"v": WIRE_VERSION, **self.to_wire()}
-        return [bytes([self.KIND]), msgpack.packb(payload, use_bin_type=True)]
+        """The two frames: kind byte, then the payload."""
+        return [bytes([self.KIND]), _ENCODER.encode(self)]
 
 
-@dataclass(frozen=True)
-class Register(Message):
+class Register(Message, frozen=True):
     KIND: ClassVar[Kind] = Kind.REGISTER
-    node_id: str
-    host: str
-    cpu_slots: int
-    gpus: int
-    memory_bytes: int
+    node_id: Id
+    host: Short
+    cpu_slots: Count
+    gpus: Count
+    memory_bytes: Count
     replicas: tuple[ReplicaStatus, ...] = ()  # replicas still running after an agent reconnects
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            "host": self.host,
-            "cpu_slots": self.cpu_slots,
-            "gpus": self.gpus,
-            "memory_bytes": self.memory_bytes,
-            "replicas": [r.to_wire() for r in self.replicas],
-        }
 
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> Register:
-        return cls(
-            node_id=_req(d, "node_id", str),
-            host=_req(d, "host", str),
-            cpu_slots=_req(d, "cpu_slots", int),
-            gpus=_req(d, "gpus", int),
-            memory_bytes=_req(d, "memory_bytes", int),
-            replicas=tuple(ReplicaStatus.from_wire(r) for r in _opt(d, "replicas", list, [])),
-        )
-
-
-@dataclass(frozen=True)
-class RegisterAck(Message):
+class RegisterAck(Message, frozen=True):
     KIND: ClassVar[Kind] = Kind.REGISTER_ACK
-    node_id: str
-    heartbeat_interval_s: float
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "heartbeat_interval_s": float(self.heartbeat_interval_s)}
-
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> RegisterAck:
-        return cls(_req(d, "node_id", str), float(_req(d, "heartbeat_interval_s", (int, float))))
+    node_id: Id
+    heartbeat_interval_s: Annotated[float, msgspec.Meta(gt=0)]
 
 
-@dataclass(frozen=True)
-class Reregister(Message):
+class Reregister(Message, frozen=True):
     """Head → agent, in answer to a heartbeat or event from a node it does not know (declared lost while the agent
     was stalled, or the head restarted): register again now, instead of after the agent's own liveness runs out."""
 
     KIND: ClassVar[Kind] = Kind.REREGISTER
-    node_id: str
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"node_id": self.node_id}
-
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> Reregister:
-        return cls(_req(d, "node_id", str))
+    node_id: Id
 
 
-@dataclass(frozen=True)
-class Heartbeat(Message):
+class Heartbeat(Message, frozen=True):
     """Sent both ways. From an agent it carries its replicas' status; from the head, `replicas` is empty."""
 
     KIND: ClassVar[Kind] = Kind.HEARTBEAT
-    node_id: str
+    node_id: Id
     replicas: tuple[ReplicaStatus, ...] = ()
 
-    def to_wire(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "replicas": [r.to_wire() for r in self.replicas]}
 
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> Heartbeat:
-        return cls(
-            node_id=_req(d, "node_id", str),
-            replicas=tuple(ReplicaStatus.from_wire(r) for r in _req(d, "replicas", list)),
-        )
-
-
-@dataclass(frozen=True)
-class StartReplica(Message):
+class StartReplica(Message, frozen=True):
     KIND: ClassVar[Kind] = Kind.START_REPLICA
-    replica_id: str
-    deployment: str
-    engine: str  # "sim" or "vllm"
+    replica_id: Id
+    deployment: Short
+    engine: Short  # "sim" or "vllm": schemas.deployment.Engine's value
     engine_args: dict[str, Any]
-    max_concurrency: int
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "replica_id": self.replica_id,
-            "deployment": self.deployment,
-            "engine": self.engine,
-            "engine_args": self.engine_args,
-            "max_concurrency": self.max_concurrency,
-        }
-
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> StartReplica:
-        return cls(
-            replica_id=_req(d, "replica_id", str),
-            deployment=_req(d, "deployment", str),
-            engine=_req(d, "engine", str),
-            engine_args=_req(d, "engine_args", dict),
-            max_concurrency=_req(d, "max_concurrency", int),
-        )
+    max_concurrency: Concurrency
 
 
-@dataclass(frozen=True)
-class StopReplica(Message):
+class StopReplica(Message, frozen=True):
     KIND: ClassVar[Kind] = Kind.STOP_REPLICA
-    replica_id: str
+    replica_id: Id
     drain: bool = True  # let open requests finish (bounded by the agent's drain timeout) before stopping
 
-    def to_wire(self) -> dict[str, Any]:
-        return {"replica_id": self.replica_id, "drain": self.drain}
 
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> StopReplica:
-        return cls(_req(d, "replica_id", str), _opt(d, "drain", bool, True))
-
-
-@dataclass(frozen=True)
-class ReplicaEvent(Message):
+class ReplicaEvent(Message, frozen=True):
     """Agent → head at once on a replica state change (READY, DRAINING, EXITED), not waiting for a heartbeat."""
 
     KIND: ClassVar[Kind] = Kind.REPLICA_EVENT
-    node_id: str
+    node_id: Id
     replica: ReplicaStatus
 
-    def to_wire(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "replica": self.replica.to_wire()}
 
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> ReplicaEvent:
-        return cls(_req(d, "node_id", str), ReplicaStatus.from_wire(_req(d, "replica", dict)))
-
-
-@dataclass(frozen=True)
-class SnapshotDeployment:
-    """One deployment in a routing snapshot: its proxy-side settings and its routable replicas (wire order)."""
-
-    max_model_len: int  # context length in tokens, the smallest any replica reported (0 = unknown)
-    first_token_timeout_s: float  # the proxy ends a call with no token by then (0 = no limit)
-    idle_timeout_s: float  # ... or with no token for this long after one (0 = no limit)
-    replicas: tuple[SnapshotReplica, ...] = ()
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "max_model_len": self.max_model_len,
-            "first_token_timeout_s": float(self.first_token_timeout_s),
-            "idle_timeout_s": float(self.idle_timeout_s),
-            "replicas": [r.to_wire() for r in self.replicas],
-        }
-
-    @classmethod
-    def from_wire(cls, d: Any) -> SnapshotDeployment:
-        if not isinstance(d, dict):
-            raise MessageError("snapshot deployment must be a map")
-        return cls(
-            max_model_len=_non_negative(d, "max_model_len", _req(d, "max_model_len", int)),
-            first_token_timeout_s=_non_negative(
-                d, "first_token_timeout_s", float(_req(d, "first_token_timeout_s", (int, float)))
-            ),
-            idle_timeout_s=_non_negative(d, "idle_timeout_s", float(_req(d, "idle_timeout_s", (int, float)))),
-            replicas=tuple(SnapshotReplica.from_wire(r) for r in _req(d, "replicas", list)),
-        )
-
-
-@dataclass(frozen=True)
-class Snapshot(Message):
+class Snapshot(Message, frozen=True):
     """A full routing snapshot. `version` grows strictly within one head's life and across restarts on the same
     database; `head_id` names the head's incarnation, so a subscriber can tell a head on a new database (whose
     versions start low again) from a stale message."""
 
     KIND: ClassVar[Kind] = Kind.SNAPSHOT
-    head_id: str
-    epoch: int
-    version: int
-    deployments: dict[str, SnapshotDeployment]
+    head_id: Id
+    epoch: Count
+    version: Count
+    deployments: dict[Short, SnapshotDeployment]
 
     def replicas(self, deployment: str) -> tuple[SnapshotReplica, ...]:
         """The deployment's replicas; none when the snapshot does not name it."""
         d = self.deployments.get(deployment)
         return d.replicas if d is not None else ()
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "head_id": self.head_id,
-            "epoch": self.epoch,
-            "version": self.version,
-            "deployments": {name: d.to_wire() for name, d in self.deployments.items()},
-        }
 
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> Snapshot:
-        deps = _req(d, "deployments", dict)
-        out: dict[str, SnapshotDeployment] = {}
-        for name, dep in deps.items():
-            if not isinstance(name, str):
-                raise MessageError("deployment names must be strings")
-            out[name] = SnapshotDeployment.from_wire(dep)
-        return cls(_req(d, "head_id", str), _req(d, "epoch", int), _req(d, "version", int), out)
-
-
-@dataclass(frozen=True)
-class SnapshotRequest(Message):
+class SnapshotRequest(Message, frozen=True):
     """A subscriber asks for the full snapshot (at start, and on a gap); answered with a SNAPSHOT."""
 
     KIND: ClassVar[Kind] = Kind.SNAPSHOT_REQUEST
-    have_version: int = 0
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"have_version": self.have_version}
-
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> SnapshotRequest:
-        return cls(_opt(d, "have_version", int, 0))
+    have_version: Count = 0
 
 
-@dataclass(frozen=True)
-class AdminRequest(Message):
-    """CLI → head. `op` is one of deploy, scale, delete, status; `args` its arguments."""
+class AdminRequest(Message, frozen=True):
+    """CLI → head. `op` is one of deploy, scale, delete, status; `args` its arguments (schemas/admin.py types them)."""
 
     KIND: ClassVar[Kind] = Kind.ADMIN_REQUEST
-    request_id: int
-    op: str
-    args: dict[str, Any] = field(default_factory=dict)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "op": self.op, "args": self.args}
-
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> AdminRequest:
-        return cls(_req(d, "request_id", int), _req(d, "op", str), _opt(d, "args", dict, {}))
+    request_id: Count
+    op: Short
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class AdminReply(Message):
+class AdminReply(Message, frozen=True):
     KIND: ClassVar[Kind] = Kind.ADMIN_REPLY
-    request_id: int
+    request_id: Count
     ok: bool
     error: str = ""
-    data: dict[str, Any] = field(default_factory=dict)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "ok": self.ok, "error": self.error, "data": self.data}
-
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> AdminReply:
-        return cls(
-            _req(d, "request_id", int), _req(d, "ok", bool), _opt(d, "error", str, ""), _opt(d, "data", dict, {})
-        )
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-MESSAGE_TYPES: dict[Kind, type[Message]] = {
-    cls.KIND: cls
-    for cls in (
-        Register,
-        RegisterAck,
-        Reregister,
-        Heartbeat,
-        StartReplica,
-        StopReplica,
-        ReplicaEvent,
-        Snapshot,
-        SnapshotRequest,
-        AdminRequest,
-        AdminReply,
-    )
-}
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    Register,
+    RegisterAck,
+    Reregister,
+    Heartbeat,
+    StartReplica,
+    StopReplica,
+    ReplicaEvent,
+    Snapshot,
+    SnapshotRequest,
+    AdminRequest,
+    AdminReply,
+)
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODERS: dict[Kind, msgspec.msgpack.Decoder[Any]] = {cls.KIND: msgspec.msgpack.Decoder(cls) for cls in MESSAGE_TYPES}
+
+M = TypeVar("M", bound=Message)
 
 
 def decode(frames: list[bytes]) -> Message:
@@ -491,20 +278,12 @@ def decode(frames: list[bytes]) -> Message:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise MessageError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
-        d = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises several unrelated types for bad input
-        raise MessageError(f"payload is not MessagePack: {e}") from None
-    if not isinstance(d, dict):
-        raise MessageError("payload must be a map")
-    version = d.pop("v", None)
-    if version != WIRE_VERSION:
-        raise MessageError(f"wire version {version!r} is not {WIRE_VERSION}")
-    try:
-        return MESSAGE_TYPES[kind].from_wire(d)
-    except MessageError:
-        raise
-    except (ValueError, TypeError) as e:
+        msg: Message = _DECODERS[kind].decode(payload)
+    except msgspec.ValidationError as e:  # a DecodeError too: caught first, for the field it names
         raise MessageError(f"bad {kind.name}: {e}") from None
+    except msgspec.DecodeError as e:
+        raise MessageError(f"{kind.name} payload is not MessagePack: {e}") from None
+    return msg
 
 
 def decode_as(cls: type[M], frames: list[bytes]) -> M:

@@ -70,6 +70,8 @@ def test_deploy_engine_args_are_json_when_they_parse() -> None:
         ["deploy", "x", "--engine-arg", "=5"],
         ["deploy", "x", "--engine", "gpt"],
         ["deploy", "x", "--replicas", "-1"],
+        ["deploy", "x", "--gpus-per-replica", "-1"],
+        ["deploy", "x", "--placement", "random"],
         ["scale", "x", "many"],
         ["scale", "x"],
         ["bench", "--concurrency", "0"],
@@ -227,8 +229,17 @@ def test_deploy_scale_delete_send_the_admin_ops(head: FakeHead, capsys: pytest.C
         cli.main(["deploy", "chat", "--replicas", "2", "--engine-arg", "token_delay_ms=5", "--head", head.endpoint])
         == 0
     )
+    wide = ["deploy", "big", "--engine", "vllm", "--gpus-per-replica", "2", "--placement", "pack", "--max-concurrency"]
+    assert cli.main([*wide, "9", "--idle-timeout", "0", "--head", head.endpoint]) == 0
     assert cli.main(["scale", "chat", "5", "--head", head.endpoint]) == 0
     assert cli.main(["delete", "chat", "--head", head.endpoint]) == 0
+    # the whole spec goes: the flags given, the spec's defaults (schemas/deployment.py) for the others
+    defaults = {
+        "gpus_per_replica": None,
+        "max_concurrency": 256,
+        "first_token_timeout_s": 120.0,
+        "idle_timeout_s": 60.0,
+    }
     assert [(r.op, r.args) for r in head.requests] == [
         (
             "deploy",
@@ -237,13 +248,39 @@ def test_deploy_scale_delete_send_the_admin_ops(head: FakeHead, capsys: pytest.C
                 "engine": "sim",
                 "engine_args": {"token_delay_ms": 5},
                 "replicas": 2,
-                "max_concurrency": 256,
+                **defaults,
+                "placement": "spread",
+            },
+        ),
+        (
+            "deploy",
+            {
+                "name": "big",
+                "engine": "vllm",
+                "engine_args": {},
+                "replicas": 1,
+                "gpus_per_replica": 2,
+                "max_concurrency": 9,
+                "first_token_timeout_s": 120.0,
+                "idle_timeout_s": 0.0,
+                "placement": "pack",
             },
         ),
         ("scale", {"name": "chat", "replicas": 5}),
         ("delete", {"name": "chat"}),
     ]
     assert "scaled to 5" in capsys.readouterr().out
+
+
+def test_deploy_refuses_a_bad_spec_without_asking_the_head(
+    head: FakeHead, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # rich's width when output is not a terminal
+    assert cli.main(["deploy", "bad name", "--head", head.endpoint]) == 1
+    assert cli.main(["deploy", "x", "--max-concurrency", str(1 << 30), "--head", head.endpoint]) == 1
+    out = capsys.readouterr().out
+    assert "matching regex '^[a-zA-Z0-9_-]{1,64}$' - at `$.name`" in out and "at `$.max_concurrency`" in out
+    assert head.requests == []
 
 
 def test_admin_error_is_reported_with_exit_1(head: FakeHead, capsys: pytest.CaptureFixture[str]) -> None:

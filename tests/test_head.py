@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import zmq
 import zmq.asyncio
@@ -29,12 +29,18 @@ import head.reconcile as head_reconcile
 import head.server as head_server
 from bus.admin import AdminError
 from bus.snapshot_pub import SnapshotPublisher
+from head.admin_ops import handle_admin
 from head.server import PUBLISH_MIN_INTERVAL_S, RECONCILE_INTERVAL_S, Head
-from head.state import ClusterState
-from head.store import Deployment, Store
-from schemas.messages import (
+from head.state import ClusterState, RestartBackoff
+from head.store import Store
+from schemas.deployment import (
     DEFAULT_FIRST_TOKEN_TIMEOUT_S,
     DEFAULT_IDLE_TIMEOUT_S,
+    DeploymentSpec,
+    Engine,
+    Placement,
+)
+from schemas.messages import (
     MAX_PAYLOAD_BYTES,
     AdminReply,
     AdminRequest,
@@ -127,6 +133,7 @@ async def test_deploy_places_a_replica_and_ready_makes_it_routable(tmp_path: Pat
                 "state": "READY",
                 "healthy": True,
                 "addr": "127.0.0.1:4001",
+                "gpus": [],
                 "load": load.to_wire(),
             }
         ]
@@ -321,7 +328,7 @@ async def two_agents_with_ready_replicas(
             for i, fake in enumerate(fakes):
                 rid = (await fake.expect(StartReplica)).replica_id
                 status = replica_status(rid, "demo", ReplicaState.READY, f"127.0.0.1:400{i}")
-                await fake.report(dataclasses.replace(status, started_at=1000.0 + i))
+                await fake.report(msgspec.structs.replace(status, started_at=1000.0 + i))
                 agents.append(AnsweringAgent(fake))
             await sub.wait_for(lambda s: len(s.replicas("demo")) == 2, timeout=10)
             epoch = head1.epoch
@@ -457,21 +464,25 @@ async def test_an_oversized_multipart_message_is_dropped_whole_and_the_head_goes
     ("op", "args", "error"),
     [
         ("launch", {}, "unknown op 'launch'"),
-        ("deploy", {**SIM, "name": "bad name!"}, "name must be 1-64 characters"),
-        ("deploy", {**SIM, "name": "x" * 65}, "name must be 1-64 characters"),
-        ("deploy", {**SIM, "engine": "gpt"}, "engine must be one of sim, vllm"),
-        ("deploy", {**SIM, "replicas": "2"}, "replicas must be an integer, got str"),
-        ("deploy", {**SIM, "replicas": True}, "replicas must be an integer, got bool"),
-        ("deploy", {**SIM, "replicas": -1}, "replicas must be between 0 and"),
-        ("deploy", {**SIM, "max_concurrency": 0}, "max_concurrency must be between 1 and"),
-        ("deploy", {**SIM, "engine_args": [1]}, "engine_args must be a map"),
-        ("deploy", {"name": "demo"}, "missing argument(s): engine"),
-        ("deploy", {**SIM, "colour": "red"}, "unknown argument(s): colour"),
+        ("deploy", {**SIM, "name": "bad name!"}, "`str` matching regex '^[a-zA-Z0-9_-]{1,64}$' - at `$.name`"),
+        ("deploy", {**SIM, "name": "x" * 65}, "at `$.name`"),
+        ("deploy", {**SIM, "engine": "gpt"}, "Invalid enum value 'gpt' - at `$.engine`"),
+        ("deploy", {**SIM, "replicas": "2"}, "Expected `int`, got `str` - at `$.replicas`"),
+        ("deploy", {**SIM, "replicas": True}, "Expected `int`, got `bool` - at `$.replicas`"),
+        ("deploy", {**SIM, "replicas": -1}, "Expected `int` >= 0 - at `$.replicas`"),
+        ("deploy", {**SIM, "max_concurrency": 0}, "Expected `int` >= 1 - at `$.max_concurrency`"),
+        ("deploy", {**SIM, "gpus_per_replica": -1}, "at `$.gpus_per_replica`"),
+        ("deploy", {**SIM, "placement": "random"}, "Invalid enum value 'random' - at `$.placement`"),
+        ("deploy", {**SIM, "engine_args": [1]}, "Expected `object`, got `array` - at `$.engine_args`"),
+        ("deploy", {**SIM, "engine_args": {"x": "y" * 70_000}}, "bytes of JSON, more than"),
+        ("deploy", {"name": "demo"}, "missing required field `engine`"),
+        ("deploy", {**SIM, "colour": "red"}, "unknown field `colour`"),
         ("scale", {"name": "ghost", "replicas": 1}, "no deployment named 'ghost'"),
-        ("scale", {"name": "demo"}, "missing argument(s): replicas"),
+        ("scale", {"name": "demo"}, "missing required field `replicas`"),
+        ("scale", {"name": "demo", "replicas": 2000}, "Expected `int` <= 1024 - at `$.replicas`"),
         ("delete", {"name": "ghost"}, "no deployment named 'ghost'"),
-        ("delete", {"name": 5}, "name must be 1-64 characters"),
-        ("status", {"verbose": True}, "unknown argument(s): verbose"),
+        ("delete", {"name": 5}, "Expected `str`, got `int` - at `$.name`"),
+        ("status", {"verbose": True}, "unknown field `verbose`"),
     ],
 )
 async def test_admin_validation_errors(tmp_path: Path, op: str, args: dict, error: str) -> None:
@@ -527,7 +538,7 @@ async def test_deployment_settings_and_context_length_reach_the_snapshot_and_sta
         ids = [(await n1.expect(StartReplica)).replica_id for _ in range(3)]
         for i, (rid, context) in enumerate(zip(ids, (4096, 0, 2048), strict=True)):  # one has not said yet
             ready = replica_status(rid, "demo", ReplicaState.READY, f"127.0.0.1:400{i}")
-            await n1.report(dataclasses.replace(ready, max_model_len=context))
+            await n1.report(msgspec.structs.replace(ready, max_model_len=context))
         snap = await sub.wait_for(lambda s: len(s.replicas("demo")) == 3, timeout=10)
         settings = snap.deployments["demo"]
         assert (settings.max_model_len, settings.first_token_timeout_s, settings.idle_timeout_s) == (2048, 7.5, 0.0)
@@ -536,16 +547,45 @@ async def test_deployment_settings_and_context_length_reach_the_snapshot_and_sta
     async with running_head(tmp_path / "head.db") as head:  # persisted
         (dep,) = (await admin(head.router_endpoint, "status"))["deployments"]
         assert (dep["first_token_timeout_s"], dep["idle_timeout_s"]) == (7.5, 0.0)
+        # the whole spec as deployed, its defaults filled in: what `tokenbus apply` compares a file with
+        assert dep["spec"] == msgspec.to_builtins(msgspec.convert(spec, DeploymentSpec))
+        assert dep["spec"]["placement"] == "spread" and dep["spec"]["gpus_per_replica"] is None
+
+
+def test_deploying_the_same_spec_again_changes_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="head")
+    state = ClusterState([], TEST_HEARTBEAT_S, 3, now=0.0)
+    store = Store(tmp_path / "head.db")
+
+    def deploy(args: dict) -> tuple[dict, bool]:
+        reply, changed = handle_admin(AdminRequest(1, "deploy", args), state, store, {}, 0.0)
+        assert reply.ok, reply.error
+        return reply.data, changed
+
+    try:
+        assert deploy(SIM) == ({"changed": True}, True)
+        state.backoff["demo"] = RestartBackoff(delay_s=4.0, not_before=10.0)  # its replicas have been crashing
+        caplog.clear()
+        # the same spec, with its defaults spelled out this time: equal, so nothing happens
+        assert deploy(msgspec.to_builtins(msgspec.convert(SIM, DeploymentSpec))) == ({"changed": False}, False)
+        assert "demo" in state.backoff and "deployment demo" not in caplog.text
+
+        assert deploy({**SIM, "placement": "pack"}) == ({"changed": True}, True)
+        assert "demo" not in state.backoff and "deployment demo updated" in caplog.text
+        assert store.load_deployments() == [state.deployments["demo"]]
+        assert state.deployments["demo"].placement is Placement.PACK
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize(
     ("args", "error"),
     [
-        ({"first_token_timeout_s": -1}, "first_token_timeout_s must be between 0 (no limit) and 86400"),
-        ({"idle_timeout_s": 1e9}, "idle_timeout_s must be between 0 (no limit) and 86400"),
-        ({"idle_timeout_s": "5"}, "idle_timeout_s must be a number of seconds, got str"),
-        ({"first_token_timeout_s": True}, "first_token_timeout_s must be a number of seconds, got bool"),
-        ({"idle_timeout_s": float("nan")}, "idle_timeout_s must be between"),
+        ({"first_token_timeout_s": -1}, "Expected `float` >= 0.0 - at `$.first_token_timeout_s`"),
+        ({"idle_timeout_s": 1e9}, "Expected `float` <= 86400.0 - at `$.idle_timeout_s`"),
+        ({"idle_timeout_s": "5"}, "Expected `float`, got `str` - at `$.idle_timeout_s`"),
+        ({"first_token_timeout_s": True}, "Expected `float`, got `bool` - at `$.first_token_timeout_s`"),
+        ({"idle_timeout_s": float("nan")}, "at `$.idle_timeout_s`"),
     ],
 )
 async def test_timeout_validation(tmp_path: Path, args: dict, error: str) -> None:
@@ -555,7 +595,7 @@ async def test_timeout_validation(tmp_path: Path, args: dict, error: str) -> Non
         assert error in str(info.value)
 
 
-def test_a_database_from_before_the_timeouts_opens_with_the_defaults(tmp_path: Path) -> None:
+def test_a_database_from_before_the_timeouts_and_gpus_opens_with_the_defaults(tmp_path: Path) -> None:
     db = tmp_path / "old.db"
     with contextlib.closing(sqlite3.connect(db)) as conn:
         conn.executescript(
@@ -570,16 +610,37 @@ def test_a_database_from_before_the_timeouts_opens_with_the_defaults(tmp_path: P
     try:
         assert store.next_epoch() == 5
         (old,) = store.load_deployments()
-        assert old == Deployment(
-            "old", "sim", {"seed": 1}, 2, 16, DEFAULT_FIRST_TOKEN_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S
+        # the columns it lacks read as the spec's defaults
+        assert old == DeploymentSpec(
+            name="old", engine=Engine.SIM, engine_args={"seed": 1}, replicas=2, max_concurrency=16
         )
-        store.put_deployment(dataclasses.replace(old, idle_timeout_s=3.0))
+        assert (old.first_token_timeout_s, old.gpus_per_replica, old.placement) == (
+            DEFAULT_FIRST_TOKEN_TIMEOUT_S,
+            None,
+            Placement.SPREAD,
+        )
+        store.put_deployment(msgspec.structs.replace(old, idle_timeout_s=3.0))
         store.add_node("n1")
     finally:
         store.close()
     store = Store(db)  # opening a migrated database again changes nothing
     try:
-        assert store.load_deployments()[0].idle_timeout_s == 3.0 and store.load_nodes() == {"n1"}
+        assert store.load_deployments() == [msgspec.structs.replace(old, idle_timeout_s=3.0)]
+        assert store.load_nodes() == {"n1"}
+        # every field away from its default survives the store
+        full = DeploymentSpec(
+            name="full",
+            engine=Engine.VLLM,
+            engine_args={"model": "/m", "tensor_parallel_size": 2},
+            replicas=3,
+            gpus_per_replica=4,
+            max_concurrency=9,
+            first_token_timeout_s=1.5,
+            idle_timeout_s=0.0,
+            placement=Placement.PACK,
+        )
+        store.put_deployment(full)
+        assert store.load_deployments()[0] == full
     finally:
         store.close()
 
@@ -596,12 +657,12 @@ async def test_an_unhealthy_replica_is_unroutable_at_once_and_replaced_if_it_sta
         await n1.report(ready)
         await sub.wait_for(lambda s: [r.healthy for r in s.replicas("demo")] == [True], timeout=10)
 
-        await n1.report(dataclasses.replace(ready, healthy=False))  # a stall, over before the replace time
+        await n1.report(msgspec.structs.replace(ready, healthy=False))  # a stall, over before the replace time
         await sub.wait_for(lambda s: [r.healthy for r in s.replicas("demo")] == [False], timeout=10)
         await n1.report(ready)
         await sub.wait_for(lambda s: [r.healthy for r in s.replicas("demo")] == [True], timeout=10)
 
-        await n1.report(dataclasses.replace(ready, healthy=False))  # and now for good
+        await n1.report(msgspec.structs.replace(ready, healthy=False))  # and now for good
         unhealthy_at = time.monotonic()
         await sub.wait_for(lambda s: [r.healthy for r in s.replicas("demo")] == [False], timeout=10)
         stop = await n1.expect(StopReplica)

@@ -17,7 +17,7 @@ from head.state import (
     UNHEALTHY_REPLACE_S,
     ClusterState,
 )
-from head.store import Deployment
+from schemas.deployment import DeploymentSpec, Engine
 from schemas.messages import (
     Register,
     ReplicaLoad,
@@ -37,8 +37,8 @@ Event = Callable[[ClusterState, float], None]
 Expected = list[tuple[str, ...]]  # ("start", node, deployment) or ("stop", node, replica, "drain" | "now")
 
 
-def demo(replicas: int) -> Deployment:
-    return Deployment("demo", "sim", {}, replicas, 8)
+def demo(replicas: int) -> DeploymentSpec:
+    return DeploymentSpec(name="demo", engine=Engine.SIM, replicas=replicas, max_concurrency=8)
 
 
 def status(rid: str, state: ReplicaState = ReplicaState.READY, started_at: float = 0.0, healthy: bool = True,
@@ -81,7 +81,7 @@ def silent_until_lost(*alive: str) -> list[tuple[float, Event | None, Expected |
 @dataclass
 class Case:
     name: str
-    deployments: list[Deployment]
+    deployments: list[DeploymentSpec]
     known_nodes: tuple[str, ...]  # as persisted by an earlier head
     timeline: list[tuple[float, Event | None, Expected | None]]  # None: the commands then are not checked
 
@@ -236,7 +236,7 @@ def test_adopted_deployment_is_published_and_deploying_it_takes_it_over() -> Non
     (shown,) = state.status(T0)["deployments"]
     assert (shown["name"], shown["adopted"], shown["replicas"]) == ("ghost", True, 2)
 
-    state.deployments["ghost"] = Deployment("ghost", "sim", {}, 1, 8)  # what the admin deploy does
+    state.deployments["ghost"] = DeploymentSpec(name="ghost", engine=Engine.SIM)  # what the admin deploy does
     state.adopted.discard("ghost")
     assert described(reconcile(state, T0 + SYNC_GRACE_S + 2)) == [("stop", "a", "g2", "drain")]  # the newer one
 

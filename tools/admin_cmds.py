@@ -7,11 +7,20 @@ import asyncio
 import json
 from typing import Any
 
+import msgspec
 from rich.console import Console
+from rich.markup import escape
 
 from bus.curve import ClientKeys, CurveKeyError, add_client_args, client_keys
 from bus.endpoints import DEFAULT_ROUTER as DEFAULT_HEAD
-from schemas.messages import DEFAULT_FIRST_TOKEN_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONCURRENCY
+from schemas.deployment import (
+    DEFAULT_FIRST_TOKEN_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_CONCURRENCY,
+    DeploymentSpec,
+    Engine,
+    Placement,
+)
 from tools.arg_types import non_negative_int, positive_int
 from tools.status_view import status_tables
 
@@ -44,14 +53,27 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub: Any) -> None:
+    # A flag left out is left out of the spec, whose default (schemas/deployment.py) applies.
     p = sub.add_parser("deploy", help="create or update a deployment")
     p.add_argument("name")
-    p.add_argument("--engine", default="sim", choices=("sim", "vllm"))
-    p.add_argument("--replicas", type=non_negative_int, default=1)
+    p.add_argument("--engine", default=Engine.SIM.value, choices=[engine.value for engine in Engine])
+    p.add_argument("--replicas", type=non_negative_int, help="default 1")
     p.add_argument(
-        "--max-concurrency", type=positive_int, default=DEFAULT_MAX_CONCURRENCY, help="open requests per replica"
+        "--gpus-per-replica",
+        type=non_negative_int,
+        metavar="N",
+        help="GPUs each replica is placed on (default: tensor x pipeline parallel size for vllm, 0 for sim)",
     )
-    # unset: the head applies its default (schemas/messages.py), as for any deploy request without them
+    p.add_argument(
+        "--placement",
+        choices=[policy.value for policy in Placement],
+        help="spread replicas over nodes, or pack them onto the fullest nodes that fit (default spread)",
+    )
+    p.add_argument(
+        "--max-concurrency",
+        type=positive_int,
+        help=f"open requests per replica (default {DEFAULT_MAX_CONCURRENCY})",
+    )
     p.add_argument(
         "--first-token-timeout",
         type=seconds,
@@ -114,25 +136,36 @@ def _call(opts: argparse.Namespace, op: str, args: dict[str, Any], console: Cons
         console.print(f"[red]{op} failed:[/red] {e}")
         return None
     except (AdminError, TimeoutError) as e:
-        console.print(f"[red]{op} failed:[/red] {e or f'no answer from the head at {opts.head} in {opts.timeout} s'}")
+        why = str(e) or f"no answer from the head at {opts.head} in {opts.timeout} s"
+        console.print(f"[red]{op} failed:[/red] {escape(why)}")  # the head's words may hold brackets: `$.x[0]`
         return None
 
 
 def deploy(opts: argparse.Namespace) -> int:
     console = Console()
-    args: dict[str, Any] = {
-        "name": opts.name,
-        "engine": opts.engine,
-        "engine_args": dict(opts.engine_arg),
+    flags = {
         "replicas": opts.replicas,
+        "gpus_per_replica": opts.gpus_per_replica,
+        "placement": opts.placement,
         "max_concurrency": opts.max_concurrency,
+        "first_token_timeout_s": opts.first_token_timeout,
+        "idle_timeout_s": opts.idle_timeout,
     }
-    for key, value in (("first_token_timeout_s", opts.first_token_timeout), ("idle_timeout_s", opts.idle_timeout)):
-        if value is not None:
-            args[key] = value
-    if _call(opts, "deploy", args, console) is None:
+    given = {key: value for key, value in flags.items() if value is not None}
+    try:
+        spec = msgspec.convert(
+            {"name": opts.name, "engine": opts.engine, "engine_args": dict(opts.engine_arg), **given}, DeploymentSpec
+        )
+    except msgspec.ValidationError as e:  # what the head would answer, without asking it
+        console.print(f"[red]deploy failed:[/red] {escape(str(e))}")
         return 1
-    console.print(f"deployment [bold]{opts.name}[/bold]: {opts.replicas} x {opts.engine} {args['engine_args']}")
+    data = _call(opts, "deploy", msgspec.to_builtins(spec), console)
+    if data is None:
+        return 1
+    what = "updated" if data.get("changed") else "unchanged"
+    console.print(
+        f"deployment [bold]{spec.name}[/bold] {what}: {spec.replicas} x {spec.engine.value} {spec.engine_args}"
+    )
     return 0
 
 
