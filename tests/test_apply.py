@@ -290,3 +290,9 @@ def test_plan_from_a_status_reply() -> None:
         ("gone", "pruned", []),
     ]
     assert [c.action.value for c in plan(declared, status, prune=False)][-1] == "kept"
+
+
+def test_keys_that_cannot_be_read_are_exit_1(tmp_path: Path, capsys: Any) -> None:
+    path = write(tmp_path, V1)
+    assert cli.main(["apply", "-f", str(path), "--keys", str(tmp_path / "no-keys")]) == 1
+    assert f"apply failed: cannot read the key file {tmp_path / 'no-keys'}" in capsys.readouterr().out

@@ -20,6 +20,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
+from bus.curve import CurveKeyError, client_keys
 from schemas.deployment import NAME_PATTERN, DeploymentSpec
 from tools import admin_cmds
 
@@ -302,34 +303,40 @@ def _line_for(change: Change, dry_run: bool) -> str:
 
 
 async def _apply(opts: argparse.Namespace, declared: list[DeploymentSpec], console: Console) -> int:
-    from bus.admin import AdminError  # imported on use, as by the other admin commands
+    from bus.admin import AdminClient, AdminError  # imported on use, as by the other admin commands
 
-    request = admin_cmds.admin_request
     try:
-        changes = plan(declared, await request(opts.head, "status", {}, opts.timeout), opts.prune)
-    except (AdminError, TimeoutError) as e:
-        console.print(f"[red]apply failed:[/red] status: {escape(str(e))}", highlight=False)
+        keys = client_keys(opts)
+    except CurveKeyError as e:
+        console.print(f"[red]apply failed:[/red] {escape(str(e))}", highlight=False)
         return 1
-    except (KeyError, msgspec.ValidationError) as e:
-        console.print(
-            f"[red]apply failed:[/red] the head's status has no valid spec: {escape(str(e))}", highlight=False
-        )
-        return 1
-    for change in changes:
-        if not opts.dry_run and change.action in (Action.CREATE, Action.UPDATE, Action.PRUNE):
-            op, args = (
-                ("delete", {"name": change.name})
-                if change.action is Action.PRUNE
-                else ("deploy", msgspec.to_builtins(change.spec))
-            )
-            try:
-                reply = await request(opts.head, op, args, opts.timeout)
-            except (AdminError, TimeoutError) as e:
-                console.print(f"{change.name}: [red]{op} failed:[/red] {escape(str(e))}", highlight=False)
-                return 1
-            if op == "deploy" and reply.get("changed") is False:  # changed by someone else since the status read
-                change = Change(change.name, Action.UNCHANGED)
-        console.print(_line_for(change, opts.dry_run), highlight=False)
+    client = AdminClient(opts.head, keys=keys)  # one connection for the status read and every change
+    try:
+        try:
+            changes = plan(declared, await client.request("status", {}, opts.timeout), opts.prune)
+        except (AdminError, TimeoutError) as e:
+            console.print(f"[red]apply failed:[/red] status: {escape(str(e))}", highlight=False)
+            return 1
+        except (KeyError, msgspec.ValidationError) as e:
+            console.print(f"[red]apply failed:[/red] the head's status has no valid spec: {escape(str(e))}")
+            return 1
+        for change in changes:
+            if not opts.dry_run and change.action in (Action.CREATE, Action.UPDATE, Action.PRUNE):
+                op, args = (
+                    ("delete", {"name": change.name})
+                    if change.action is Action.PRUNE
+                    else ("deploy", msgspec.to_builtins(change.spec))
+                )
+                try:
+                    reply = await client.request(op, args, opts.timeout)
+                except (AdminError, TimeoutError) as e:
+                    console.print(f"{change.name}: [red]{op} failed:[/red] {escape(str(e))}", highlight=False)
+                    return 1
+                if op == "deploy" and not reply["changed"]:  # someone deployed the same since the status read
+                    change = Change(change.name, Action.UNCHANGED)
+            console.print(_line_for(change, opts.dry_run), highlight=False)
+    finally:
+        client.close()
     if opts.dry_run:
         console.print("dry run: nothing was changed")
     return 0
