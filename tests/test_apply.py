@@ -14,7 +14,7 @@ import pytest
 import zmq
 from controlplane_helpers import REPO_ROOT, LoggedProcess, admin
 
-from schemas.deployment import DeploymentSpec
+from schemas.deployment import MAX_ENGINE_ARGS_BYTES, DeploymentSpec
 from tools import cli
 from tools.apply import MAX_DEPLOYMENTS, MAX_DEPTH, MAX_FILE_BYTES, SpecFileError, load, plan
 from tools.up import TINY_MODEL, demo_deployment
@@ -45,10 +45,10 @@ ERRORS = [
     ("deployments:\n  - name: a b\n    engine: sim\n", 2, "deployments[0] name: Expected `str` matching regex"),
     (CHAT + "    engine_args: [1]\n", 4, "deployments[0] (chat) engine_args: Expected `object`, got `array`"),
     (CHAT + "    engine_args: {1: x}\n", 4, "deployments[0] (chat) engine_args: a key: Expected `str`, got `int`"),
-    (
-        "deployments:\n  - name: chat\n    engine: vllm\n    engine_args: {tensor_parallel_size: 0}\n",
+    (  # a check of the whole spec: the entry's line, the message names the field
+        CHAT + f"    engine_args: {{model: {'x' * MAX_ENGINE_ARGS_BYTES}}}\n",
         2,
-        "deployments[0] (chat): tensor_parallel_size and pipeline_parallel_size must be integers >= 1",
+        f"deployments[0] (chat): engine_args is {MAX_ENGINE_ARGS_BYTES + 12} bytes of JSON, more than",
     ),
     ("deployments:\n  - [chat]\n", 2, "deployments[0]: Expected `object`, got `array`"),
     (CHAT + "  - name: chat\n    engine: vllm\n", 4, "deployments[1] (chat) name: deployments[0] at line 2 has it too"),
@@ -66,7 +66,7 @@ ERRORS = [
 ]
 
 
-@pytest.mark.parametrize(("text", "line", "error"), ERRORS)
+@pytest.mark.parametrize(("text", "line", "error"), ERRORS, ids=[error[:50] for _, _, error in ERRORS])
 def test_an_error_names_the_file_line_and_field(tmp_path: Path, text: str, line: int, error: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(SpecFileError) as e:
