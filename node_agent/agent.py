@@ -25,9 +25,12 @@ LAST_LINES = 5  # of each log of a replica that ended while no agent ran, logged
 
 
 class Agent:
-    def __init__(self, node_id: str, host: str, bin_dir: Path, state: StateDir, orphan_timeout_s: float | None) -> None:
+    def __init__(
+        self, node_id: str, bind: str, advertise: str, bin_dir: Path, state: StateDir, orphan_timeout_s: float | None
+    ) -> None:
         self.node_id = node_id
-        self._host = host
+        self._bind = bind  # replicas listen here
+        self._advertise = advertise  # and are reached here (their address in the head's routing snapshot)
         self._bin_dir = bin_dir
         self._state = state
         self._orphan_timeout_s = orphan_timeout_s
@@ -111,7 +114,8 @@ class Agent:
 
     def _replica_args(self) -> dict[str, Any]:
         return {
-            "host": self._host,
+            "bind": self._bind,
+            "advertise": self._advertise,
             "bin_dir": self._bin_dir,
             "state": self._state,
             "orphan_timeout_s": self._orphan_timeout_s,

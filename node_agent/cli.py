@@ -10,7 +10,8 @@ import os
 import socket
 from pathlib import Path
 
-from bus.endpoints import DEFAULT_HEARTBEAT_S, DEFAULT_LIVENESS, DEFAULT_ROUTER
+from bus.curve import CurveKeyError, add_client_args, client_keys
+from bus.endpoints import DEFAULT_BIND, DEFAULT_HEARTBEAT_S, DEFAULT_LIVENESS, DEFAULT_ROUTER, WILDCARDS
 from bus.log_setup import configure
 from bus.run import run_until_signal
 from node_agent.agent import Agent
@@ -28,7 +29,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--node-id", default=f"{socket.gethostname()}-{os.getpid()}", help="default: hostname-pid")
     p.add_argument("--cpu-slots", type=int, default=default_cpu_slots(), help="replicas this node runs at most")
     p.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT_S, help="heartbeat interval in seconds")
-    p.add_argument("--host", default="127.0.0.1", help="the address replicas bind their gRPC servers to")
+    p.add_argument(
+        "--bind",
+        default=DEFAULT_BIND,
+        metavar="HOST",
+        help="the address replicas' gRPC servers listen on (default %(default)s); 0.0.0.0 needs --advertise",
+    )
+    p.add_argument(
+        "--advertise",
+        metavar="HOST",
+        help="the address proxies reach this node's replicas at, sent to the head (default: the --bind address)",
+    )
+    add_client_args(p, "agent")
     p.add_argument(
         "--state-dir",
         type=Path,
@@ -50,19 +62,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--orphan-timeout must be > 0")
     if opts.state_dir is None:
         opts.state_dir = default_state_dir(opts.node_id)
+    if opts.advertise is None:
+        if opts.bind in WILDCARDS:
+            p.error("--bind on every interface needs --advertise HOST: the address proxies reach replicas at")
+        opts.advertise = opts.bind
+    try:
+        opts.keys = client_keys(opts)
+    except CurveKeyError as e:
+        p.error(str(e))
     return opts
 
 
 async def _serve(opts: argparse.Namespace) -> int:
-    capacity = Capacity(opts.node_id, opts.host, opts.cpu_slots, gpu_count(), memory_bytes())
+    capacity = Capacity(opts.node_id, opts.advertise, opts.cpu_slots, gpu_count(), memory_bytes())
     binaries = bin_dir()
     log.info(
-        "agent %s started: %d cpu slots, %d gpus, %d MiB; replicas bind to %s; binaries from %s",
+        "agent %s started: %d cpu slots, %d gpus, %d MiB; replicas bind to %s, reached at %s; binaries from %s",
         capacity.node_id,
         capacity.cpu_slots,
         capacity.gpus,
         capacity.memory_bytes >> 20,
-        opts.host,
+        opts.bind,
+        opts.advertise,
         binaries,
     )
     try:
@@ -71,7 +92,7 @@ async def _serve(opts: argparse.Namespace) -> int:
         log.error("agent %s cannot start: %s", opts.node_id, e)
         return 1
     log.info("agent %s keeps its replicas' state in %s", opts.node_id, state.path)
-    agent = Agent(opts.node_id, opts.host, binaries, state, opts.orphan_timeout)
+    agent = Agent(opts.node_id, opts.bind, opts.advertise, binaries, state, opts.orphan_timeout)
     await agent.adopt()
     link = HeadLink(
         opts.head,
@@ -80,6 +101,7 @@ async def _serve(opts: argparse.Namespace) -> int:
         liveness=DEFAULT_LIVENESS,
         statuses=agent.statuses,
         on_command=agent.on_command,
+        keys=opts.keys,
     )
     agent.attach(link)
     link_task = asyncio.create_task(link.run(), name="head-link")

@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from bus.bounded_recv import limit_frames, recv_bounded
+from bus.curve import ClientKeys, secure_client
 from bus.liveness import Liveness
 from schemas.messages import (
     Heartbeat,
@@ -64,6 +65,7 @@ class HeadLink:
         liveness: int,
         statuses: Callable[[], tuple[ReplicaStatus, ...]],
         on_command: Callable[[StartReplica | StopReplica], None],
+        keys: ClientKeys | None = None,
         ctx: zmq.asyncio.Context | None = None,
     ) -> None:
         self._endpoint = endpoint
@@ -72,6 +74,7 @@ class HeadLink:
         self._liveness = liveness
         self._statuses = statuses
         self._on_command = on_command
+        self._keys = keys
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self.registered = False
@@ -117,10 +120,12 @@ class HeadLink:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing to a head that is not connected: stale beats are useless
         limit_frames(sock)
+        secure_client(sock, self._keys)
         sock.connect(self._endpoint)
         self._sock = sock
         self.registered = False
-        log.info("connecting to the head at %s as node %s", self._endpoint, self._capacity.node_id)
+        key = f" with key {self._keys.name}" if self._keys is not None else ""
+        log.info("connecting to the head at %s as node %s%s", self._endpoint, self._capacity.node_id, key)
 
     def _close_socket(self) -> None:
         self.registered = False

@@ -163,12 +163,22 @@ class AdoptedProcess:
         self._exited.set()
 
 
+def host_port(host: str, port: int | str) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address in brackets
+
+
+def reached_at(advertise: str, listening: str) -> str:
+    """The address proxies and the agent use: the port the binary listens on ("HOST:PORT") at the advertised host."""
+    return host_port(advertise, listening.rsplit(":", 1)[1])
+
+
 class ReplicaProcess:
     def __init__(
         self,
         spec: StartReplica,
         *,
-        host: str,
+        bind: str,
+        advertise: str,
         bin_dir: Path,
         state: StateDir,
         orphan_timeout_s: float | None,
@@ -179,7 +189,8 @@ class ReplicaProcess:
         self.replica_id = spec.replica_id
         self.deployment = spec.deployment
         self._spec = spec
-        self._host = host
+        self._bind = bind
+        self._advertise = advertise
         self._bin_dir = bin_dir
         self._state = state
         self._orphan_timeout_s = orphan_timeout_s
@@ -209,7 +220,8 @@ class ReplicaProcess:
         serving: bool,
         max_model_len: int,
         *,
-        host: str,
+        bind: str,
+        advertise: str,
         bin_dir: Path,
         state: StateDir,
         orphan_timeout_s: float | None,
@@ -221,7 +233,8 @@ class ReplicaProcess:
         (an engine still loading) with a new ready timeout; its processes are watched by pid."""
         replica = cls(
             StartReplica.from_wire(record.spec),
-            host=host,
+            bind=bind,
+            advertise=advertise,
             bin_dir=bin_dir,
             state=state,
             orphan_timeout_s=orphan_timeout_s,
@@ -275,7 +288,8 @@ class ReplicaProcess:
                 await self._spawn()
                 self._report(ReplicaState.STARTING)
                 assert self._listening is not None
-                self.address = await self._until(self._listening, LISTEN_DEADLINE_S, "LISTENING from the binary")
+                listening = await self._until(self._listening, LISTEN_DEADLINE_S, "LISTENING from the binary")
+                self.address = reached_at(self._advertise, listening)
                 self._save_record()
                 log.info("replica %s listening on %s", rid, self.address)
             channel = grpc.aio.insecure_channel(self.address)
@@ -352,7 +366,7 @@ class ReplicaProcess:
             fds = [*req, *resp]
             rings = ["--req-ring", ",".join(map(str, req)), "--resp-ring", ",".join(map(str, resp))]
             rid = self.replica_id
-            replica_cmd = [str(binary), "--listen", f"{self._host}:0", "--replica-id", rid, *rings]
+            replica_cmd = [str(binary), "--listen", host_port(self._bind, 0), "--replica-id", rid, *rings]
             if self._orphan_timeout_s is not None:
                 replica_cmd += ["--orphan-timeout", str(self._orphan_timeout_s)]
             worker_cmd = [sys.executable, "-m", "model_worker", "--replica-id", rid, "--engine", self._spec.engine]

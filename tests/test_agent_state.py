@@ -117,7 +117,8 @@ class FakeLink:
 def replica_process(state: StateDir, updates: list[ReplicaProcess]) -> ReplicaProcess:
     return ReplicaProcess(
         StartReplica("demo-1", "demo", "sim", {}, 8),
-        host="127.0.0.1",
+        bind="127.0.0.1",
+        advertise="127.0.0.1",
         bin_dir=Path("/nonexistent"),
         state=state,
         orphan_timeout_s=None,
@@ -151,7 +152,7 @@ async def test_a_command_that_fails_is_logged_reported_and_the_next_one_handled(
         raise RuntimeError("injected failure")
 
     monkeypatch.setattr(agent_module, "ReplicaProcess", broken)
-    agent = Agent("n1", "127.0.0.1", Path("/nonexistent"), state, None)
+    agent = Agent("n1", "127.0.0.1", "127.0.0.1", Path("/nonexistent"), state, None)
     link = FakeLink()
     agent.attach(link)  # type: ignore[arg-type]
     with caplog.at_level(logging.INFO, "node_agent"):
