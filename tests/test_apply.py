@@ -202,7 +202,7 @@ def test_update_redeploys_only_what_changed(head: HeadProcess, tmp_path: Path, c
     before = head.deploy_lines()
     path = write(tmp_path, V2.replace("token_delay_ms: 5", "token_delay_ms: 7"))
     assert apply(head, path) == 0
-    assert out_lines(capsys) == ["chat: updated (engine_args, replicas 2 -> 3)", "code: unchanged"]
+    assert out_lines(capsys) == ["chat: updated (engine_args.token_delay_ms, replicas 2 -> 3)", "code: unchanged"]
     assert head.deploy_lines() == [*before, "deployment chat updated"]
     assert head.specs()["chat"] == load(path)[0]
 

@@ -231,14 +231,18 @@ class Change:
     fields: list[str] = field(default_factory=list)  # what an update changes
 
 
+_ABSENT = object()
+
+
 def _differences(old: DeploymentSpec, new: DeploymentSpec) -> list[str]:
-    """The fields that differ, with the values where they are short."""
+    """The fields that differ: a map's keys that differ, other fields with their values."""
     out = []
     for name in FIELDS:
         a, b = getattr(old, name), getattr(new, name)
-        if a != b:
-            short = not isinstance(a, dict) and not isinstance(b, dict)
-            out.append(f"{name} {_shown(a)} -> {_shown(b)}" if short else name)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{name}.{key}" for key in sorted({*a, *b}) if a.get(key, _ABSENT) != b.get(key, _ABSENT)]
+        elif a != b:
+            out.append(f"{name} {_shown(a)} -> {_shown(b)}")
     return out
 
 
