@@ -120,6 +120,8 @@ def test_values_are_plain_data_with_the_specs_defaults(tmp_path: Path) -> None:
         )
     ]
     assert load(write(tmp_path, "deployments: []\n")) == []
+    merged = load(write(tmp_path, CHAT + "    engine_args: {<<: {a: 1, b: 2}, b: 3}\n"))  # a merge's key overridden
+    assert merged[0].engine_args == {"a": 1, "b": 3}
 
 
 def test_the_repositorys_example_serves_the_tiny_model_as_up_does() -> None:

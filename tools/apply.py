@@ -75,10 +75,10 @@ class _Loader(yaml.SafeLoader):
             self._depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        self.flatten_mapping(node)  # merges (<<) first: a key given again after a merge overrides it, as YAML says
         seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode):  # other keys are refused as unhashable by the constructor
+        for key_node, _ in node.value:  # the map's own keys: one may override what a merge (<<) brings, as in YAML
+            # a merge key is resolved by the constructor; any but a scalar key is refused by it as unhashable
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                 key = self.construct_object(key_node)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
