@@ -48,9 +48,9 @@ def unavailable() -> str | None:
     probe = f"tb-probe-{secrets.token_hex(3)}"
     try:
         _ip("netns", "add", probe)
-    except (NetnsError, OSError) as e:
+        _ip("netns", "del", probe)
+    except (NetnsError, OSError, subprocess.TimeoutExpired) as e:
         return f"cannot create a network namespace (needs root or CAP_NET_ADMIN, and iproute2): {e}"
-    _ip("netns", "del", probe)
     return None
 
 

@@ -9,7 +9,6 @@ comes back. Printed: the time from a host's loss until the proxy no longer route
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shlex
@@ -142,8 +141,13 @@ class MultiHost:
 
         self.head = machine("head", "head", "head")
         self.nodes = [machine(n, "node", n, NODE=net.hosts[n].ip, NODE_ID=n) for n in NODES]
-        self.proxy = machine("proxy", "proxy", "head")  # the proxy's machine is the head's host
-        self.client = machine("client", "client", "client")
+        # the proxy's machine is the head's host, with a directory of its own (it gets only its own keys)
+        self.machines = [
+            self.head,
+            *self.nodes,
+            machine("proxy", "proxy", "head"),
+            machine("client", "client", "client"),
+        ]
         self.router = f"tcp://{head_ip}:5555"
         self.proxy_url = f"http://{head_ip}:8000"
         self.deployment = ""
@@ -152,7 +156,7 @@ class MultiHost:
         self._admin: AdminClient | None = None
 
     def of_role(self, role: str) -> list[Machine]:
-        return {"head": [self.head], "node": self.nodes, "proxy": [self.proxy], "client": [self.client]}[role]
+        return [m for m in self.machines if m.role == role]
 
     def node_ip(self, node: str) -> str:
         return self.net.hosts[node].ip
@@ -191,6 +195,8 @@ class MultiHost:
             name = {"head": "head", "agent": f"agent-{machine.name}", "tokenbus-proxy": "proxy"}[program]
             # the agent's own stop of its replicas is not cut short (tools/up.py does the same)
             stop_s = AGENT_SHUTDOWN_GRACE_S + STOP_MARGIN_S if program == "agent" else STOP_TIMEOUT_S
+            # run from its machine's directory (the head's default database is relative), by `env -C`: a Child has
+            # no cwd of its own
             cmd = self.net.exec_argv(machine.host, ["env", "-C", str(machine.dir), *argv, *TEST_FLAGS.get(program, [])])
             self.children.start(name, cmd, machine.dir / f"{name}.log", self._env(machine), stop_s)
             return
@@ -293,6 +299,13 @@ async def _by_address(url: str, prefix: str) -> dict[str, float]:
     return found
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:  # gone
+        return None
+
+
 @pytest.fixture
 def multihost(tmp_path: Path) -> Iterator[MultiHost]:
     """Five emulated hosts (head, n1-n3, client), the test itself on the client; not started (`await start()`).
@@ -351,10 +364,10 @@ async def _loss_case(mh: MultiHost, strike: str, capsys: pytest.CaptureFixture[s
         if strike == "cut":
             mh.net.set_link(CUT, up=False)
         else:
-            mh.children.note_descendants()
-            for pid in [mh.children.get(f"agent-{CUT}").pid, *mh.replica_pids(CUT)]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            agent = mh.children.get(f"agent-{CUT}").pid
+            # the agent's log names every replica it ever started: only those still its children are ours to kill
+            for pid in [agent, *(p for p in mh.replica_pids(CUT) if _parent(p) == agent)]:
+                os.kill(pid, signal.SIGKILL)
         struck = time.monotonic()
 
         async def not_routed() -> bool:  # ejected by the proxy, or gone from its snapshot
