@@ -56,9 +56,14 @@ class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     placement: Placement = Placement.SPREAD
 
     def __post_init__(self) -> None:
+        try:
+            msgspec.msgpack.encode(self.engine_args)  # it travels in bus messages: no integer beyond 64 bits
+        except OverflowError as e:
+            raise ValueError(f"engine_args: {e}") from None
         size = len(msgspec.json.encode(self.engine_args))
         if size > MAX_ENGINE_ARGS_BYTES:
             raise ValueError(f"engine_args is {size} bytes of JSON, more than {MAX_ENGINE_ARGS_BYTES}")
+        self.gpus_needed()  # refuses parallel sizes that are not counts
 
     def gpus_needed(self) -> int:
         """The GPUs each replica is placed on."""
