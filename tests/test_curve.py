@@ -16,12 +16,14 @@ import shutil
 import stat
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import zmq
 import zmq.asyncio
+from cluster_harness import deployed_cluster
 from controlplane_helpers import (
     DEADLINE_S,
     REPO_ROOT,
@@ -254,6 +256,22 @@ async def test_with_the_key_everything_works(tmp_path: Path, keys: Path) -> None
             assert [(r["state"], r["addr"]) for r in dep["replicas_list"]] == [("READY", replica.grpc_address)]
             run = tokenbus("status", "--head", head.router, "--keys", str(keys))
             assert run.returncode == 0 and "chat" in run.stdout, run.stdout + run.stderr
+
+
+def test_a_local_cluster_with_keys_serves_through_its_proxy(tmp_path: Path, keys: Path) -> None:
+    """LocalCluster(keys=...) as `tokenbus up --keys` runs it: the head, the agent, the proxy and the admin calls all
+    with their own keys; the proxy gets its snapshot, and a stream through it reaches the replica."""
+    missing = replica_path_missing()
+    if missing:
+        pytest.skip(missing)
+    spec = {"name": "chat", "engine": "sim", "engine_args": {}, "replicas": 1, "max_concurrency": 4}
+    with deployed_cluster(tmp_path, spec, keys=keys) as (cluster, _):
+        url = f"{cluster.proxy_url}/v1/chat/chat?max_tokens=4"
+        with urllib.request.urlopen(urllib.request.Request(url, data=b"hello", method="POST"), timeout=30) as resp:
+            assert resp.status == 200
+            assert len(resp.read().split()) == 4
+        head_log = (tmp_path / "logs" / "head.log").read_text()
+        assert "CURVE, authorized keys only" in head_log and "refused" not in head_log
 
 
 # --- bad frames from an authenticated peer ---------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 
 from bus.admin import AdminClient
+from bus.curve import load_client
 from node_agent.agent import SHUTDOWN_GRACE_S as AGENT_SHUTDOWN_GRACE_S
 from node_agent.binaries import bin_dir
 from tools.procs import STOP_MARGIN_S, Child, Children, Supervisor
@@ -59,6 +60,7 @@ class LocalCluster:
         agents: int = 1,
         proxies: int = 1,
         api_keys: Path | None = None,
+        keys: Path | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.router = f"tcp://127.0.0.1:{free_port()}"
@@ -69,6 +71,7 @@ class LocalCluster:
         self._agents = [("agent", "e2e")] + [(f"agent-{i}", f"e2e-{i}") for i in range(2, agents + 1)]
         self._proxies = ["proxy"] + [f"proxy-{i}" for i in range(2, proxies + 1)]
         self._api_keys = api_keys  # every proxy's --api-keys file
+        self._keys = keys  # CURVE: the key directory of the head, every agent and proxy, and admin()
         self.proxy_urls: dict[str, str] = {}
         self._db = state_dir / "head.db"
 
@@ -87,21 +90,27 @@ class LocalCluster:
         tokenbus = [sys.executable, "-m", "tools"]
         hb = str(self._heartbeat_s)
         head_cmd = [*tokenbus, "head", "--router", self.router, "--pub", self.pub, "--heartbeat", hb]
-        self._children.start("head", [*head_cmd, "--db", str(self._db)], logs / "head.log", env)
+        head_cmd += ["--db", str(self._db), *self._key_args("head")]
+        self._children.start("head", head_cmd, logs / "head.log", env)
         for name, node_id in self._agents:
             agent_cmd = [*tokenbus, "agent", "--head", self.router, "--node-id", node_id, "--heartbeat", hb]
             agent_cmd += ["--state-dir", str(self.state_dir / "agents" / node_id)]
-            agent_cmd += ["--cpu-slots", str(self._cpu_slots)]
+            agent_cmd += ["--cpu-slots", str(self._cpu_slots), *self._key_args("agent")]
             # the agent's own stop of its replicas is not cut short (tools/up.py does the same)
             self._children.start(name, agent_cmd, logs / f"{name}.log", env, AGENT_SHUTDOWN_GRACE_S + STOP_MARGIN_S)
         for name in self._proxies:
             proxy_cmd = [str(bins / "tokenbus-proxy"), "--bind", "127.0.0.1:0"]
-            proxy_cmd += ["--head-router", self.router, "--head-pub", self.pub]
+            proxy_cmd += ["--head-router", self.router, "--head-pub", self.pub, *self._key_args("proxy")]
             if self._api_keys is not None:
                 proxy_cmd += ["--api-keys", str(self._api_keys)]
             self._children.start(name, proxy_cmd, logs / f"{name}.log", env)
         for name in self._proxies:
             self.proxy_urls[name] = f"http://{self._listening_address(self._children.get(name), 0)}"
+
+    def _key_args(self, name: str) -> list[str]:
+        if self._keys is None:
+            return []
+        return ["--keys", str(self._keys)] + (["--key-name", name] if name != "head" else [])
 
     def _listening_address(self, child: Child, log_offset: int) -> str:
         """The address in the first LISTENING line the child wrote after `log_offset` bytes of its log."""
@@ -181,7 +190,7 @@ class LocalCluster:
     # --- the head's admin API ------------------------------------------------------------------------------------
 
     async def admin(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        client = AdminClient(self.router)
+        client = AdminClient(self.router, keys=load_client(self._keys, "cli") if self._keys is not None else None)
         try:
             return await client.request(op, args or {}, timeout=5.0)
         finally:

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 from rich.console import Console
 
+from bus.curve import KEYS_ENV, ClientKeys, CurveKeyError, load_client, load_server
 from bus.endpoints import DEFAULT_PUB, DEFAULT_ROUTER
 from tools.admin_cmds import admin_request
 from tools.procs import STOP_MARGIN_S, STOP_TIMEOUT_S, Child, Children, Supervisor
@@ -54,6 +55,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000, help="the proxy's HTTP port on 127.0.0.1")
     p.add_argument("--state-dir", default=".tokenbus", help="head database and child logs")
     p.add_argument("--ready-timeout", type=float, default=360.0, help="seconds to wait for /readyz")
+    p.add_argument(
+        "--keys",
+        type=Path,
+        default=os.environ.get(KEYS_ENV) or None,
+        metavar="DIR",
+        help="a closed control plane (`tokenbus keys gen DIR`): the head accepts only DIR/authorized/, the agent, "
+        f"the proxy and `up` itself connect with their keys (default ${KEYS_ENV} when set)",
+    )
     p.add_argument(
         "--api-keys", type=Path, metavar="FILE", help="the proxy's API keys (`KEY [NAME]` per line); SIGHUP reloads"
     )
@@ -145,7 +154,20 @@ def _child_died(child: Child) -> StartupError:
     )
 
 
-async def _deploy(router: str, spec: dict[str, Any], children: Children, deadline: float) -> None:
+def check_keys(directory: Path) -> ClientKeys:
+    """Every key `up` hands out, read before anything starts; the CLI's, which `up` deploys with."""
+    try:
+        load_server(directory)
+        for name in ("agent", "proxy"):
+            load_client(directory, name)
+        return load_client(directory, "cli")
+    except CurveKeyError as e:
+        raise StartupError(f"--keys {directory}: {e}") from None
+
+
+async def _deploy(
+    router: str, spec: dict[str, Any], children: Children, deadline: float, keys: ClientKeys | None
+) -> None:
     """Deploy `demo`, retrying while the head is still starting."""
     from bus.admin import AdminError
 
@@ -154,7 +176,7 @@ async def _deploy(router: str, spec: dict[str, Any], children: Children, deadlin
         if (dead := children.first_exited()) is not None:
             raise _child_died(dead)
         try:
-            await admin_request(router, "deploy", spec, timeout=2.0)
+            await admin_request(router, "deploy", spec, timeout=2.0, keys=keys)
             return
         except TimeoutError:  # before AdminError: a timeout is both
             last = f"no answer from the head at {router}"
@@ -210,6 +232,12 @@ async def _bring_up(opts: argparse.Namespace, children: Children, console: Conso
     proxy_cmd += ["--head-pub", pub, "--drain-grace", str(DRAIN_GRACE_S)]
     if opts.api_keys:
         proxy_cmd += ["--api-keys", str(opts.api_keys.resolve())]
+    cli_keys = check_keys(opts.keys) if opts.keys else None
+    if opts.keys:
+        key_dir = str(opts.keys.resolve())
+        head_cmd += ["--keys", key_dir]
+        agent_cmd += ["--keys", key_dir, "--key-name", "agent"]
+        proxy_cmd += ["--keys", key_dir, "--key-name", "proxy"]
     for name, cmd, stop_timeout_s in (
         ("head", head_cmd, STOP_TIMEOUT_S),
         # the agent's own stop of its replicas (SIGTERM, so that vLLM frees its shared memory) is not cut short
@@ -220,7 +248,7 @@ async def _bring_up(opts: argparse.Namespace, children: Children, console: Conso
         console.print(f"started {name:5} pid {child.pid:>7}  log {child.log_path}")
 
     deadline = time.monotonic() + opts.ready_timeout
-    await _deploy(router, demo_deployment(opts.engine, opts.replicas, model_dir), children, deadline)
+    await _deploy(router, demo_deployment(opts.engine, opts.replicas, model_dir), children, deadline, cli_keys)
     console.print(f"deployed [bold]{DEPLOYMENT}[/bold]: {opts.replicas} x {opts.engine}")
     await _wait_ready(f"http://127.0.0.1:{opts.port}/readyz", children, deadline, console)
     ready = f"[green]ready[/green]: head {router} (pub {pub}), proxy http://127.0.0.1:{opts.port}\n"
