@@ -96,7 +96,7 @@ test-tsan: $(STAMPS)/apt
 
 # --- fuzz targets (proxy_cpp/fuzz): libFuzzer needs clang. Each run starts from the committed seeds
 # (proxy_cpp/fuzz/corpus/TARGET) plus what earlier runs here found (FUZZ_BUILD/corpus/TARGET, not committed).
-FUZZ_TARGETS := snapshot_fuzz ring_records_fuzz ring_consumer_fuzz openai_request_fuzz http_front_fuzz
+FUZZ_TARGETS := snapshot_fuzz ring_records_fuzz ring_consumer_fuzz openai_request_fuzz http_front_fuzz key_files_fuzz
 FUZZ_SHORT_S ?= 20
 FUZZ_LONG_S ?= 300
 fuzz-build: $(STAMPS)/apt

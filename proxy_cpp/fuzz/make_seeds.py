@@ -63,6 +63,16 @@ OPENAI_BODIES: list[dict[str, Any]] = [
     },
 ]
 
+# Key files as operators write them (proxy/api_keys.hpp) and as `tokenbus keys gen` writes certificates (pyzmq's
+# format; this pair is a throwaway made for the corpus).
+KEY_FILES: list[bytes] = [
+    b"# the team's keys\nsk-alice-0123456789abcdef alice\n\nsk-bob-0123456789abcdef\n",
+    b"sk-carol-0123456789abcdef ops.team_1-x # trailing comment\r\nsk-dave-0123456789abcdef\tdave\r\n",
+    b"#   ****  Generated on 2026-11-30 08:29:49.697395 by pyzmq  ****\n#   ZeroMQ CURVE **Secret** Certificate\n\n"
+    b'metadata\ncurve\n    public-key = "W+8Tu=qxUZnGT$/)uPvfMtE#0Y]p3k>&s=<1n>LU"\n'
+    b'    secret-key = "H&w9xRH1hE*@2j23F*!vP!EjgL20w=N4UIP2Gz9]"\n',
+]
+
 
 def http_request(method: str, target: str, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1:8000"]
@@ -151,6 +161,7 @@ def main() -> None:
     write("ring_consumer_fuzz", framed_ring_images())
     write("openai_request_fuzz", [json.dumps(b).encode() for b in OPENAI_BODIES])
     write("http_front_fuzz", http_requests())
+    write("key_files_fuzz", KEY_FILES)
 
 
 if __name__ == "__main__":
