@@ -13,7 +13,7 @@ import zmq
 import zmq.asyncio
 
 from bus.bounded_recv import limit_frames, recv_bounded
-from bus.curve import ClientKeys, secure_client
+from bus.curve import ClientKeys, HandshakeWatch, secure_client
 from schemas.messages import AdminReply, AdminRequest, MessageError, decode
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class AdminClient:
         self._keys = keys
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
+        self._watch: HandshakeWatch | None = None
         self._lock = asyncio.Lock()  # one request in flight: the reply read belongs to it
         # ids start at a per-process offset so two clients' stale replies are unlikely to match each other
         self._ids = itertools.count((os.getpid() & 0xFFFF) << 32 | 1)
@@ -45,6 +46,7 @@ class AdminClient:
             self._sock.setsockopt(zmq.LINGER, 0)
             limit_frames(self._sock)
             secure_client(self._sock, self._keys)  # a head with keys answers nothing without them
+            self._watch = HandshakeWatch(self._sock, self._keys)
             self._sock.connect(self._endpoint)
         return self._sock
 
@@ -58,7 +60,11 @@ class AdminClient:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not await sock.poll(remaining * 1000, zmq.POLLIN):
-                    raise AdminTimeout(f"no answer from the head at {self._endpoint} in {timeout} s")
+                    assert self._watch is not None  # made with the socket
+                    why = self._watch.refusal()
+                    raise AdminTimeout(
+                        f"no answer from the head at {self._endpoint} in {timeout} s" + (f": {why}" if why else "")
+                    )
                 frames = await recv_bounded(sock, "admin-dealer")
                 if frames is None:
                     continue  # over the bus limits: counted and logged
@@ -74,6 +80,9 @@ class AdminClient:
                 return reply.data
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None

@@ -28,6 +28,7 @@ import zmq
 import zmq.asyncio
 import zmq.auth
 from zmq.utils import z85
+from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ ZAP_DOMAIN = b"tokenbus"
 # minute with the refusals in between; the addresses remembered for that are bounded.
 REFUSAL_LOG_INTERVAL_S = 60.0
 MAX_REFUSED_PEERS = 1024
+HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 class CurveKeyError(Exception):
@@ -153,6 +157,38 @@ def secure_client(sock: zmq.Socket, keys: ClientKeys | None) -> None:
     sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server_public)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
     sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+
+
+class HandshakeWatch:
+    """A client socket's failed handshakes with the head (a socket monitor), told as why the head refuses the client:
+    a client sees only silence otherwise. Made before the socket connects."""
+
+    def __init__(self, sock: zmq.Socket, keys: ClientKeys | None) -> None:
+        self._sock = sock
+        self._keys = keys
+        self._monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
+
+    def refusal(self) -> str | None:
+        """Why the latest handshake since the last call failed; None when none did."""
+        event = None
+        while True:
+            try:  # the sync reads of zmq.Socket: no future, no wait (an event's two frames arrive together)
+                frames = [zmq.Socket.recv(self._monitor, zmq.NOBLOCK)]
+            except zmq.Again:
+                break
+            frames.append(zmq.Socket.recv(self._monitor, zmq.NOBLOCK))
+            event = parse_monitor_message(frames)["event"]
+        if event is None:
+            return None
+        if self._keys is None:
+            return "the head ended the handshake: it may want CURVE keys (--keys DIR)"
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return f"the head refused the key {self._keys.name!r}: it is not among the head's authorized keys"
+        return "the CURVE handshake failed: is DIR/head.key this head's public key, and does the head run with --keys?"
+
+    def close(self) -> None:
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
 
 
 # --- command lines -------------------------------------------------------------------------------------------

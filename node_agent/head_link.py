@@ -15,7 +15,7 @@ import zmq
 import zmq.asyncio
 
 from bus.bounded_recv import limit_frames, recv_bounded
-from bus.curve import ClientKeys, secure_client
+from bus.curve import ClientKeys, HandshakeWatch, secure_client
 from bus.liveness import Liveness
 from schemas.messages import (
     Heartbeat,
@@ -77,6 +77,7 @@ class HeadLink:
         self._keys = keys
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
+        self._watch: HandshakeWatch | None = None  # says why when the head refuses this agent's key
         self.registered = False
         self.registrations = 0  # RegisterAcks received in all (1 + reconnections that succeeded)
 
@@ -88,11 +89,14 @@ class HeadLink:
             try:
                 if await self._session():
                     backoff = BACKOFF_FIRST_S  # this session had registered: the head was fine, retry soon
+                assert self._watch is not None  # made with the socket
+                why = self._watch.refusal()
                 log.warning(
-                    "head at %s lost (silent for %d heartbeats); reconnecting in %.2f s",
+                    "head at %s lost (silent for %d heartbeats); reconnecting in %.2f s%s",
                     self._endpoint,
                     self._liveness,
                     backoff,
+                    f"; {why}" if why else "",
                 )
             except Exception:  # a bug must not end the link for good: start over on a new socket, backing off
                 log.exception("the link to the head at %s failed; reconnecting in %.2f s", self._endpoint, backoff)
@@ -109,6 +113,7 @@ class HeadLink:
 
     def close(self, linger_s: float = 0.5) -> None:
         """Closes the socket, giving queued messages (last replica events) `linger_s` to leave."""
+        self._close_watch()
         if self._sock is not None:
             self._sock.close(linger=int(linger_s * 1000))
             self._sock = None
@@ -121,14 +126,21 @@ class HeadLink:
         sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing to a head that is not connected: stale beats are useless
         limit_frames(sock)
         secure_client(sock, self._keys)
+        self._watch = HandshakeWatch(sock, self._keys)
         sock.connect(self._endpoint)
         self._sock = sock
         self.registered = False
         key = f" with key {self._keys.name}" if self._keys is not None else ""
         log.info("connecting to the head at %s as node %s%s", self._endpoint, self._capacity.node_id, key)
 
+    def _close_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+
     def _close_socket(self) -> None:
         self.registered = False
+        self._close_watch()
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None

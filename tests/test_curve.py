@@ -201,14 +201,19 @@ async def test_an_agent_without_a_known_key_is_never_registered(tmp_path: Path, 
                 # as long again as the keyed agent took: still nothing from the others
                 assert "registered with the head" not in no_key.log_text() + unknown.log_text()
                 assert await nodes() == ["known"]
+                # and they say why
+                await unknown.wait_for_log(r"lost .*; the head refused the key 'agent': it is not among the head's")
+                await no_key.wait_for_log(
+                    r"lost .*; the head ended the handshake: it may want CURVE keys \(--keys DIR\)"
+                )
         # a refused client retries every 100 ms: its refusals are logged once, not once per attempt
         assert len(re.findall("CURVE: refused peer", head.log_text())) == 1
 
 
 async def test_a_cli_without_a_known_key_gets_no_answer(tmp_path: Path, keys: Path) -> None:
     async with head_with_keys(tmp_path, keys) as head:
-        for keys_dir in (None, stranger(keys)):
-            with pytest.raises(AdminTimeout):
+        for keys_dir, why in ((None, "it may want CURVE keys"), (stranger(keys), "the head refused the key 'cli'")):
+            with pytest.raises(AdminTimeout, match=why):
                 await request(head.router, "status", keys_dir, timeout=NO_ANSWER_S)
         spec = {"name": "nope", "engine": "sim", "engine_args": {}, "replicas": 0, "max_concurrency": 4}
         with pytest.raises(AdminTimeout):
