@@ -110,6 +110,8 @@ def _load(path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:
         raise CurveKeyError(f"cannot read the key file {path}: {e}") from None
     if secret and secret_key is None:
         raise CurveKeyError(f"{path} holds no secret key")
+    if secret and path.stat().st_mode & 0o077:  # as ssh warns of a private key others can read (copied without -p)
+        log.warning("%s holds a secret key and others can read it: chmod 600 %s", path, path)
     for key in (public, secret_key):
         if key is not None and len(key) != 40:  # a 32-byte key is 40 characters of Z85
             raise CurveKeyError(f"{path} holds a key that is not 40 characters of Z85")

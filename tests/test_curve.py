@@ -141,6 +141,21 @@ def test_keys_gen_writes_secrets_readable_by_their_owner_only_and_keeps_existing
     assert run.returncode == 1 and "key name" in run.stdout
 
 
+def test_a_secret_key_others_can_read_is_warned_about(keys: Path, caplog: pytest.LogCaptureFixture) -> None:
+    d = keys.parent / "copied"
+    shutil.copytree(keys, d)
+    (d / "agent.key_secret").chmod(0o644)  # as `scp` without -p leaves it
+    with caplog.at_level(logging.WARNING, logger="bus.curve"):
+        load_client(d, "cli")
+        assert not caplog.records
+        load_client(d, "agent")
+    [record] = caplog.records
+    assert (
+        record.getMessage()
+        == f"{d}/agent.key_secret holds a secret key and others can read it: chmod 600 {d}/agent.key_secret"
+    )
+
+
 # --- the head's exposure ----------------------------------------------------------------------------------------
 
 
