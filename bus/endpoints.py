@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-DEFAULT_ROUTER = "tcp://127.0.0.1:5555"  # the head's ROUTER: agents, the admin CLI, snapshot requests
-DEFAULT_PUB = "tcp://127.0.0.1:5556"  # the head's PUB: routing snapshots
 DEFAULT_BIND = "127.0.0.1"  # the address the head and the agents' replicas listen on unless told otherwise
+DEFAULT_ROUTER_PORT = 5555
+DEFAULT_PUB_PORT = 5556
+DEFAULT_ROUTER = f"tcp://{DEFAULT_BIND}:{DEFAULT_ROUTER_PORT}"  # the head's ROUTER: agents, the admin CLI, snapshots
+DEFAULT_PUB = f"tcp://{DEFAULT_BIND}:{DEFAULT_PUB_PORT}"  # the head's PUB: routing snapshots
 WILDCARDS = ("0.0.0.0", "::", "*")  # every interface: listening there needs an address to advertise to clients
 DEFAULT_HEARTBEAT_S = 1.0  # heartbeat interval H, both ways between head and agents
 DEFAULT_LIVENESS = 3  # a peer silent for this many intervals is lost

@@ -17,16 +17,21 @@ from pathlib import Path
 import zmq
 
 from bus.curve import KEYS_ENV, CurveKeyError, load_server
-from bus.endpoints import DEFAULT_BIND, DEFAULT_HEARTBEAT_S, DEFAULT_PUB, DEFAULT_ROUTER, WILDCARDS
+from bus.endpoints import (
+    DEFAULT_BIND,
+    DEFAULT_HEARTBEAT_S,
+    DEFAULT_PUB,
+    DEFAULT_PUB_PORT,
+    DEFAULT_ROUTER,
+    DEFAULT_ROUTER_PORT,
+    WILDCARDS,
+)
 from bus.log_setup import configure
 from bus.run import run_until_signal
 from head.server import Head
 from head.state import DEFAULT_NODE_GRACE_S
 
 log = logging.getLogger("head")
-
-DEFAULT_ROUTER_PORT = int(DEFAULT_ROUTER.rsplit(":", 1)[1])
-DEFAULT_PUB_PORT = int(DEFAULT_PUB.rsplit(":", 1)[1])
 
 
 def endpoint_host(endpoint: str) -> str | None:

@@ -25,15 +25,13 @@ import aiohttp
 from rich.console import Console
 
 from bus.curve import KEYS_ENV, ClientKeys, CurveKeyError, load_client, load_server
-from bus.endpoints import DEFAULT_PUB, DEFAULT_ROUTER
+from bus.endpoints import DEFAULT_PUB_PORT, DEFAULT_ROUTER_PORT
 from tools.admin_cmds import admin_request
 from tools.procs import STOP_MARGIN_S, STOP_TIMEOUT_S, Child, Children, Supervisor
 from tools.tiny_model import make_with_progress
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BINARIES = ("tokenbus-proxy", "tokenbus-replica")
-DEFAULT_ROUTER_PORT = int(DEFAULT_ROUTER.rsplit(":", 1)[1])
-DEFAULT_PUB_PORT = int(DEFAULT_PUB.rsplit(":", 1)[1])
 POLL_INTERVAL_S = 0.5
 DRAIN_GRACE_S = 10  # on Ctrl-C, open streams may finish for this long (the proxy's --drain-grace)
 DEPLOYMENT = "demo"
