@@ -12,7 +12,8 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from head.state import UNHEALTHY_REPLACE_S, ClusterState, Node, Replica
+from head.placement import place
+from head.state import UNHEALTHY_REPLACE_S, ClusterState, Replica
 from schemas.messages import Message, ReplicaState, StartReplica, StopReplica
 
 log = logging.getLogger("head")
@@ -40,17 +41,6 @@ def _surplus_order(r: Replica) -> tuple[bool, bool, float, int]:
     return (r.state is not ReplicaState.STARTING, r.healthy, -r.started_at, -r.order)
 
 
-def _pick_node(state: ClusterState) -> Node | None:
-    """The alive node with the most free cpu slots (one per replica); ties go to the lowest node id."""
-    best: Node | None = None
-    best_free = 0
-    for node in sorted(state.nodes.values(), key=lambda n: n.node_id):
-        free = node.cpu_slots - state.used_slots(node.node_id)
-        if node.alive and free > best_free:
-            best, best_free = node, free
-    return best
-
-
 def reconcile(state: ClusterState, now: float) -> list[Command]:
     if not state.check_synced(now):
         return []
@@ -65,6 +55,8 @@ def reconcile(state: ClusterState, now: float) -> list[Command]:
         commands.append(Command(r.node_id, StopReplica(r.replica_id, drain=r.stop_drain)))
 
     state.release_lost_nodes(now)
+    for name in state.unplaced.keys() - state.deployments.keys():
+        del state.unplaced[name]  # deleted: nothing left to place
     state.forget_empty_adopted()
     for r in list(state.replicas.values()):
         if r.stopping:
@@ -80,6 +72,8 @@ def reconcile(state: ClusterState, now: float) -> list[Command]:
 
     for name, d in sorted(state.deployments.items()):
         live = [r for r in state.replicas.values() if r.deployment == name and _counts_toward_desired(r)]
+        if len(live) >= d.replicas:
+            state.unplaced.pop(name, None)
         if len(live) > d.replicas:
             live.sort(key=_surplus_order)
             for r in live[: len(live) - d.replicas]:
@@ -88,18 +82,27 @@ def reconcile(state: ClusterState, now: float) -> list[Command]:
         backoff = state.backoff.get(name)
         if len(live) < d.replicas and backoff is not None and now < backoff.not_before:
             continue
-        for _ in range(d.replicas - len(live)):
-            node = _pick_node(state)
-            if node is None:
-                if name not in state.unplaced:  # said once, not every pass
-                    log.warning("deployment %s is short of replicas: no alive node has a free cpu slot", name)
-                    state.unplaced.add(name)
+        gpus = d.gpus_needed()
+        missing = d.replicas - len(live)
+        for placed in range(missing):
+            spot = place(state.rooms(name), gpus, d.placement)
+            if isinstance(spot, str):
+                if state.unplaced.get(name) != spot:  # said when it changes, not every pass
+                    log.warning("deployment %s is short of %d replicas: %s", name, missing - placed, spot)
+                    state.unplaced[name] = spot
                 break
-            state.unplaced.discard(name)
-            rid = new_replica_id(name)
-            state.add_replica(rid, name, node.node_id, ReplicaState.STARTING, now)
-            log.info("replica %s of %s placed on node %s", rid, name, node.node_id)
-            commands.append(
-                Command(node.node_id, StartReplica(rid, name, d.engine, dict(d.engine_args), d.max_concurrency))
+            state.unplaced.pop(name, None)
+            r = state.add_replica(new_replica_id(name), name, spot.node_id, ReplicaState.STARTING, now)
+            r.gpus = spot.gpus
+            log.info(
+                "replica %s of %s placed on node %s%s",
+                r.replica_id,
+                name,
+                spot.node_id,
+                f", GPUs {','.join(map(str, spot.gpus))}" if spot.gpus else "",
             )
+            start = StartReplica(
+                r.replica_id, name, d.engine.value, dict(d.engine_args), d.max_concurrency, gpus=spot.gpus
+            )
+            commands.append(Command(spot.node_id, start))
     return commands

@@ -18,8 +18,10 @@ from typing import Any
 import msgspec
 
 from bus.liveness import Liveness
-from schemas.deployment import DeploymentSpec
+from head.placement import NodeRoom
+from schemas.deployment import DeploymentSpec, Engine
 from schemas.messages import (
+    GpuInfo,
     Register,
     ReplicaLoad,
     ReplicaState,
@@ -54,7 +56,7 @@ class Node:
     identity: bytes  # the agent DEALER's routing id on the head's ROUTER (new on every reconnect)
     host: str
     cpu_slots: int
-    gpus: int
+    gpus: tuple[GpuInfo, ...]
     memory_bytes: int
     liveness: Liveness
     last_seen: float
@@ -77,6 +79,7 @@ class Replica:
     healthy: bool = True  # the agent's active health verdict
     max_model_len: int = 0  # as the replica reported it (0 = not yet)
     started_at: float = 0.0  # unix seconds when its agent spawned it (0 = not reported)
+    gpus: tuple[int, ...] = ()  # the indices of its node's GPUs it holds, from placement or its agent's report
     unhealthy_since: float | None = None  # monotonic time of the report that made it unhealthy
     stopping: bool = False  # the head asked for it to stop
     stop_drain: bool = True  # ... letting its open requests finish
@@ -104,7 +107,8 @@ class ClusterState:
         self.nodes: dict[str, Node] = {}
         self.replicas: dict[str, Replica] = {}
         self.backoff: dict[str, RestartBackoff] = {}
-        self.unplaced: set[str] = set()  # deployments short of replicas for want of a free slot (logged once)
+        # deployments short of replicas because no node fits one more, with the reason (logged when it changes)
+        self.unplaced: dict[str, str] = {}
         # deployments the head has no record of (a new or lost database) whose replicas agents run: published and
         # left alone until the user deploys or deletes the name, so traffic to them is never black-holed
         self.adopted: set[str] = set()
@@ -160,7 +164,7 @@ class ClusterState:
             identity=identity,
             host=msg.host,
             cpu_slots=msg.cpu_slots,
-            gpus=msg.gpus,
+            gpus=tuple(msg.gpus),
             memory_bytes=msg.memory_bytes,
             liveness=Liveness(self.liveness),
             last_seen=now,
@@ -173,7 +177,7 @@ class ClusterState:
             "re-registered" if previous is not None or not self.synced else "registered",
             msg.host,
             msg.cpu_slots,
-            msg.gpus,
+            len(msg.gpus),
             msg.memory_bytes >> 20,
             len(msg.replicas),
         )
@@ -236,6 +240,27 @@ class ClusterState:
     def used_slots(self, node_id: str) -> int:
         return sum(1 for r in self.replicas.values() if r.node_id == node_id)
 
+    def free_gpus(self, node: Node) -> tuple[int, ...]:
+        """The node's GPUs that no replica of the table holds (a stopping one holds its GPUs until it exited)."""
+        held = {i for r in self.replicas.values() if r.node_id == node.node_id for i in r.gpus}
+        return tuple(sorted(g.index for g in node.gpus if g.index not in held))
+
+    def rooms(self, deployment: str) -> list[NodeRoom]:
+        """What every alive node has left, for placing one more replica of `deployment`."""
+        return [
+            NodeRoom(
+                node_id=n.node_id,
+                free_slots=n.cpu_slots - self.used_slots(n.node_id),
+                free_gpus=self.free_gpus(n),
+                total_gpus=len(n.gpus),
+                deployment_replicas=sum(
+                    1 for r in self.replicas.values() if r.node_id == n.node_id and r.deployment == deployment
+                ),
+            )
+            for n in sorted(self.nodes.values(), key=lambda n: n.node_id)
+            if n.alive
+        ]
+
     # --- replica reports -------------------------------------------------------------------------------------
 
     def sync_replicas(self, node: Node, statuses: tuple[ReplicaStatus, ...], now: float) -> None:
@@ -291,6 +316,7 @@ class ClusterState:
         r.healthy = status.healthy
         r.max_model_len = status.max_model_len or r.max_model_len
         r.started_at = status.started_at or r.started_at
+        r.gpus = tuple(status.gpus)  # the agent's word: what the replica was started with
         if r.state is ReplicaState.DRAINING:
             r.stopping = True  # draining is on its way out whoever asked for it
 
@@ -373,7 +399,7 @@ class ClusterState:
         d = self.deployments.get(name)
         if d is not None:
             return d
-        return DeploymentSpec(name=name, engine="", replicas=0)  # type: ignore[arg-type]  # its engine is not known
+        return DeploymentSpec(name=name, engine=Engine.SIM, replicas=0)  # its engine is unknown: status says adopted
 
     def max_model_len(self, name: str) -> int:
         """The deployment's context length: the smallest any of its replicas reported (0 when none did)."""
@@ -423,6 +449,8 @@ class ClusterState:
                 "host": n.host,
                 "cpu_slots": n.cpu_slots,
                 "used_slots": self.used_slots(n.node_id),
+                "gpus": [msgspec.to_builtins(g) for g in n.gpus],
+                "free_gpus": list(self.free_gpus(n)),
                 "alive": n.alive,
                 "last_seen_s": round(now - n.last_seen, 3),
                 "lost_s": None if n.alive else round(now - n.lost_at, 3),  # how long ago it was declared lost
@@ -434,12 +462,13 @@ class ClusterState:
             d = self.settings(name)
             reps = sorted((r for r in self.replicas.values() if r.deployment == name), key=lambda r: r.order)
             adopted = name not in self.deployments
+            live = sum(1 for r in reps if not r.stopping and r.state is not ReplicaState.EXITED)
             deployments.append(
                 {
                     "name": name,
                     "adopted": adopted,  # run by agents, unknown to this head's database
                     "spec": None if adopted else msgspec.to_builtins(d),  # as deployed (`tokenbus apply` compares it)
-                    "engine": d.engine,
+                    "engine": "" if adopted else d.engine.value,
                     "engine_args": d.engine_args,
                     "replicas": len(reps) if adopted else d.replicas,
                     "max_concurrency": d.max_concurrency,
@@ -447,6 +476,9 @@ class ClusterState:
                     "idle_timeout_s": d.idle_timeout_s,
                     "max_model_len": self.max_model_len(name),
                     "ready": sum(1 for r in reps if r.state is ReplicaState.READY and not r.stopping),
+                    # replicas wanted but not placed, and why (a free cpu slot or enough free GPUs on no node)
+                    "unplaced": 0 if adopted or name not in self.unplaced else max(0, d.replicas - live),
+                    "unplaced_reason": self.unplaced.get(name, ""),
                     "replicas_list": [
                         {
                             "id": r.replica_id,
@@ -454,6 +486,7 @@ class ClusterState:
                             "state": self.shown_state(r).value,
                             "healthy": r.healthy,
                             "addr": r.grpc_address,
+                            "gpus": list(r.gpus),
                             "load": r.load.to_wire(),
                         }
                         for r in reps

@@ -13,7 +13,7 @@ import grpc
 from node_agent.head_link import HeadLink
 from node_agent.replica_process import RPC_TIMEOUT_S, TERM_GRACE_S, ReplicaProcess
 from node_agent.state import PROCESS_NAMES, REPLICA_ID_RE, ReplicaRecord, StateDir
-from schemas.messages import ReplicaEvent, ReplicaState, ReplicaStatus, StartReplica, StopReplica
+from schemas.messages import GpuInfo, ReplicaEvent, ReplicaState, ReplicaStatus, StartReplica, StopReplica
 
 log = logging.getLogger("node_agent")
 
@@ -26,9 +26,18 @@ LAST_LINES = 5  # of each log of a replica that ended while no agent ran, logged
 
 class Agent:
     def __init__(
-        self, node_id: str, bind: str, advertise: str, bin_dir: Path, state: StateDir, orphan_timeout_s: float | None
+        self,
+        node_id: str,
+        bind: str,
+        advertise: str,
+        bin_dir: Path,
+        state: StateDir,
+        orphan_timeout_s: float | None,
+        *,
+        gpus: tuple[GpuInfo, ...] = (),
     ) -> None:
         self.node_id = node_id
+        self._gpus = frozenset(g.index for g in gpus)
         self._bind = bind  # replicas listen here
         self._advertise = advertise  # and are reached here (their address in the head's routing snapshot)
         self._bin_dir = bin_dir
@@ -119,6 +128,7 @@ class Agent:
             "bin_dir": self._bin_dir,
             "state": self._state,
             "orphan_timeout_s": self._orphan_timeout_s,
+            "node_has_gpus": bool(self._gpus),
             "stats_interval_s": LOAD_POLL_S,
             "on_change": self._changed,
             "on_update": self._updated,
@@ -133,8 +143,32 @@ class Agent:
             log.warning("StartReplica refused: replica id %r is not of the form %s", rid, REPLICA_ID_RE.pattern)
             self._report_exited(rid, f"refused: a replica id must match {REPLICA_ID_RE.pattern}")
             return
-        log.info("starting replica %s of %s (engine %s %s)", rid, msg.deployment, msg.engine, msg.engine_args)
+        refused = self._gpu_conflict(msg)
+        if refused:
+            log.warning("StartReplica %s refused: %s", rid, refused)
+            self._report_exited(rid, f"refused: {refused}")
+            return
+        log.info(
+            "starting replica %s of %s (engine %s %s%s)",
+            rid,
+            msg.deployment,
+            msg.engine,
+            msg.engine_args,
+            f", GPUs {','.join(map(str, msg.gpus))}" if msg.gpus else "",
+        )
         self._run(ReplicaProcess(msg, **self._replica_args()))
+
+    def _gpu_conflict(self, msg: StartReplica) -> str:
+        """Why the GPUs the head chose cannot be given (not on this node, or held by a replica that has not exited:
+        a head's view can lag), or "". A replica's GPUs are free again once both its processes have exited."""
+        unknown = sorted(set(msg.gpus) - self._gpus)
+        if unknown:
+            return f"GPUs {unknown} are not on this node (it has {sorted(self._gpus)})"
+        held = {i: r.replica_id for r in self._replicas.values() if r.state is not ReplicaState.EXITED for i in r.gpus}
+        taken = sorted(i for i in msg.gpus if i in held)
+        if taken:
+            return f"GPUs {taken} are held by replica(s) {', '.join(sorted({held[i] for i in taken}))}"
+        return ""
 
     def _run(self, replica: ReplicaProcess) -> None:
         rid = replica.replica_id

@@ -16,7 +16,8 @@ from bus.log_setup import configure
 from bus.run import run_until_signal
 from node_agent.agent import Agent
 from node_agent.binaries import bin_dir
-from node_agent.capacity import default_cpu_slots, gpu_count, memory_bytes
+from node_agent.capacity import default_cpu_slots, memory_bytes
+from node_agent.gpus import GpuSpecError, discover_gpus, parse_gpus
 from node_agent.head_link import Capacity, HeadLink
 from node_agent.state import StateDir, StateDirError, default_state_dir
 
@@ -29,6 +30,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--node-id", default=f"{socket.gethostname()}-{os.getpid()}", help="default: hostname-pid")
     p.add_argument("--cpu-slots", type=int, default=default_cpu_slots(), help="replicas this node runs at most")
     p.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT_S, help="heartbeat interval in seconds")
+    p.add_argument(
+        "--gpus",
+        metavar="SPEC",
+        help="this node's GPUs by hand: a count N, or INDEX[:NAME[:MEMORY_GIB]],... (default: found through NVML)",
+    )
     p.add_argument(
         "--bind",
         default=DEFAULT_BIND,
@@ -60,6 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--heartbeat must be > 0")
     if opts.orphan_timeout is not None and not opts.orphan_timeout > 0:
         p.error("--orphan-timeout must be > 0")
+    try:
+        opts.gpus = discover_gpus() if opts.gpus is None else parse_gpus(opts.gpus)
+    except GpuSpecError as e:
+        p.error(f"--gpus: {e}")
     if opts.state_dir is None:
         opts.state_dir = default_state_dir(opts.node_id)
     if opts.advertise is None:
@@ -74,13 +84,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def _serve(opts: argparse.Namespace) -> int:
-    capacity = Capacity(opts.node_id, opts.advertise, opts.cpu_slots, gpu_count(), memory_bytes())
+    capacity = Capacity(opts.node_id, opts.advertise, opts.cpu_slots, opts.gpus, memory_bytes())
     binaries = bin_dir()
     log.info(
-        "agent %s started: %d cpu slots, %d gpus, %d MiB; replicas bind to %s, reached at %s; binaries from %s",
+        "agent %s started: %d cpu slots, %s GPUs, %d MiB; replicas bind to %s, reached at %s; binaries from %s",
         capacity.node_id,
         capacity.cpu_slots,
-        capacity.gpus,
+        f"{len(capacity.gpus)} ({', '.join(sorted({g.name for g in capacity.gpus}))})" if capacity.gpus else "no",
         capacity.memory_bytes >> 20,
         opts.bind,
         opts.advertise,
@@ -92,7 +102,7 @@ async def _serve(opts: argparse.Namespace) -> int:
         log.error("agent %s cannot start: %s", opts.node_id, e)
         return 1
     log.info("agent %s keeps its replicas' state in %s", opts.node_id, state.path)
-    agent = Agent(opts.node_id, opts.bind, opts.advertise, binaries, state, opts.orphan_timeout)
+    agent = Agent(opts.node_id, opts.bind, opts.advertise, binaries, state, opts.orphan_timeout, gpus=opts.gpus)
     await agent.adopt()
     link = HeadLink(
         opts.head,

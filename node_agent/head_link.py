@@ -18,6 +18,7 @@ from bus.bounded_recv import limit_frames, recv_bounded
 from bus.curve import ClientKeys, HandshakeWatch, secure_client
 from bus.liveness import Liveness
 from schemas.messages import (
+    GpuInfo,
     Heartbeat,
     Message,
     MessageError,
@@ -41,7 +42,7 @@ class Capacity:
     node_id: str
     host: str
     cpu_slots: int
-    gpus: int
+    gpus: tuple[GpuInfo, ...]
     memory_bytes: int
 
 

@@ -182,6 +182,7 @@ class ReplicaProcess:
         bin_dir: Path,
         state: StateDir,
         orphan_timeout_s: float | None,
+        node_has_gpus: bool,
         stats_interval_s: float,
         on_change: Callable[[ReplicaProcess], None],
         on_update: Callable[[ReplicaProcess], None],
@@ -194,6 +195,8 @@ class ReplicaProcess:
         self._bin_dir = bin_dir
         self._state = state
         self._orphan_timeout_s = orphan_timeout_s
+        self._node_has_gpus = node_has_gpus
+        self.gpus = tuple(spec.gpus)
         self._stats_interval = stats_interval_s
         self._on_change = on_change
         self._on_update = on_update
@@ -225,6 +228,7 @@ class ReplicaProcess:
         bin_dir: Path,
         state: StateDir,
         orphan_timeout_s: float | None,
+        node_has_gpus: bool,
         stats_interval_s: float,
         on_change: Callable[[ReplicaProcess], None],
         on_update: Callable[[ReplicaProcess], None],
@@ -238,6 +242,7 @@ class ReplicaProcess:
             bin_dir=bin_dir,
             state=state,
             orphan_timeout_s=orphan_timeout_s,
+            node_has_gpus=node_has_gpus,
             stats_interval_s=stats_interval_s,
             on_change=on_change,
             on_update=on_update,
@@ -263,6 +268,7 @@ class ReplicaProcess:
             healthy=self.healthy,
             max_model_len=self.max_model_len,
             started_at=self.started_at,
+            gpus=self.gpus,
         )
 
     def stop(self, drain: bool, reason: str = "") -> None:
@@ -383,6 +389,7 @@ class ReplicaProcess:
                     stdout=asyncio.subprocess.PIPE if name == "replica" else logs[name],
                     stderr=logs[name],
                     pass_fds=fds,
+                    env=self._env(),
                     start_new_session=True,
                     limit=MAX_LINE,
                 )
@@ -402,6 +409,14 @@ class ReplicaProcess:
         assert isinstance(binary_out, _Child) and binary_out.proc.stdout is not None
         self._pipes.append(asyncio.create_task(self._forward("replica", binary_out.proc.stdout)))
         self._first_exit = asyncio.create_task(self._wait_first_exit())
+
+    def _env(self) -> dict[str, str]:
+        """Its processes' environment: on a node with GPUs, exactly the GPUs the head gave it (none for a replica
+        given none), numbered as NVML numbers them, which is how the agent registered them."""
+        if not self._node_has_gpus:
+            return dict(os.environ)
+        visible = ",".join(map(str, self.gpus))
+        return {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": visible}
 
     def _follow_logs(self, *, from_end: bool) -> None:
         """Forwards what both processes write to their log files; an adopted replica's from the current end (what it

@@ -111,6 +111,7 @@ class ReplicaStatus(Wire, frozen=True):
     healthy: bool = True  # the agent's active health verdict: false after 3 failed checks in a row
     max_model_len: Count = 0  # context length in tokens from the replica's gRPC Health (0 = not known yet)
     started_at: NonNegative = 0.0  # unix seconds when the agent spawned it: a restarted head keeps the oldest
+    gpus: tuple[Count, ...] = ()  # the node's GPU indices it was started with
 
 
 class SnapshotReplica(Wire, frozen=True):
@@ -154,7 +155,7 @@ class Register(Message, frozen=True):
     node_id: Id
     host: Short
     cpu_slots: Count
-    gpus: Count
+    gpus: tuple[GpuInfo, ...]
     memory_bytes: Count
     replicas: tuple[ReplicaStatus, ...] = ()  # replicas still running after an agent reconnects
 
@@ -188,6 +189,7 @@ class StartReplica(Message, frozen=True):
     engine: Short  # "sim" or "vllm": schemas.deployment.Engine's value
     engine_args: dict[str, Any]
     max_concurrency: Concurrency
+    gpus: tuple[Count, ...] = ()  # the node's GPU indices it gets (CUDA_VISIBLE_DEVICES)
 
 
 class StopReplica(Message, frozen=True):

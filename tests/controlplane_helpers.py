@@ -109,7 +109,7 @@ class FakeAgent:
         await self.sock.send_multipart(msg.encode())
 
     async def register(self, replicas: tuple[ReplicaStatus, ...] = ()) -> RegisterAck:
-        await self.send(Register(self.node_id, "127.0.0.1", self.cpu_slots, 0, 1 << 30, replicas))
+        await self.send(Register(self.node_id, "127.0.0.1", self.cpu_slots, (), 1 << 30, replicas))
         return await self.expect(RegisterAck)
 
     async def heartbeat(self) -> None:

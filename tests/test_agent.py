@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pynvml
 import pytest
 from controlplane_helpers import (
     DEADLINE_S,
@@ -26,7 +27,7 @@ from controlplane_helpers import (
 )
 
 from bus.snapshot_sub import SnapshotSubscriber
-from node_agent import binaries, capacity
+from node_agent import binaries, capacity, gpus
 from schemas.messages import ReplicaState, Snapshot
 
 HB = str(TEST_HEARTBEAT_S)
@@ -162,13 +163,17 @@ def test_bin_dir_is_the_env_override_else_the_repo_build(monkeypatch: pytest.Mon
     assert binaries.bin_dir() == Path(__file__).resolve().parent.parent / "build" / "bin"
 
 
-def test_capacity_reads_meminfo_and_counts_gpus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_capacity_reads_meminfo_and_finds_no_gpu_without_nvml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       16384 kB\nMemFree:        1024 kB\n")
     assert capacity.memory_bytes(str(meminfo)) == 16384 * 1024
     assert capacity.memory_bytes(str(tmp_path / "missing")) == 0
-    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
-    assert capacity.gpu_count() == 0
+
+    def no_driver() -> None:
+        raise pynvml.NVMLError_LibraryNotFound()
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_driver)  # what a node without NVIDIA's driver answers
+    assert gpus.discover_gpus() == ()
     assert capacity.default_cpu_slots() == len(os.sched_getaffinity(0))
 
 

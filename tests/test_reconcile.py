@@ -48,7 +48,7 @@ def status(rid: str, state: ReplicaState = ReplicaState.READY, started_at: float
 
 def registers(node: str, *replicas: ReplicaStatus) -> Event:
     def event(state: ClusterState, now: float) -> None:
-        state.register(node.encode(), Register(node, "127.0.0.1", 4, 0, 1 << 30, replicas), now)
+        state.register(node.encode(), Register(node, "127.0.0.1", 4, (), 1 << 30, replicas), now)
 
     return event
 

@@ -75,17 +75,17 @@ def test_golden_snapshot_fields() -> None:
 def test_golden_heartbeat_carries_the_health_fields() -> None:
     beat = decode_as(Heartbeat, [bytes([Kind.HEARTBEAT]), (GOLDEN_DIR / "heartbeat.msgpack").read_bytes()])
     (status,) = beat.replicas
-    assert (status.healthy, status.max_model_len, status.started_at) == (False, 4096, 1764480000.5)
+    assert (status.healthy, status.max_model_len, status.started_at, status.gpus) == (False, 4096, 1764480000.5, (1,))
     payload = msgpack.unpackb((GOLDEN_DIR / "heartbeat.msgpack").read_bytes())
-    assert list(payload["replicas"][0])[-4:] == ["detail", "healthy", "max_model_len", "started_at"]
+    assert list(payload["replicas"][0])[-5:] == ["detail", "healthy", "max_model_len", "started_at", "gpus"]
 
 
 def test_replica_status_from_an_older_agent_decodes_with_defaults() -> None:
     wire = ReplicaStatus("r", "d", ReplicaState.READY, "a", ReplicaLoad()).to_wire()
-    for key in ("healthy", "max_model_len", "started_at"):
+    for key in ("healthy", "max_model_len", "started_at", "gpus"):
         del wire[key]
     status = ReplicaStatus.from_wire(wire)
-    assert (status.healthy, status.max_model_len, status.started_at) == (True, 0, 0.0)
+    assert (status.healthy, status.max_model_len, status.started_at, status.gpus) == (True, 0, 0.0, ())
 
 
 STATUS = ReplicaStatus(

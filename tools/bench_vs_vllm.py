@@ -27,6 +27,7 @@ from tools.bench_loadgen import loadgen_path, run_loadgen
 from tools.bench_report import summarize
 from tools.local_cluster import LocalCluster, free_port
 from tools.procs import Children
+from tools.up import tiny_model_gpus
 
 READY_DEADLINE_S = 600.0
 DEPLOYMENT = "demo"
@@ -65,6 +66,7 @@ async def bench_tokenbus(opts: argparse.Namespace, state_dir: Path, console: Con
     cluster.start()
     try:
         spec = {"name": DEPLOYMENT, "engine": "vllm", "engine_args": _engine_args(opts), "replicas": 1}
+        spec |= {"gpus_per_replica": tiny_model_gpus()}
         with console.status("tokenbus: waiting for the vLLM replica"):
             await cluster.deploy(spec, timeout=READY_DEADLINE_S)
         with console.status(f"tokenbus: {opts.concurrency} streams for {opts.duration:.0f} s"):

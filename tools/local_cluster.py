@@ -59,6 +59,7 @@ class LocalCluster:
         heartbeat_s: float = 0.5,
         agents: int = 1,
         proxies: int = 1,
+        agent_args: tuple[str, ...] = (),
         api_keys: Path | None = None,
         keys: Path | None = None,
     ) -> None:
@@ -67,6 +68,7 @@ class LocalCluster:
         self.pub = f"tcp://127.0.0.1:{free_port()}"
         self._children = Children()
         self._cpu_slots = cpu_slots
+        self._agent_args = agent_args  # more flags for every agent (a fake GPU inventory: "--gpus", "4")
         self._heartbeat_s = heartbeat_s
         self._agents = [("agent", "e2e")] + [(f"agent-{i}", f"e2e-{i}") for i in range(2, agents + 1)]
         self._proxies = ["proxy"] + [f"proxy-{i}" for i in range(2, proxies + 1)]
@@ -95,7 +97,7 @@ class LocalCluster:
         for name, node_id in self._agents:
             agent_cmd = [*tokenbus, "agent", "--head", self.router, "--node-id", node_id, "--heartbeat", hb]
             agent_cmd += ["--state-dir", str(self.state_dir / "agents" / node_id)]
-            agent_cmd += ["--cpu-slots", str(self._cpu_slots), *self._key_args("agent")]
+            agent_cmd += ["--cpu-slots", str(self._cpu_slots), *self._agent_args, *self._key_args("agent")]
             # the agent's own stop of its replicas is not cut short (tools/up.py does the same)
             self._children.start(name, agent_cmd, logs / f"{name}.log", env, AGENT_SHUTDOWN_GRACE_S + STOP_MARGIN_S)
         for name in self._proxies:

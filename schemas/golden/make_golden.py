@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from schemas.messages import (
+    GpuInfo,
     Heartbeat,
     Message,
     Register,
@@ -45,7 +46,13 @@ GOLDEN: dict[str, Message] = {
         },
     ),
     "snapshot_empty": Snapshot(head_id="00", epoch=1, version=1 << 32, deployments={}),
-    "register": Register("node-a", "127.0.0.1", 4, 0, 8 << 30),
+    "register": Register(
+        "node-a",
+        "127.0.0.1",
+        4,
+        (GpuInfo(0, "NVIDIA A100-SXM4-80GB", 80 << 30), GpuInfo(1, "NVIDIA A100-SXM4-80GB", 80 << 30)),
+        8 << 30,
+    ),
     "reregister": Reregister("node-a"),
     "heartbeat": Heartbeat(
         "node-a",
@@ -59,10 +66,11 @@ GOLDEN: dict[str, Message] = {
                 healthy=False,
                 max_model_len=4096,
                 started_at=1764480000.5,
+                gpus=(1,),
             ),
         ),
     ),
-    "start_replica": StartReplica("demo-r1", "demo", "sim", {"token_delay_ms": 20, "seed": 7}, 256),
+    "start_replica": StartReplica("demo-r1", "demo", "sim", {"token_delay_ms": 20, "seed": 7}, 256, gpus=(0, 1)),
     "stop_replica": StopReplica("demo-r1", drain=True),
 }
 
