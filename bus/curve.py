@@ -113,9 +113,19 @@ def _load(path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:
     if secret and path.stat().st_mode & 0o077:  # as ssh warns of a private key others can read (copied without -p)
         log.warning("%s holds a secret key and others can read it: chmod 600 %s", path, path)
     for key in (public, secret_key):
-        if key is not None and len(key) != 40:  # a 32-byte key is 40 characters of Z85
+        if key is not None and not _is_z85_key(key):
             raise CurveKeyError(f"{path} holds a key that is not 40 characters of Z85")
     return public, secret_key
+
+
+def _is_z85_key(key: bytes) -> bool:
+    if len(key) != 40:  # a 32-byte key is 40 characters of Z85
+        return False
+    try:
+        z85.decode(key)
+    except KeyError:  # a character outside Z85's alphabet
+        return False
+    return True
 
 
 def load_server(directory: Path) -> ServerKeys:

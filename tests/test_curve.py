@@ -141,6 +141,16 @@ def test_keys_gen_writes_secrets_readable_by_their_owner_only_and_keeps_existing
     assert run.returncode == 1 and "key name" in run.stdout
 
 
+@pytest.mark.parametrize("bad", ["", "short", "~" * 40], ids=["empty", "short", "not-z85"])
+def test_a_bad_key_file_is_refused_naming_it(tmp_path: Path, keys: Path, bad: str) -> None:
+    d = tmp_path / "keys"
+    shutil.copytree(keys, d)
+    (d / "cli.key_secret").write_text(f'curve\n    public-key = "{bad}"\n    secret-key = "{bad}"\n')
+    run = tokenbus("status", "--head", "tcp://127.0.0.1:1", "--keys", str(d))
+    assert run.returncode == 1, run.stdout
+    assert f"status failed: {d}/cli.key_secret holds a key that is not 40 characters of Z85" in run.stdout, run.stdout
+
+
 def test_a_secret_key_others_can_read_is_warned_about(keys: Path, caplog: pytest.LogCaptureFixture) -> None:
     d = keys.parent / "copied"
     shutil.copytree(keys, d)
