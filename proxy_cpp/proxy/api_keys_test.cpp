@@ -6,8 +6,10 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <fstream>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "proxy/api_keys.hpp"
@@ -140,6 +142,30 @@ TEST(ApiKeys, MatchLoadAndReload) {
   EXPECT_NE(error.find("over the limit of 1048576"), std::string::npos) << error;
   EXPECT_FALSE(keys.load("/dev/null", error));
   EXPECT_EQ(error, "/dev/null: not a regular file");
+}
+
+TEST(ApiKeys, ReloadsWhileOtherThreadsMatch) {
+  // What the proxy does: I/O threads matching while SIGHUP swaps the set (run under TSan in CI).
+  ApiKeys keys;
+  keys.set({{kAlice, "alice"}});
+  std::atomic<bool> done{false};
+  std::atomic<int> matched{0};
+  std::vector<std::thread> readers;
+  for (int t = 0; t < 2; ++t) {
+    readers.emplace_back([&] {
+      while (!done) {
+        const std::shared_ptr<const std::string> name = keys.match(kAlice);
+        if (name && (*name == "alice" || *name == "alice-2")) matched.fetch_add(1);
+      }
+    });
+  }
+  // at least 2000 swaps, and on until the readers have matched a few times (they may start late)
+  for (int i = 0; i < 2000 || matched.load() < 100; ++i) {
+    keys.set({{kAlice, i % 2 ? "alice" : "alice-2"}, {kBob, "bob"}});
+  }
+  done = true;
+  for (std::thread& t : readers) t.join();
+  EXPECT_EQ(*keys.match(kBob), "bob");
 }
 
 TEST(ApiKeys, BearerToken) {
