@@ -62,7 +62,7 @@ HEARTBEAT_S = 0.5
 NODE_GRACE_S = 5.0
 TEST_FLAGS = {
     "head": ["--heartbeat", str(HEARTBEAT_S), "--node-grace", str(NODE_GRACE_S)],
-    "agent": ["--heartbeat", str(HEARTBEAT_S), "--cpu-slots", "4"],
+    "agent": ["--heartbeat", str(HEARTBEAT_S), "--cpu-slots", "4"],  # room for moved replicas, whatever the cores
     "deploy": [
         *("--engine-arg", f"token_delay_ms={TOKEN_DELAY_MS}"),
         *("--first-token-timeout", str(FIRST_TOKEN_TIMEOUT_S), "--idle-timeout", str(IDLE_TIMEOUT_S)),
@@ -327,11 +327,11 @@ def _parent(pid: int) -> int | None:
 
 @pytest.fixture
 def multihost(tmp_path: Path) -> Iterator[MultiHost]:
-    """Five emulated hosts (head, n1-n3, client), the test itself on the client; not started (`await start()`).
-    Afterwards every process is stopped by PID, then the namespaces are removed."""
-    net = Network(["head", *NODES, *(h for h in PROXIES.values() if h != "head"), "client"]).create()
-    mh: MultiHost | None = None
+    """The emulated hosts (head, n1-n3, px2, client), the test itself on the client; not started (`await start()`).
+    Afterwards every process is stopped by PID, then the namespaces are removed (also those of a failed create)."""
+    net = Network(["head", *NODES, *(h for h in PROXIES.values() if h != "head"), "client"])
     try:
+        net.create()
         with net.entered("client"):
             mh = MultiHost(net, tmp_path)
             try:
