@@ -5,7 +5,7 @@ block command by command.
 Checked: replicas spread over the hosts and streams reach each of them; a host cut off from the network under load
 (its bridge port down), or its agent and replicas SIGKILLed, costs no request another replica could serve (every
 request classified as in the fault suite), its replicas are placed on the other hosts, and the host rejoins when it
-comes back. Printed: the time from a host's loss until the proxy no longer routes to it.
+comes back. Printed: the time from a host's loss until no proxy routes to it (ejected, then out of the snapshot).
 """
 
 from __future__ import annotations
@@ -207,6 +207,7 @@ class MultiHost:
             await self.wait_spread(self.replicas)
 
     def _env(self, machine: Machine) -> dict[str, str]:
+        # each machine keeps its state under a home of its own, and has only the keys its commands name
         env = {k: v for k, v in os.environ.items() if k not in ("XDG_STATE_HOME", "TOKENBUS_KEYS")}
         return {**env, "HOME": str(machine.dir), "TOKENBUS_BIN_DIR": str(self.bins), "PYTHONUNBUFFERED": "1"}
 
