@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from node_agent.head_link import HeadLink
-from node_agent.replica_process import RPC_TIMEOUT_S, TERM_GRACE_S, ReplicaProcess
+from node_agent.replica_process import RPC_TIMEOUT_S, TERM_GRACE_S, ReplicaProcess, ReplicaSettings
 from node_agent.state import PROCESS_NAMES, REPLICA_ID_RE, ReplicaRecord, StateDir
 from schemas.messages import GpuInfo, ReplicaEvent, ReplicaState, ReplicaStatus, StartReplica, StopReplica
 
@@ -38,11 +38,18 @@ class Agent:
     ) -> None:
         self.node_id = node_id
         self._gpus = frozenset(g.index for g in gpus)
-        self._bind = bind  # replicas listen here
-        self._advertise = advertise  # and are reached here (their address in the head's routing snapshot)
-        self._bin_dir = bin_dir
         self._state = state
-        self._orphan_timeout_s = orphan_timeout_s
+        self._settings = ReplicaSettings(
+            bind=bind,  # replicas listen here
+            advertise=advertise,  # and are reached here (their address in the head's routing snapshot)
+            bin_dir=bin_dir,
+            state=state,
+            orphan_timeout_s=orphan_timeout_s,
+            node_has_gpus=bool(gpus),
+            stats_interval_s=LOAD_POLL_S,
+            on_change=self._changed,
+            on_update=self._updated,
+        )
         self._link: HeadLink | None = None
         self._replicas: dict[str, ReplicaProcess] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -83,7 +90,7 @@ class Agent:
                 continue
             serving, max_model_len = (verdict.serving, verdict.max_model_len) if verdict != "end" else (False, 0)
             try:
-                replica = ReplicaProcess.adopt(record, serving, max_model_len, **self._replica_args())
+                replica = ReplicaProcess.adopt(record, serving, max_model_len, self._settings)
             except Exception:  # a record it cannot use (a bad spec): its processes end by their orphan timeout
                 log.exception("replica %s: cannot re-adopt it; removing its state entry", rid)
                 self._state.remove(rid)
@@ -121,19 +128,6 @@ class Agent:
             for line in self._state.last_lines(replica_id, name, LAST_LINES):
                 log.info("[%s %s] %s", replica_id, name, line)
 
-    def _replica_args(self) -> dict[str, Any]:
-        return {
-            "bind": self._bind,
-            "advertise": self._advertise,
-            "bin_dir": self._bin_dir,
-            "state": self._state,
-            "orphan_timeout_s": self._orphan_timeout_s,
-            "node_has_gpus": bool(self._gpus),
-            "stats_interval_s": LOAD_POLL_S,
-            "on_change": self._changed,
-            "on_update": self._updated,
-        }
-
     def _start(self, msg: StartReplica) -> None:
         rid = msg.replica_id
         if rid in self._replicas:
@@ -156,7 +150,7 @@ class Agent:
             msg.engine_args,
             f", GPUs {','.join(map(str, msg.gpus))}" if msg.gpus else "",
         )
-        self._run(ReplicaProcess(msg, **self._replica_args()))
+        self._run(ReplicaProcess(msg, self._settings))
 
     def _gpu_conflict(self, msg: StartReplica) -> str:
         """Why the GPUs the head chose cannot be given (not on this node, or held by a replica that has not exited:

@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -172,34 +173,37 @@ def reached_at(advertise: str, listening: str) -> str:
     return host_port(advertise, listening.rsplit(":", 1)[1])
 
 
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """What every replica of one agent shares: where it listens and is reached, its binaries and state directory, and
+    whom it tells of its changes."""
+
+    bind: str  # the host its gRPC server binds
+    advertise: str  # the host proxies reach it at
+    bin_dir: Path
+    state: StateDir
+    orphan_timeout_s: float | None
+    node_has_gpus: bool  # then CUDA_VISIBLE_DEVICES names exactly its GPUs (none for a replica given none)
+    stats_interval_s: float
+    on_change: Callable[[ReplicaProcess], None]  # its state changed
+    on_update: Callable[[ReplicaProcess], None]  # its load or health verdict changed
+
+
 class ReplicaProcess:
-    def __init__(
-        self,
-        spec: StartReplica,
-        *,
-        bind: str,
-        advertise: str,
-        bin_dir: Path,
-        state: StateDir,
-        orphan_timeout_s: float | None,
-        node_has_gpus: bool,
-        stats_interval_s: float,
-        on_change: Callable[[ReplicaProcess], None],
-        on_update: Callable[[ReplicaProcess], None],
-    ) -> None:
+    def __init__(self, spec: StartReplica, settings: ReplicaSettings) -> None:
         self.replica_id = spec.replica_id
         self.deployment = spec.deployment
         self._spec = spec
-        self._bind = bind
-        self._advertise = advertise
-        self._bin_dir = bin_dir
-        self._state = state
-        self._orphan_timeout_s = orphan_timeout_s
-        self._node_has_gpus = node_has_gpus
+        self._bind = settings.bind
+        self._advertise = settings.advertise
+        self._bin_dir = settings.bin_dir
+        self._state = settings.state
+        self._orphan_timeout_s = settings.orphan_timeout_s
+        self._node_has_gpus = settings.node_has_gpus
         self.gpus = tuple(spec.gpus)
-        self._stats_interval = stats_interval_s
-        self._on_change = on_change
-        self._on_update = on_update
+        self._stats_interval = settings.stats_interval_s
+        self._on_change = settings.on_change
+        self._on_update = settings.on_update
         self.state = ReplicaState.STARTING
         self.address = ""
         self.load = ReplicaLoad()
@@ -218,35 +222,11 @@ class ReplicaProcess:
 
     @classmethod
     def adopt(
-        cls,
-        record: ReplicaRecord,
-        serving: bool,
-        max_model_len: int,
-        *,
-        bind: str,
-        advertise: str,
-        bin_dir: Path,
-        state: StateDir,
-        orphan_timeout_s: float | None,
-        node_has_gpus: bool,
-        stats_interval_s: float,
-        on_change: Callable[[ReplicaProcess], None],
-        on_update: Callable[[ReplicaProcess], None],
+        cls, record: ReplicaRecord, serving: bool, max_model_len: int, settings: ReplicaSettings
     ) -> ReplicaProcess:
         """A replica a previous agent started, found answering Health: READY at once when it serves, else STARTING
         (an engine still loading) with a new ready timeout; its processes are watched by pid."""
-        replica = cls(
-            StartReplica.from_wire(record.spec),
-            bind=bind,
-            advertise=advertise,
-            bin_dir=bin_dir,
-            state=state,
-            orphan_timeout_s=orphan_timeout_s,
-            node_has_gpus=node_has_gpus,
-            stats_interval_s=stats_interval_s,
-            on_change=on_change,
-            on_update=on_update,
-        )
+        replica = cls(StartReplica.from_wire(record.spec), settings)
         replica.address = record.address
         replica.started_at = record.started_at
         replica.max_model_len = max_model_len

@@ -73,7 +73,7 @@ class Wire(msgspec.Struct, frozen=True):
 
     def to_wire(self) -> dict[str, Any]:
         """The payload as plain data, wire names as keys (an agent's state file keeps its StartReplica so)."""
-        return msgspec.to_builtins(self)
+        return msgspec.msgpack.decode(msgspec.msgpack.encode(self))  # lists, not tuples: what a file reads back
 
     @classmethod
     def from_wire(cls: type[W], data: Any) -> W:

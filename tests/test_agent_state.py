@@ -17,7 +17,7 @@ import pytest
 
 from node_agent import agent as agent_module
 from node_agent.agent import Agent
-from node_agent.replica_process import HEALTH_FAILURES, ReplicaProcess
+from node_agent.replica_process import HEALTH_FAILURES, ReplicaProcess, ReplicaSettings
 from node_agent.state import ReplicaRecord, StateDir, StateDirError, default_state_dir, process_start_ticks
 from schemas.messages import Message, ReplicaEvent, ReplicaState, StartReplica, StopReplica
 
@@ -115,17 +115,18 @@ class FakeLink:
 
 
 def replica_process(state: StateDir, updates: list[ReplicaProcess]) -> ReplicaProcess:
-    return ReplicaProcess(
-        StartReplica("demo-1", "demo", "sim", {}, 8),
+    settings = ReplicaSettings(
         bind="127.0.0.1",
         advertise="127.0.0.1",
         bin_dir=Path("/nonexistent"),
         state=state,
         orphan_timeout_s=None,
+        node_has_gpus=False,
         stats_interval_s=0.25,
         on_change=lambda r: None,
         on_update=updates.append,
     )
+    return ReplicaProcess(StartReplica("demo-1", "demo", "sim", {}, 8), settings)
 
 
 def test_the_health_verdict_flips_after_3_failures_in_a_row_and_back_at_one_pass(state: StateDir) -> None:
