@@ -203,6 +203,8 @@ class MultiHost:
             argv += TEST_FLAGS["deploy"]
             self.deployment, self.replicas = argv[4], int(argv[argv.index("--replicas") + 1])
         self._command(machine, argv, line)
+        if program == "status" and not self.deployment:  # as the block says: deploy once every node is listed
+            await until(self._all_nodes_alive, STARTUP_DEADLINE_S, f"nodes {NODES} registered")
         if program == "deploy":
             await self.wait_spread(self.replicas)
 
@@ -255,6 +257,9 @@ class MultiHost:
 
     async def alive_nodes(self) -> set[str]:
         return {n["node_id"] for n in (await self.admin("status"))["nodes"] if n["alive"]}
+
+    async def _all_nodes_alive(self) -> bool:
+        return await self.alive_nodes() == set(NODES)
 
     async def routes(self) -> list[dict[str, tuple[bool, bool]]]:
         """Each proxy's replicas by address: (routable in its snapshot, ejected by the proxy)."""
@@ -370,7 +375,9 @@ async def _loss_case(mh: MultiHost, strike: str, capsys: pytest.CaptureFixture[s
     saw, that the replicas move to the other hosts, and that the host rejoins and takes a new replica."""
     await mh.start()
     ip = mh.node_ip(CUT)
-    before = {r["id"] for r in (await mh.ready_by_node())[CUT]}
+    by_node = await mh.ready_by_node()
+    before = {r["id"] for r in by_node.get(CUT, [])}
+    assert before, f"no replica on {CUT} to lose: {by_node}"
     load = await Load(mh.proxy_urls, concurrency=16, max_tokens=LONG_TOKENS, deployment=mh.deployment).start()
     case = CaseReport(f"multihost {strike}")
     try:
