@@ -410,34 +410,46 @@ class ClusterState:
     def published_names(self) -> list[str]:
         return sorted(self.deployments.keys() | self.adopted)
 
+    def _on_live_node(self, r: Replica) -> bool:
+        node = self.nodes.get(r.node_id)
+        return node is not None and node.alive
+
     def routing_table(self) -> dict[str, SnapshotDeployment]:
         """Every deployment (even with no replica) with its settings and its routable replicas: READY, or DRAINING
-        (kept so the proxy sees them leave and sends them nothing new); one the agent finds unhealthy is listed
-        with `healthy` false, which the proxy does not route to."""
+        (kept so the proxy sees them leave and sends them nothing new). One the agent finds unhealthy is listed with
+        `healthy` false, which the proxy does not route to; so is one on a lost node (cut off, or its agent gone: the
+        head cannot vouch for it), unless the deployment has no routable replica on a live node: an agent restarting
+        on a one-node cluster must not take the whole deployment out of routing."""
         table: dict[str, SnapshotDeployment] = {}
         for name in self.published_names():
             d = self.settings(name)
-            reps = []
-            for r in sorted(self.replicas.values(), key=lambda r: r.replica_id):
-                if r.deployment != name or r.state not in (ReplicaState.READY, ReplicaState.DRAINING):
-                    continue
-                state = self.shown_state(r)
-                reps.append(
-                    SnapshotReplica(
-                        replica_id=r.replica_id,
-                        node=r.node_id,
-                        grpc_address=r.grpc_address,
-                        state=state,
-                        max_concurrency=d.max_concurrency,
-                        load=r.load,
-                        healthy=state is ReplicaState.READY and r.healthy,
-                    )
+            listed = sorted(
+                (
+                    r
+                    for r in self.replicas.values()
+                    if r.deployment == name and r.state in (ReplicaState.READY, ReplicaState.DRAINING)
+                ),
+                key=lambda r: r.replica_id,
+            )
+            routable = {r.replica_id for r in listed if self.shown_state(r) is ReplicaState.READY and r.healthy}
+            trust_lost_nodes = not any(self._on_live_node(r) for r in listed if r.replica_id in routable)
+            reps = tuple(
+                SnapshotReplica(
+                    replica_id=r.replica_id,
+                    node=r.node_id,
+                    grpc_address=r.grpc_address,
+                    state=self.shown_state(r),
+                    max_concurrency=d.max_concurrency,
+                    load=r.load,
+                    healthy=r.replica_id in routable and (trust_lost_nodes or self._on_live_node(r)),
                 )
+                for r in listed
+            )
             table[name] = SnapshotDeployment(
                 max_model_len=self.max_model_len(name),
                 first_token_timeout_s=d.first_token_timeout_s,
                 idle_timeout_s=d.idle_timeout_s,
-                replicas=tuple(reps),
+                replicas=reps,
             )
         return table
 

@@ -207,7 +207,8 @@ def test_reconcile_timeline(case: Case) -> None:
 
 
 def test_routing_during_a_lost_node_grace_and_an_unhealthy_spell() -> None:
-    """What the proxies see: a lost node's replica stays routed as it was; an unhealthy one is listed unroutable."""
+    """What the proxies see: an unhealthy replica is listed unroutable; a lost node's replica stays routed when it is
+    all the deployment has left."""
     state = ClusterState([demo(2)], HEARTBEAT_S, LIVENESS, now=T0, known_nodes=frozenset({"a", "b"}))
     registers("a", status("r1"))(state, T0)
     registers("b", status("r2"))(state, T0)
@@ -224,6 +225,27 @@ def test_routing_during_a_lost_node_grace_and_an_unhealthy_spell() -> None:
     ]
     status_of = {r["id"]: r for r in state.status(T0)["deployments"][0]["replicas_list"]}
     assert status_of["r2"]["healthy"] is False
+
+
+def test_a_lost_nodes_replicas_are_not_routed_while_a_live_node_serves() -> None:
+    """A node cut off: new requests go to replicas on live nodes at once, not after each proxy's own timeouts; with
+    no other routable replica the lost node's stay routed (an agent restarting on a one-node cluster)."""
+    state = ClusterState([demo(2)], HEARTBEAT_S, LIVENESS, now=T0, known_nodes=frozenset({"a", "b"}))
+    registers("a", status("r1"))(state, T0)
+    registers("b", status("r2"))(state, T0)
+    for when, event, _ in silent_until_lost("b"):
+        assert event is not None
+        event(state, when)
+
+    def routed() -> dict[str, bool]:
+        return {r.replica_id: r.healthy for r in state.routing_table()["demo"].replicas}
+
+    assert routed() == {"r1": False, "r2": True}
+    reports("b", status("r2", healthy=False))(state, T0 + LIVENESS + 1)
+    assert routed() == {"r1": True, "r2": False}
+    registers("a", status("r1"))(state, T0 + LIVENESS + 2)  # its agent is back
+    reports("b", status("r2"))(state, T0 + LIVENESS + 2)
+    assert routed() == {"r1": True, "r2": True}
 
 
 def test_adopted_deployment_is_published_and_deploying_it_takes_it_over() -> None:
