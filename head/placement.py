@@ -49,6 +49,8 @@ def place(rooms: list[NodeRoom], gpus: int, policy: Placement) -> Placed | str:
     if gpus == 0 or all(r.free_slots == 0 for r in rooms):
         return f"no free cpu slot on any of {len(rooms)} alive nodes"
     most = max(r.total_gpus for r in rooms)
+    if most == 0:  # a vLLM deployment on CPU-only nodes, most likely: say how to run it there
+        return f"needs {gpus} GPUs per replica and no node has a GPU (gpus_per_replica 0 runs it on CPUs)"
     if most < gpus:
         return f"needs {gpus} GPUs per replica; no node has that many (most on one node: {most})"
     free = ", ".join(f"{r.node_id} {len(r.free_gpus)}" for r in sorted(rooms, key=lambda r: r.node_id))

@@ -37,6 +37,7 @@ def room(node: str, free_gpus: tuple[int, ...], *, slots: int = 4, total: int = 
         ([], 0, Placement.SPREAD, "no alive node"),
         ([room("a", (0,), slots=0)], 1, Placement.SPREAD, "no free cpu slot on any of 1 alive nodes"),
         ([room("a", (0, 1))], 8, Placement.SPREAD, "needs 8 GPUs per replica; no node has that many"),
+        ([room("a", (), total=0)], 1, Placement.SPREAD, "needs 1 GPUs per replica and no node has a GPU"),
         ([room("a", (0,)), room("b", ())], 2, Placement.SPREAD, "needs 2 free GPUs on one node"),
     ],
 )
