@@ -142,6 +142,7 @@ async def test_agents_hand_each_replica_its_own_gpus(tmp_path: Path) -> None:
 
         reps, dep = await until(four_ready, "4 of 5 replicas READY, 1 unplaced")
         assert "needs 2 free GPUs" in dep["unplaced_reason"]
+        print(f"placed: {sorted((r['node'], r['gpus']) for r in reps.values())}; unplaced: {dep['unplaced_reason']}")
         per_node: dict[str, list[tuple[int, ...]]] = {}
         for r in reps.values():
             per_node.setdefault(r["node"], []).append(tuple(r["gpus"]))
@@ -164,6 +165,8 @@ async def test_agents_hand_each_replica_its_own_gpus(tmp_path: Path) -> None:
         wide_now, _ = await replicas_by_state(cluster, "wide")
         held = [(r["node"], g) for r in [*others.values(), *wide_now.values()] for g in r["gpus"]]
         assert len(held) == len(set(held)) == 8  # every GPU of both nodes held once
+        print(f"after the scale-down: wide {[(r['node'], r['gpus']) for r in wide_now.values()]}, other", end=" ")
+        print(sorted((r["node"], r["gpus"]) for r in others.values()))
         pids = cluster.replica_processes()
         for rid, r in others.items():
             assert worker_gpus(pids[rid]["worker"]) == ",".join(map(str, r["gpus"]))
