@@ -7,10 +7,10 @@ BUILD := build
 STAMPS := $(BUILD)/stamps
 JOBS ?= $(shell nproc)
 # clang and libclang-rt-14-dev: libFuzzer and its sanitizer runtimes, for the fuzz targets (g++ builds the rest);
-# iproute2: `ip netns`, for the multi-host tests on emulated hosts.
+# iproute2 and curl: `ip netns` and the README's curl, for the multi-host tests on emulated hosts.
 APT_PKGS := cmake g++ make pkg-config ccache libgrpc++-dev protobuf-compiler-grpc libzmq3-dev cppzmq-dev \
 	libmsgpack-cxx-dev libboost-dev libgtest-dev libsimdjson-dev nlohmann-json3-dev prometheus-cpp-dev prometheus-pushgateway \
-	clang libclang-rt-14-dev iproute2
+	clang libclang-rt-14-dev iproute2 curl
 
 .PHONY: all deps build up test test-cpp test-py lint bench clean test-asan test-tsan fuzz-build fuzz-short fuzz chaos
 
