@@ -516,3 +516,11 @@ def test_up_restarts_a_killed_head_and_agent_and_sigint_still_stops_everything(t
     ]
     assert not any(alive(pid) for pid in [*first.values(), new_head, new_agent, *replica_pids])
     assert shm_entries() - shm_before == set()
+
+
+def test_up_refuses_a_port_it_could_not_tell_the_user(capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("0", "65536"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["up", "--port", bad])
+        assert exit_info.value.code == 2
+        assert "must be a port from 1 to 65535" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from bus.curve import KEYS_ENV, ClientKeys, CurveKeyError, load_client, load_ser
 from bus.endpoints import DEFAULT_PUB_PORT, DEFAULT_ROUTER_PORT
 from node_agent.gpus import discover_gpus
 from tools.admin_cmds import admin_request
+from tools.arg_types import positive_int, tcp_port
 from tools.procs import STOP_MARGIN_S, STOP_TIMEOUT_S, Child, Children, Supervisor
 from tools.tiny_model import make_with_progress
 
@@ -50,8 +51,8 @@ class StartupError(Exception):
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("up", help="start a local cluster serving `demo`; Ctrl-C stops it")
     p.add_argument("--engine", default="vllm", choices=("sim", "vllm"), help="vllm serves the embedded tiny model")
-    p.add_argument("--replicas", type=int, default=2)
-    p.add_argument("--port", type=int, default=8000, help="the proxy's HTTP port on 127.0.0.1")
+    p.add_argument("--replicas", type=positive_int, default=2)
+    p.add_argument("--port", type=tcp_port, default=8000, help="the proxy's HTTP port on 127.0.0.1")
     p.add_argument("--state-dir", default=".tokenbus", help="head database and child logs")
     p.add_argument("--ready-timeout", type=float, default=360.0, help="seconds to wait for /readyz")
     p.add_argument(
