@@ -121,12 +121,15 @@ async def test_stats_count_running_requests_and_all_complete(worker: Running) ->
     replica = worker.replica
     start = len(replica.records)
     ids = range(100, 116)
+    # long enough to overlap: the tiny model ends a 32-token request in a few ms, which on a busy machine can be
+    # before the next one reached vLLM, and then no step ever has two running
+    tokens = 256
     for i in ids:
-        replica.sender.send(submit(i, f"prompt number {i}", 32, seed=i))
-    await replica.until(finished(*ids))
+        replica.sender.send(submit(i, f"prompt number {i}", tokens, seed=i))
+    await replica.until(finished(*ids), deadline_s=300.0)  # ~3 s here; room for a loaded CI machine
     for i in ids:
         finish = replica.of(i)[-1]
-        assert (finish[2], finish[4]) == ("length", 32), i
+        assert (finish[2], finish[4]) == ("length", tokens), i
     assert max(r[1] for r in stats_after(replica.records, start)) > 1
     await replica.until(lambda recs: recs[-1][:3] == [STATS, 0, 0])
 
