@@ -203,13 +203,16 @@ async def open_and_running(replicas: list[str]) -> tuple[int, int]:
     return sum(s.in_flight for s in stats), sum(s.running for s in stats)
 
 
-async def test_client_disconnect_frees_the_engine_within_a_second(proxy_url: str, replicas: list[str]) -> None:
+async def test_client_disconnect_frees_the_engine_within_a_second(cluster: tuple[LocalCluster, list[str]]) -> None:
     # 2000 tokens take the tiny model several seconds (~2.5 ms a token on 2 cores): only a cancellation ends
     # the request within 1 s. The stream is read with one aiohttp response held open by hand: an SDK's layered async
     # generators can be finalized (and the connection closed) by the loop before the open-call check below.
     body = {"model": "demo", "prompt": PROMPT, "max_tokens": 2000, "stream": True, "temperature": 0, "ignore_eos": True}
+    local, _ = cluster
+    # the replicas READY now (not those of the fixture's start: a replica replaced since would hide the stream)
+    replicas = [r["addr"] for r in await local.ready_replicas("demo")]
     async with aiohttp.ClientSession() as session:
-        resp = await session.post(proxy_url + "/v1/completions", json=body)
+        resp = await session.post(local.proxy_url + "/v1/completions", json=body)
         assert resp.status == 200, await resp.text()
         seen = 0
         while seen < 8:
@@ -218,7 +221,8 @@ async def test_client_disconnect_frees_the_engine_within_a_second(proxy_url: str
             if line.startswith("data: {"):
                 seen += len(json.loads(line[len("data: ") :])["choices"][0]["text"])
         # the stream is open on a replica (exact: its count of open calls)
-        assert (await open_and_running(replicas))[0] == 1
+        opened = await open_and_running(replicas)
+        assert opened[0] == 1, f"(open, running) = {opened} on {replicas} while the stream runs"
         resp.close()  # closes the connection: the client is gone
     deadline = time.monotonic() + 1.0
     while (left := await open_and_running(replicas)) != (0, 0):
