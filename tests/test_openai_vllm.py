@@ -209,8 +209,6 @@ async def test_client_disconnect_frees_the_engine_within_a_second(cluster: tuple
     # generators can be finalized (and the connection closed) by the loop before the open-call check below.
     body = {"model": "demo", "prompt": PROMPT, "max_tokens": 2000, "stream": True, "temperature": 0, "ignore_eos": True}
     local, _ = cluster
-    # the replicas READY now (not those of the fixture's start: a replica replaced since would hide the stream)
-    replicas = [r["addr"] for r in await local.ready_replicas("demo")]
     async with aiohttp.ClientSession() as session:
         resp = await session.post(local.proxy_url + "/v1/completions", json=body)
         assert resp.status == 200, await resp.text()
@@ -220,12 +218,16 @@ async def test_client_disconnect_frees_the_engine_within_a_second(cluster: tuple
             assert line, "the stream ended before 8 characters"
             if line.startswith("data: {"):
                 seen += len(json.loads(line[len("data: ") :])["choices"][0]["text"])
-        # the stream is open on a replica (exact: its count of open calls)
-        opened = await open_and_running(replicas)
-        assert opened[0] == 1, f"(open, running) = {opened} on {replicas} while the stream runs"
+        # The replica the proxy sent the stream to, by the proxy's own count (not the head's list of READY
+        # replicas: CI twice saw the stream on neither of those); then the stream among that replica's open calls.
+        carrying = [a for a, n in replica_metrics(local.proxy_url)["tokenbus_proxy_replica_in_flight"].items() if n]
+        status = await local.admin("status")
+        assert len(carrying) == 1, f"the proxy's streams by replica: {carrying}; head status: {status['deployments']}"
+        opened = await open_and_running(carrying)
+        assert opened[0] == 1, f"(open, running) = {opened} on {carrying}; head status: {status['deployments']}"
         resp.close()  # closes the connection: the client is gone
     deadline = time.monotonic() + 1.0
-    while (left := await open_and_running(replicas)) != (0, 0):
+    while (left := await open_and_running(carrying)) != (0, 0):
         assert time.monotonic() < deadline, f"(open, running) = {left} 1 s after the client left"
         await asyncio.sleep(0.02)
 
