@@ -41,6 +41,7 @@ class Kind(enum.IntEnum):
     REREGISTER = 0x07
     SNAPSHOT = 0x10
     SNAPSHOT_REQUEST = 0x11
+    PROXY_REPORT = 0x12
     ADMIN_REQUEST = 0x20
     ADMIN_REPLY = 0x21
 
@@ -112,6 +113,8 @@ class ReplicaStatus(Wire, frozen=True):
     max_model_len: Count = 0  # context length in tokens from the replica's gRPC Health (0 = not known yet)
     started_at: NonNegative = 0.0  # unix seconds when the agent spawned it: a restarted head keeps the oldest
     gpus: tuple[Count, ...] = ()  # the node's GPU indices it was started with
+    replica_metrics: Short = msgspec.field(default="", name="rmetrics")  # its binary's /metrics "host:port" ("": none)
+    worker_metrics: Short = msgspec.field(default="", name="wmetrics")  # its worker's /metrics "host:port" ("": none)
 
 
 class SnapshotReplica(Wire, frozen=True):
@@ -158,6 +161,7 @@ class Register(Message, frozen=True):
     gpus: tuple[GpuInfo, ...]
     memory_bytes: Count
     replicas: tuple[ReplicaStatus, ...] = ()  # replicas still running after an agent reconnects
+    metrics: Short = ""  # the agent's /metrics "host:port" ("": none)
 
 
 class RegisterAck(Message, frozen=True):
@@ -230,6 +234,17 @@ class SnapshotRequest(Message, frozen=True):
     have_version: Count = 0
 
 
+class ProxyReport(Message, frozen=True):
+    """Proxy → head on its DEALER, at start and every second: where it serves and how far it follows the head. The
+    head lists the proxies it heard from in the last 10 s in `status` (for `tokenbus top` and Prometheus)."""
+
+    KIND: ClassVar[Kind] = Kind.PROXY_REPORT
+    proxy_id: Id
+    addr: Short  # its HTTP listen address as clients reach it, "host:port"; its /metrics is there too
+    snapshot_version: Count  # of the routing snapshot it applied last (0: none yet)
+    open_streams: Count
+
+
 class AdminRequest(Message, frozen=True):
     """CLI → head. `op` is one of deploy, scale, delete, status; `args` its arguments (schemas/admin.py types them)."""
 
@@ -257,6 +272,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     ReplicaEvent,
     Snapshot,
     SnapshotRequest,
+    ProxyReport,
     AdminRequest,
     AdminReply,
 )

@@ -19,6 +19,7 @@ from schemas.messages import (
     Kind,
     Message,
     MessageError,
+    ProxyReport,
     RegisterAck,
     ReplicaEvent,
     ReplicaLoad,
@@ -76,16 +77,44 @@ def test_golden_heartbeat_carries_the_health_fields() -> None:
     beat = decode_as(Heartbeat, [bytes([Kind.HEARTBEAT]), (GOLDEN_DIR / "heartbeat.msgpack").read_bytes()])
     (status,) = beat.replicas
     assert (status.healthy, status.max_model_len, status.started_at, status.gpus) == (False, 4096, 1764480000.5, (1,))
+    assert (status.replica_metrics, status.worker_metrics) == ("127.0.0.1:9201", "127.0.0.1:9202")
     payload = msgpack.unpackb((GOLDEN_DIR / "heartbeat.msgpack").read_bytes())
-    assert list(payload["replicas"][0])[-5:] == ["detail", "healthy", "max_model_len", "started_at", "gpus"]
+    assert list(payload["replicas"][0])[-7:] == [
+        "detail",
+        "healthy",
+        "max_model_len",
+        "started_at",
+        "gpus",
+        "rmetrics",
+        "wmetrics",
+    ]
+
+
+def test_golden_register_carries_the_agents_metrics_address() -> None:
+    payload = msgpack.unpackb((GOLDEN_DIR / "register.msgpack").read_bytes())
+    assert list(payload)[-1] == "metrics" and payload["metrics"] == "127.0.0.1:9101"
+
+
+def test_golden_proxy_report_is_the_contract_the_cpp_proxy_encodes() -> None:
+    payload = (GOLDEN_DIR / "proxy_report.msgpack").read_bytes()
+    # key order and values exactly as the C++ sender writes them (its test compares bytes with this file)
+    assert list(msgpack.unpackb(payload).items()) == [
+        ("v", 1),
+        ("proxy_id", "proxy-a"),
+        ("addr", "127.0.0.1:8000"),
+        ("snapshot_version", 42),
+        ("open_streams", 7),
+    ]
+    assert decode([bytes([0x12]), payload]) == ProxyReport("proxy-a", "127.0.0.1:8000", 42, 7)
 
 
 def test_replica_status_from_an_older_agent_decodes_with_defaults() -> None:
     wire = ReplicaStatus("r", "d", ReplicaState.READY, "a", ReplicaLoad()).to_wire()
-    for key in ("healthy", "max_model_len", "started_at", "gpus"):
+    for key in ("healthy", "max_model_len", "started_at", "gpus", "rmetrics", "wmetrics"):
         del wire[key]
     status = ReplicaStatus.from_wire(wire)
     assert (status.healthy, status.max_model_len, status.started_at, status.gpus) == (True, 0, 0.0, ())
+    assert (status.replica_metrics, status.worker_metrics) == ("", "")
 
 
 STATUS = ReplicaStatus(

@@ -8,6 +8,7 @@ from schemas.messages import (
     GpuInfo,
     Heartbeat,
     Message,
+    ProxyReport,
     Register,
     ReplicaLoad,
     ReplicaState,
@@ -52,6 +53,7 @@ GOLDEN: dict[str, Message] = {
         4,
         (GpuInfo(0, "NVIDIA A100-SXM4-80GB", 80 << 30), GpuInfo(1, "NVIDIA A100-SXM4-80GB", 80 << 30)),
         8 << 30,
+        metrics="127.0.0.1:9101",
     ),
     "reregister": Reregister("node-a"),
     "heartbeat": Heartbeat(
@@ -67,11 +69,15 @@ GOLDEN: dict[str, Message] = {
                 max_model_len=4096,
                 started_at=1764480000.5,
                 gpus=(1,),
+                replica_metrics="127.0.0.1:9201",
+                worker_metrics="127.0.0.1:9202",
             ),
         ),
     ),
     "start_replica": StartReplica("demo-r1", "demo", "sim", {"token_delay_ms": 20, "seed": 7}, 256, gpus=(0, 1)),
     "stop_replica": StopReplica("demo-r1", drain=True),
+    # the C++ proxy encodes these same values and compares its bytes to this file
+    "proxy_report": ProxyReport(proxy_id="proxy-a", addr="127.0.0.1:8000", snapshot_version=42, open_streams=7),
 }
 
 
