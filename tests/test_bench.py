@@ -19,11 +19,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tools.bench import BenchConfig, run_bench, split_concurrency
-from tools.bench_client import DONE, RequestResult, TokenCounter, openai_stream, parse_sse_line, plain_stream
-from tools.bench_cpu import CpuMeter
-from tools.bench_loadgen import LoadgenRun, loadgen_argv, loadgen_path, run_loadgen
-from tools.bench_report import percentile, push_summary, summarize
+from tools.bench.cpu import CpuMeter
+from tools.bench.loadgen import LoadgenRun, loadgen_argv, loadgen_path, run_loadgen
+from tools.bench.python_client import DONE, RequestResult, TokenCounter, openai_stream, parse_sse_line, plain_stream
+from tools.bench.report import percentile, push_summary, summarize
+from tools.bench.run import BenchConfig, run_bench, split_concurrency
 
 needs_loadgen = pytest.mark.skipif(not loadgen_path().exists(), reason="tokenbus-loadgen not built (make build)")
 # each CLI test runs with both clients; the C++ one only once built

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tools.bench_cpu import CpuMeter, Proc, classify, cpu_seconds, find_auto, parse_pids
+from tools.bench.cpu import CpuMeter, Proc, classify, cpu_seconds, find_auto, parse_pids
 
 # Burns `seconds` of its own CPU time after reading a line, then says so and waits for stdin to close.
 BURNER = """

@@ -6,7 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from tools import admin_cmds, apply, bench, keys, tiny_model, up
+from tools import admin_cmds, apply, keys, tiny_model, up
+from tools.bench import run as bench
 
 # run by another module's own argument parser: everything after the name is passed through untouched
 PASSTHROUGH = ("head", "agent")

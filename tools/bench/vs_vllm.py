@@ -1,5 +1,5 @@
 """tokenbus vs vLLM's own OpenAI server, same model, same load, one run:
-`python -m tools.bench_vs_vllm --model-dir DIR [--concurrency 64] [--duration 30] [--max-tokens 32]`.
+`python -m tools.bench.vs_vllm --model-dir DIR [--concurrency 64] [--duration 30] [--max-tokens 32]`.
 
 Each system runs alone on the machine while it is measured (the other is stopped), since both would compete for
 the same cores. tokenbus serves `demo` with one vLLM replica behind the proxy; vLLM serves the same directory
@@ -21,10 +21,10 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
-from tools.bench import HARD_DEADLINE_EXTRA_S, BenchConfig, run_bench
-from tools.bench_client import TokenCounter
-from tools.bench_loadgen import loadgen_path, run_loadgen
-from tools.bench_report import summarize
+from tools.bench.loadgen import loadgen_path, run_loadgen
+from tools.bench.python_client import TokenCounter
+from tools.bench.report import summarize
+from tools.bench.run import HARD_DEADLINE_EXTRA_S, BenchConfig, run_bench
 from tools.local_cluster import LocalCluster, free_port
 from tools.procs import Children
 from tools.up import tiny_model_gpus

@@ -1,6 +1,6 @@
 """`tokenbus bench --client cpp`: runs tokenbus-loadgen (proxy_cpp/loadgen/) and reads its results.
 
-The C++ client runs the same closed loop as tools/bench.py's Python clients, on one thread, at a fraction of
+The C++ client runs the same closed loop as the Python clients (tools.bench.run), on one thread, at a fraction of
 their CPU and without their event loop's lag in the TTFT it measures. It writes one JSON object per line on
 stdout (proxy_cpp/loadgen/reporter.hpp is the source of truth):
 
@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from node_agent.binaries import bin_dir
-from tools.bench_client import RequestResult, TokenCounter
-from tools.bench_cpu import CpuMeter
+from tools.bench.cpu import CpuMeter
+from tools.bench.python_client import RequestResult, TokenCounter
 
 if TYPE_CHECKING:
-    from tools.bench import BenchConfig
+    from tools.bench.run import BenchConfig
 
 LOADGEN = "tokenbus-loadgen"
 MAX_OUTPUT_LINE = 1 << 20  # the longest line read from the loadgen (a progress line holds ~25 lag samples)
@@ -113,7 +113,7 @@ async def run_loadgen(
     cpu: CpuMeter | None = None,
     lags: list[float] | None = None,
 ) -> LoadgenRun:
-    """Runs the loadgen to its end; its requests, as tools.bench.run_bench would return them.
+    """Runs the loadgen to its end; its requests, as tools.bench.run.run_bench would return them.
 
     `counter` follows its token count (the live tok/s readout), `on_result` sees each request, `cpu` is sampled
     at its start and end lines, `lags` gets its loop-lag samples in seconds.

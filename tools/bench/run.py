@@ -20,10 +20,10 @@ from rich.live import Live
 from rich.text import Text
 
 from tools.arg_types import positive_float, positive_int
-from tools.bench_client import RequestResult, TokenCounter, openai_stream, plain_stream
-from tools.bench_cpu import CpuMeter, parse_pids
-from tools.bench_loadgen import LoadgenError, loadgen_path, run_loadgen
-from tools.bench_report import cpu_table, plot_latencies, push_summary, quantiles_ms, summarize, summary_table
+from tools.bench.cpu import CpuMeter, parse_pids
+from tools.bench.loadgen import LoadgenError, loadgen_path, run_loadgen
+from tools.bench.python_client import RequestResult, TokenCounter, openai_stream, plain_stream
+from tools.bench.report import cpu_table, plot_latencies, push_summary, quantiles_ms, summarize, summary_table
 
 HARD_DEADLINE_EXTRA_S = 30.0  # requests still open this long after the duration are cut and count as failures
 PROGRESS_INTERVAL_S = 0.5

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from tools.bench_client import RequestResult
+from tools.bench.python_client import RequestResult
 
 QUANTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
 
