@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from tools import admin_cmds, apply, keys, tiny_model, up
+from tools import admin_cmds, apply, keys, tiny_model, top, up
 from tools.bench import run as bench
 
 # run by another module's own argument parser: everything after the name is passed through untouched
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     tiny_model.add_parser(sub)
     keys.add_parser(sub)
+    top.add_parser(sub)
     return parser
 
 
