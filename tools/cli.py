@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from tools import admin_cmds, apply, keys, tiny_model, top, up
+from tools import admin_cmds, apply, chat, keys, tiny_model, top, up
 from tools.bench import run as bench
 
 # run by another module's own argument parser: everything after the name is passed through untouched
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny_model.add_parser(sub)
     keys.add_parser(sub)
     top.add_parser(sub)
+    chat.add_parser(sub)
     return parser
 
 
