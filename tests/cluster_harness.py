@@ -8,7 +8,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.rpc import pb, pb_grpc
-from tools.local_cluster import STARTUP_DEADLINE_S, LocalCluster
+from tools.local_cluster import STARTUP_DEADLINE_S, LocalCluster, free_port
 
 __all__ = ["LocalCluster", "Up", "deployed_cluster", "replica_stats", "shm_entries"]
 
@@ -49,14 +48,13 @@ UP_READY_S = 60.0
 
 
 class Up:
-    """`tokenbus up --engine sim` as a real process on a free port; its output lines collected by a thread."""
+    """`tokenbus up --engine sim` (and `args`) as a real process on a free port; its output lines collected by a
+    thread."""
 
-    def __init__(self, state: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+    def __init__(self, state: Path, *args: str) -> None:
+        self.port = free_port()
         self.state = state
-        cmd = [sys.executable, "-m", "tools", "up", "--engine", "sim", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "tools", "up", "--engine", "sim", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(
             [*cmd, "--state-dir", str(state), "--ready-timeout", str(UP_READY_S)],
             stdout=subprocess.PIPE,
@@ -87,6 +85,11 @@ class Up:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def router(self) -> str:
+        """The head's ROUTER endpoint, from the ready line."""
+        return self.wait_for("ready: head ").split()[2]
 
     def pids(self) -> dict[str, int]:
         return {line.split()[1]: int(line.split()[3]) for line in self.lines if line.startswith("started ")}

@@ -23,8 +23,9 @@ from cluster_harness import UP_READY_S, Up, shm_entries
 from node_agent.binaries import bin_dir
 from schemas.messages import AdminReply, AdminRequest, decode
 from tools import cli
+from tools.local_cluster import port_free
 from tools.procs import RESTART_CAP_S, Children, Supervisor, alive, restart_delay
-from tools.up import curl_commands, demo_deployment, port_free
+from tools.up import curl_commands, demo_deployment
 
 # --- parsing -------------------------------------------------------------------------------------------------
 

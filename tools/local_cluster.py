@@ -1,9 +1,10 @@
-"""A local cluster on loopback, started on free ports: a head, agents and proxies as real processes.
+"""A local cluster on loopback: a head, agents and proxies as real processes; the one launcher of `tokenbus up`,
+the end-to-end and fault tests, `tools.chaos` and `tools bench --vs-vllm`.
 
-Used by the end-to-end and fault tests, `tools.chaos` and `tools.bench_vs_vllm`. Processes are started with
-tools.procs (the same code `tokenbus up` uses), stopped by PID, and can be signalled and restarted one by one as
-`tokenbus up` would restart them. A proxy listens on port 0 and reports its port with its `LISTENING host:port`
-line; a restarted proxy listens on the port it had.
+Processes are started with tools.procs, stopped by PID, and can be signalled and restarted one by one as `tokenbus
+up` restarts them (`supervisor`). Ports are free ones unless given; a proxy given port 0 reports its port with its
+`LISTENING host:port` line, and a restarted proxy listens on the port it had. Here, once: the binary check, the
+free-port helpers and the ready-wait (the head's READY replicas and every proxy's /readyz).
 """
 
 from __future__ import annotations
@@ -15,20 +16,29 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bus.admin import AdminClient
-from bus.curve import load_client
+from bus.admin import AdminClient, AdminTimeout
+from bus.curve import ClientKeys, CurveKeyError, load_client, load_server
 from node_agent.agent import SHUTDOWN_GRACE_S as AGENT_SHUTDOWN_GRACE_S
 from node_agent.binaries import bin_dir
-from tools.procs import STOP_MARGIN_S, Child, Children, Supervisor
+from tools.procs import STOP_MARGIN_S, STOP_TIMEOUT_S, Child, Children, StopReport, Supervisor
 
+BINARIES = ("tokenbus-proxy", "tokenbus-replica")
 STARTUP_DEADLINE_S = 60.0
+POLL_INTERVAL_S = 0.1
+ADMIN_TIMEOUT_S = 5.0
 # the agent's log line for each process of a replica it spawns (node_agent/replica_process.py)
 REPLICA_STARTED_RE = re.compile(r"replica (\S+): (replica|worker) started, pid (\d+)")
+
+
+class StartupError(RuntimeError):
+    """The cluster cannot come up (a child exited, a deadline passed, a key or binary is missing): the message says
+    why, with the logs' last lines where a child is to blame."""
 
 
 def free_port() -> int:
@@ -37,45 +47,95 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        # as a listener binds: a previous run's connections in TIME_WAIT do not make the port busy
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def port_or_free(preferred: int) -> int:
+    """`preferred` when nothing listens there (the well-known port, for a user's commands), else a free port."""
+    return preferred if port_free(preferred) else free_port()
+
+
+def missing_binaries(directory: Path) -> list[str]:
+    return [name for name in BINARIES if not (directory / name).exists()]
+
+
 def require_binaries() -> Path:
-    directory = Path(bin_dir())
-    for name in ("tokenbus-proxy", "tokenbus-replica"):
-        if not (directory / name).exists():
-            raise RuntimeError(f"{directory / name} is missing: run `make build` first")
+    """The directory of the C++ binaries; StartupError naming the missing ones."""
+    directory = bin_dir()
+    if missing := missing_binaries(directory):
+        raise StartupError(f"{', '.join(missing)} missing in {directory}: run `make build` or set TOKENBUS_BIN_DIR")
     return directory
+
+
+def check_keys(directory: Path) -> ClientKeys:
+    """Every CURVE key the cluster hands out, read before anything starts; the CLI's (the admin calls use it)."""
+    try:
+        load_server(directory)
+        for name in ("agent", "proxy"):
+            load_client(directory, name)
+        return load_client(directory, "cli")
+    except CurveKeyError as e:
+        raise StartupError(f"--keys {directory}: {e}") from None
+
+
+def child_died(child: Child) -> StartupError:
+    return StartupError(
+        f"{child.name} (pid {child.pid}) exited with code {child.proc.returncode}; "
+        f"last lines of {child.log_path}:\n{child.log_tail()}"
+    )
 
 
 class LocalCluster:
     """Owns the processes it starts; `stop()` ends them all, newest first, and whatever replica they left.
 
-    Children are named "head", "agent", "agent-2", ... (node ids "e2e", "e2e-2", ...) and "proxy", "proxy-2", ...
-    Each agent keeps its replica records in `<state_dir>/agents/<node id>`, so a restarted agent finds its replicas.
+    Children are named "head", "agent", "agent-2", ... (node ids `node_id`, `node_id`-2, ...) and "proxy",
+    "proxy-2", ..., their logs `<state_dir>/logs/<name>.log`. Each agent keeps its replica records in
+    `<state_dir>/agents/<node id>`, so a restarted agent finds its replicas. `heartbeat_s` None leaves the head's
+    and agents' default; `router_port`/`pub_port`/`proxy_port` 0 are free ports (`proxy_port` is the first
+    proxy's, the others take free ones); `drain_grace_s` is every proxy's --drain-grace, which its stop waits for.
     """
 
     def __init__(
         self,
         state_dir: Path,
         cpu_slots: int = 4,
-        heartbeat_s: float = 0.5,
+        heartbeat_s: float | None = 0.5,
         agents: int = 1,
         proxies: int = 1,
         agent_args: tuple[str, ...] = (),
         api_keys: Path | None = None,
         keys: Path | None = None,
+        node_id: str = "e2e",
+        router_port: int = 0,
+        pub_port: int = 0,
+        proxy_port: int = 0,
+        drain_grace_s: float | None = None,
     ) -> None:
         self.state_dir = state_dir
-        self.router = f"tcp://127.0.0.1:{free_port()}"
-        self.pub = f"tcp://127.0.0.1:{free_port()}"
+        self.router = f"tcp://127.0.0.1:{router_port or free_port()}"
+        self.pub = f"tcp://127.0.0.1:{pub_port or free_port()}"
         self._children = Children()
         self._cpu_slots = cpu_slots
         self._agent_args = agent_args  # more flags for every agent (a fake GPU inventory: "--gpus", "4")
         self._heartbeat_s = heartbeat_s
-        self._agents = [("agent", "e2e")] + [(f"agent-{i}", f"e2e-{i}") for i in range(2, agents + 1)]
+        self._agents = [("agent", node_id)] + [(f"agent-{i}", f"{node_id}-{i}") for i in range(2, agents + 1)]
         self._proxies = ["proxy"] + [f"proxy-{i}" for i in range(2, proxies + 1)]
+        self._proxy_port = proxy_port
+        self._drain_grace_s = drain_grace_s
         self._api_keys = api_keys  # every proxy's --api-keys file
         self._keys = keys  # CURVE: the key directory of the head, every agent and proxy, and admin()
+        self._cli_keys = check_keys(keys) if keys is not None else None
         self.proxy_urls: dict[str, str] = {}
         self._db = state_dir / "head.db"
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     @property
     def proxy_url(self) -> str:
@@ -85,29 +145,41 @@ class LocalCluster:
     def agent_names(self) -> list[str]:
         return [name for name, _ in self._agents]
 
+    @property
+    def children(self) -> Children:
+        return self._children
+
     def start(self) -> None:
+        """Starts the head, the agents and the proxies, and waits for every proxy's LISTENING line."""
         bins = require_binaries()
-        logs = self.state_dir / "logs"
-        env = {**os.environ, "TOKENBUS_BIN_DIR": str(bins), "PYTHONUNBUFFERED": "1"}
+        self._env["TOKENBUS_BIN_DIR"] = str(bins)
         tokenbus = [sys.executable, "-m", "tools"]
-        hb = str(self._heartbeat_s)
-        head_cmd = [*tokenbus, "head", "--router", self.router, "--pub", self.pub, "--heartbeat", hb]
-        head_cmd += ["--db", str(self._db), *self._key_args("head")]
-        self._children.start("head", head_cmd, logs / "head.log", env)
+        hb = ["--heartbeat", str(self._heartbeat_s)] if self._heartbeat_s is not None else []
+        head_cmd = [*tokenbus, "head", "--router", self.router, "--pub", self.pub, *hb]
+        self.add_child("head", [*head_cmd, "--db", str(self._db), *self._key_args("head")])
         for name, node_id in self._agents:
-            agent_cmd = [*tokenbus, "agent", "--head", self.router, "--node-id", node_id, "--heartbeat", hb]
+            agent_cmd = [*tokenbus, "agent", "--head", self.router, "--node-id", node_id, *hb]
             agent_cmd += ["--state-dir", str(self.state_dir / "agents" / node_id)]
             agent_cmd += ["--cpu-slots", str(self._cpu_slots), *self._agent_args, *self._key_args("agent")]
-            # the agent's own stop of its replicas is not cut short (tools/up.py does the same)
-            self._children.start(name, agent_cmd, logs / f"{name}.log", env, AGENT_SHUTDOWN_GRACE_S + STOP_MARGIN_S)
-        for name in self._proxies:
-            proxy_cmd = [str(bins / "tokenbus-proxy"), "--bind", "127.0.0.1:0"]
+            # the agent's own stop of its replicas (SIGTERM, so that vLLM frees its shared memory) is not cut short
+            self.add_child(name, agent_cmd, AGENT_SHUTDOWN_GRACE_S + STOP_MARGIN_S)
+        proxy_stop_s = STOP_TIMEOUT_S if self._drain_grace_s is None else self._drain_grace_s + STOP_MARGIN_S
+        for i, name in enumerate(self._proxies):
+            port = self._proxy_port if i == 0 else 0
+            proxy_cmd = [str(bins / "tokenbus-proxy"), "--bind", f"127.0.0.1:{port}"]
             proxy_cmd += ["--head-router", self.router, "--head-pub", self.pub, *self._key_args("proxy")]
+            if self._drain_grace_s is not None:
+                proxy_cmd += ["--drain-grace", str(self._drain_grace_s)]
             if self._api_keys is not None:
                 proxy_cmd += ["--api-keys", str(self._api_keys)]
-            self._children.start(name, proxy_cmd, logs / f"{name}.log", env)
+            self.add_child(name, proxy_cmd, proxy_stop_s)
         for name in self._proxies:
             self.proxy_urls[name] = f"http://{self._listening_address(self._children.get(name), 0)}"
+
+    def add_child(self, name: str, cmd: Sequence[str], stop_timeout_s: float = STOP_TIMEOUT_S) -> Child:
+        """Starts a process of this cluster (logged to `<state_dir>/logs/<name>.log`, restarted by `supervisor`,
+        stopped by `stop`)."""
+        return self._children.start(name, cmd, self.state_dir / "logs" / f"{name}.log", self._env, stop_timeout_s)
 
     def _key_args(self, name: str) -> list[str]:
         if self._keys is None:
@@ -124,9 +196,9 @@ class LocalCluster:
                     if line.startswith("LISTENING "):
                         return line.split()[1]
             if child.proc.poll() is not None:
-                raise RuntimeError(f"{child.name} exited ({child.proc.returncode}):\n{child.log_tail()}")
+                raise child_died(child)
             time.sleep(0.05)
-        raise RuntimeError(f"{child.name} printed no LISTENING line:\n{child.log_tail()}")
+        raise StartupError(f"{child.name} printed no LISTENING line:\n{child.log_tail()}")
 
     # --- the processes, by PID -----------------------------------------------------------------------------------
 
@@ -170,7 +242,7 @@ class LocalCluster:
             cmd[cmd.index("--bind") + 1] = self.proxy_urls[child.name].removeprefix("http://")
         return cmd
 
-    def supervisor(self, report: Any) -> Supervisor:
+    def supervisor(self, report: Callable[[str], None]) -> Supervisor:
         """A supervisor restarting this cluster's dead children as `tokenbus up` does (`report` gets each line)."""
         return Supervisor(self._children, report, self._restart_cmd)
 
@@ -186,22 +258,35 @@ class LocalCluster:
     def logs(self) -> str:
         return "\n".join(f"--- {c.name} ---\n{c.log_tail(40)}" for c in self._children)
 
-    def stop(self) -> None:
-        self._children.stop_all()
+    def stop(self) -> list[StopReport]:
+        return self._children.stop_all()
 
     # --- the head's admin API ------------------------------------------------------------------------------------
 
-    async def admin(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        client = AdminClient(self.router, keys=load_client(self._keys, "cli") if self._keys is not None else None)
+    async def admin(self, op: str, args: dict[str, Any] | None = None, timeout: float = ADMIN_TIMEOUT_S) -> Any:
+        client = AdminClient(self.router, keys=self._cli_keys)
         try:
-            return await client.request(op, args or {}, timeout=5.0)
+            return await client.request(op, args or {}, timeout=timeout)
         finally:
             client.close()
 
-    async def deploy(self, spec: dict[str, Any], timeout: float = STARTUP_DEADLINE_S) -> list[str]:
-        """Deploys `spec` and waits for all its replicas to be READY; their gRPC addresses."""
-        await self.admin("deploy", spec)
-        return await self.wait_ready(spec["name"], spec.get("replicas", 1), timeout)
+    async def deploy(
+        self, spec: dict[str, Any], timeout: float = STARTUP_DEADLINE_S, progress: Callable[[str], None] | None = None
+    ) -> list[str]:
+        """Deploys `spec` (asking again while the head is still starting) and waits for all its replicas to be READY
+        and every proxy ready; their gRPC addresses. AdminError when the head refuses the spec."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_children()
+            try:
+                await self.admin("deploy", spec, timeout=min(ADMIN_TIMEOUT_S, max(0.1, deadline - time.monotonic())))
+                break
+            except AdminTimeout:  # a deploy asked twice changes nothing the second time
+                if time.monotonic() >= deadline:
+                    raise StartupError(
+                        f"could not deploy {spec['name']}: no answer from the head at {self.router}"
+                    ) from None
+        return await self.wait_ready(spec["name"], spec.get("replicas", 1), deadline - time.monotonic(), progress)
 
     async def ready_replicas(self, deployment: str) -> list[dict[str, Any]]:
         """The head's view of the deployment's READY replicas."""
@@ -209,12 +294,21 @@ class LocalCluster:
         dep = next((d for d in status["deployments"] if d["name"] == deployment), None)
         return [r for r in (dep or {}).get("replicas_list", []) if r["state"] == "READY"]
 
-    async def wait_ready(self, deployment: str, replicas: int, timeout: float = STARTUP_DEADLINE_S) -> list[str]:
-        """Polls until `replicas` replicas of `deployment` are READY and every proxy is ready; their gRPC addresses."""
+    async def wait_ready(
+        self,
+        deployment: str,
+        replicas: int,
+        timeout: float = STARTUP_DEADLINE_S,
+        progress: Callable[[str], None] | None = None,
+    ) -> list[str]:
+        """Polls until `replicas` replicas of `deployment` are READY and every proxy is ready (its /readyz); their
+        gRPC addresses. `progress` gets what was last seen at each poll; StartupError when a child exits or the
+        deadline passes."""
         deadline = time.monotonic() + timeout
-        last = ""
-        async with aiohttp.ClientSession() as session:
+        last = "not polled yet"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ADMIN_TIMEOUT_S)) as session:
             while time.monotonic() < deadline:
+                self._check_children()
                 try:
                     ready = [r["addr"] for r in await self.ready_replicas(deployment)]
                     proxies_ready = True
@@ -223,8 +317,14 @@ class LocalCluster:
                             proxies_ready = proxies_ready and resp.status == 200
                     if len(ready) == replicas and proxies_ready:
                         return ready
-                    last = f"{len(ready)} READY, proxies ready: {proxies_ready}"
+                    last = f"{len(ready)}/{replicas} READY, proxies ready: {proxies_ready}"
                 except (TimeoutError, aiohttp.ClientError) as e:  # a head or proxy (re)starting
-                    last = repr(e)
-                await asyncio.sleep(0.1)
-        raise AssertionError(f"{deployment}: {replicas} READY replicas not reached ({last})\n{self.logs()}")
+                    last = f"{type(e).__name__}: {e}"
+                if progress is not None:
+                    progress(last)
+                await asyncio.sleep(POLL_INTERVAL_S)
+        raise StartupError(f"{deployment}: {replicas} READY replicas not reached ({last})\n{self.logs()}")
+
+    def _check_children(self) -> None:
+        if (dead := self._children.first_exited()) is not None:
+            raise child_died(dead)
