@@ -60,9 +60,9 @@ def scrape_targets(status: dict[str, Any]) -> list[dict[str, Any]]:
     return groups
 
 
-def config(targets_path: Path) -> dict[str, Any]:
-    """The scrape configuration (written as JSON, which YAML reads)."""
-    return {
+def write_config(directory: Path, targets_path: Path) -> Path:
+    """The scrape configuration, written as JSON (which YAML reads) to `directory`/prometheus.yml; its path."""
+    config = {
         "global": {"scrape_interval": SCRAPE_INTERVAL, "scrape_timeout": SCRAPE_INTERVAL},
         "scrape_configs": [
             {
@@ -72,47 +72,30 @@ def config(targets_path: Path) -> dict[str, Any]:
             }
         ],
     }
+    path = directory / "prometheus.yml"
+    path.write_text(json.dumps(config, indent=1) + "\n")
+    return path
 
 
-class Prometheus:
-    """A Prometheus process of a LocalCluster (stopped and restarted with its other children) and its targets file."""
+class TargetsFile:
+    """The file_sd file, rewritten (by rename, so never read half-written) only when the targets change."""
 
-    def __init__(self, cluster: LocalCluster) -> None:
-        binary = shutil.which(BINARY)
-        if binary is None:
-            raise StartupError(f"`{BINARY}` not found on PATH: `apt-get install prometheus` (`make deps` does)")
-        directory = cluster.state_dir / "prometheus"
-        directory.mkdir(parents=True, exist_ok=True)
-        self.targets_path = directory / TARGETS_FILE
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self._written: str | None = None
-        self._write_targets([])  # none until the head is asked: not the last run's
-        config_path = directory / "prometheus.yml"
-        config_path.write_text(json.dumps(config(self.targets_path), indent=1) + "\n")
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self._cluster = cluster
-        cluster.add_child(
-            NAME,
-            [
-                binary,
-                f"--config.file={config_path}",
-                f"--storage.tsdb.path={directory / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-        )
+        self.write([])  # none until the head is asked: not the last run's
 
     def update(self, status: dict[str, Any]) -> bool:
-        """Rewrites the targets file from the head's status when they changed; whether it did."""
-        return self._write_targets(scrape_targets(status))
+        """The targets of the head's `status`; whether the file changed."""
+        return self.write(scrape_targets(status))
 
-    def _write_targets(self, groups: list[dict[str, Any]]) -> bool:
+    def write(self, groups: list[dict[str, Any]]) -> bool:
         text = json.dumps(groups, indent=1, sort_keys=True) + "\n"
         if text == self._written:
             return False
-        # renamed into place: Prometheus never reads a half-written file
-        tmp = self.targets_path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(".tmp")
         tmp.write_text(text)
-        os.replace(tmp, self.targets_path)
+        os.replace(tmp, self.path)
         self._written = text
         return True
 
@@ -127,6 +110,32 @@ class Prometheus:
             except (AdminError, TimeoutError):  # AdminTimeout is both
                 pass
             await asyncio.sleep(FOLLOW_INTERVAL_S)
+
+
+class Prometheus:
+    """A Prometheus process of a LocalCluster (stopped and restarted with its other children), its configuration
+    and targets file under `<state_dir>/prometheus/` (its database in `data/` there)."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        binary = shutil.which(BINARY)
+        if binary is None:
+            raise StartupError(f"`{BINARY}` not found on PATH: `apt-get install prometheus` (`make deps` does)")
+        directory = cluster.state_dir / "prometheus"
+        directory.mkdir(parents=True, exist_ok=True)
+        self.targets = TargetsFile(directory / TARGETS_FILE)
+        config_path = write_config(directory, self.targets.path)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self._cluster = cluster
+        cluster.add_child(
+            NAME,
+            [
+                binary,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+        )
 
     @property
     def child(self) -> Child:

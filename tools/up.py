@@ -158,7 +158,9 @@ async def _bring_up(opts: argparse.Namespace, cluster: LocalCluster, console: Co
         console.print(f"started {child.name:5} pid {child.pid:>7}  log {child.log_path}")
     follower = None
     if prometheus is not None:
-        follower = asyncio.create_task(prometheus.follow(lambda: cluster.admin("status")), name="prometheus-targets")
+        follower = asyncio.create_task(
+            prometheus.targets.follow(lambda: cluster.admin("status")), name="prometheus-targets"
+        )
     try:
         console.print(f"deploying [bold]{DEPLOYMENT}[/bold]: {opts.replicas} x {opts.engine}")
         with console.status(f"waiting for {opts.replicas} READY replicas of {DEPLOYMENT} ...") as status:
@@ -175,7 +177,7 @@ async def _bring_up(opts: argparse.Namespace, cluster: LocalCluster, console: Co
         ready = f"[green]ready[/green]: head {cluster.router} (pub {cluster.pub}), proxy {cluster.proxy_url}\n"
         console.print(ready, soft_wrap=True)
         if prometheus is not None:
-            console.print(f"prometheus {prometheus.url} (targets {prometheus.targets_path})", soft_wrap=True)
+            console.print(f"prometheus {prometheus.url} (targets {prometheus.targets.path})", soft_wrap=True)
         if opts.api_keys:
             console.print(f"the proxy wants an API key: set TOKENBUS_API_KEY to one of {opts.api_keys}", markup=False)
         console.print("try:")
