@@ -10,3 +10,8 @@ DEFAULT_PUB = f"tcp://{DEFAULT_BIND}:{DEFAULT_PUB_PORT}"  # the head's PUB: rout
 WILDCARDS = ("0.0.0.0", "::", "*")  # every interface: listening there needs an address to advertise to clients
 DEFAULT_HEARTBEAT_S = 1.0  # heartbeat interval H, both ways between head and agents
 DEFAULT_LIVENESS = 3  # a peer silent for this many intervals is lost
+
+
+def host_port(host: str, port: int | str) -> str:
+    """ "HOST:PORT", an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

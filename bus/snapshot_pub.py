@@ -37,6 +37,7 @@ class SnapshotPublisher:
         self._interval = republish_interval_s
         self._latest: Snapshot | None = None
         self._latest_frames: list[bytes] | None = None
+        self.latest_payload_bytes = 0  # the size of the latest snapshot's payload (what every proxy receives)
         self._sent = asyncio.Event()  # set on every publish(): the re-publish timer starts over
 
     @property
@@ -49,6 +50,7 @@ class SnapshotPublisher:
             raise ValueError(f"snapshot version {snapshot.version} is not above {self._latest.version}")
         self._latest = snapshot
         self._latest_frames = snapshot.encode()
+        self.latest_payload_bytes = len(self._latest_frames[1])
         await self._sock.send_multipart(self._latest_frames)  # PUB never blocks: it drops at its HWM
         self._sent.set()
 

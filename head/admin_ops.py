@@ -88,6 +88,9 @@ _OPS: dict[str, tuple[type[Any], Callable[[Any, ClusterState, Store], tuple[dict
 }
 
 
+KNOWN_OPS = frozenset([*_OPS, "status"])
+
+
 def _args(req: AdminRequest, typ: type[A]) -> A:
     try:
         return msgspec.convert(req.args, typ)
@@ -106,7 +109,7 @@ def handle_admin(
             reply = msgspec.convert({**status_extra, **state.status(now)}, StatusReply)
             return AdminReply(req.request_id, True, data=msgspec.to_builtins(reply)), False
         if req.op not in _OPS:
-            raise Refused(f"unknown op {req.op!r}; known: {', '.join([*_OPS, 'status'])}")
+            raise Refused(f"unknown op {req.op!r}; known: {', '.join(sorted(KNOWN_OPS))}")
         typ, op = _OPS[req.op]
         data, changed = op(_args(req, typ), state, store)
         return AdminReply(req.request_id, True, data=data), changed

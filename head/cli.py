@@ -25,8 +25,10 @@ from bus.endpoints import (
     DEFAULT_ROUTER,
     DEFAULT_ROUTER_PORT,
     WILDCARDS,
+    host_port,
 )
 from bus.log_setup import configure
+from bus.metrics_http import serve_metrics
 from bus.run import run_until_signal
 from head.server import Head
 from head.state import DEFAULT_NODE_GRACE_S
@@ -93,7 +95,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds a lost node's replicas are kept (routed, not replaced) in case its agent comes back "
         f"(default {DEFAULT_NODE_GRACE_S:g})",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="serve Prometheus /metrics on this port of the ROUTER's host (default 0: a free port, shown in `status`)",
+    )
     opts = p.parse_args(argv)
+    if not 0 <= opts.metrics_port <= 65535:
+        p.error("--metrics-port must be 0 to 65535")
     if opts.heartbeat <= 0:
         p.error("--heartbeat must be > 0")
     if opts.node_grace < 0:
@@ -118,6 +129,12 @@ async def _serve(opts: argparse.Namespace) -> int:
     except CurveKeyError as e:
         log.error("cannot start: %s", e)
         return 2
+    metrics_host = endpoint_host(opts.router) or DEFAULT_BIND  # an ipc or inproc head serves it on loopback
+    try:
+        metrics_port = serve_metrics(metrics_host, opts.metrics_port)
+    except OSError as e:
+        log.error("cannot serve metrics on %s: %s", host_port(metrics_host, opts.metrics_port), e)
+        return 1
     try:
         head = Head(
             opts.router,
@@ -127,6 +144,7 @@ async def _serve(opts: argparse.Namespace) -> int:
             node_grace_s=opts.node_grace,
             keys=keys,
             advertise=opts.advertise,
+            metrics_address=host_port(opts.advertise or metrics_host, metrics_port),
         )
     except sqlite3.Error as e:
         log.error("cannot open the head's database %s: %s", opts.db, e)

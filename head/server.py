@@ -27,7 +27,9 @@ from bus.bounded_recv import DROPPED_MESSAGES, Frames, describe_peer, limit_fram
 from bus.curve import ServerKeys, ZapHandler, secure_server
 from bus.endpoints import DEFAULT_HEARTBEAT_S, DEFAULT_LIVENESS
 from bus.snapshot_pub import DEFAULT_REPUBLISH_S, SnapshotPublisher
-from head.admin_ops import handle_admin
+from head import metrics
+from head.admin_ops import KNOWN_OPS, handle_admin
+from head.proxies import PROXY_FORGET_S, ProxyTable
 from head.reconcile import Command, reconcile
 from head.state import DEFAULT_NODE_GRACE_S, ClusterState
 from head.store import Store
@@ -36,6 +38,7 @@ from schemas.messages import (
     Heartbeat,
     Message,
     MessageError,
+    ProxyReport,
     Register,
     RegisterAck,
     ReplicaEvent,
@@ -85,6 +88,7 @@ class Head:
         node_grace_s: float = DEFAULT_NODE_GRACE_S,
         keys: ServerKeys | None = None,
         advertise: str | None = None,
+        metrics_address: str = "",
         ctx: zmq.asyncio.Context | None = None,
     ) -> None:
         self._router_addr = router
@@ -116,6 +120,8 @@ class Head:
         self.router_endpoint = ""
         self.pub_endpoint = ""
         self.advertised: dict[str, str] = {}  # "router", "pub": the endpoints as clients reach them
+        self.metrics_address = metrics_address  # "host:port" of its /metrics as others reach it ("" = none)
+        self._proxies = ProxyTable()
 
     @property
     def version(self) -> int:
@@ -235,8 +241,11 @@ class Head:
         return changed
 
     async def _reconcile(self, now: float) -> None:
-        for cmd in reconcile(self._state, now):
+        with metrics.RECONCILE_SECONDS.time():
+            commands = reconcile(self._state, now)
+        for cmd in commands:
             await self._send_to_node(cmd)
+        self._state.export_gauges()
 
     # --- messages --------------------------------------------------------------------------------------------
 
@@ -274,12 +283,31 @@ class Head:
             await self._send(identity, envelope, self._current_snapshot())
             return False
         if isinstance(msg, AdminRequest):
-            extra = {"head_id": self.head_id, "epoch": self.epoch, "version": self.version, "head": self.advertised}
+            extra = {
+                "head_id": self.head_id,
+                "epoch": self.epoch,
+                "version": self.version,
+                "head": {**self.advertised, "metrics": self.metrics_address},
+                "proxies": self._proxies.status(now),
+            }
             reply, changed = handle_admin(msg, state, self._store, extra, now)
+            op = msg.op if msg.op in KNOWN_OPS else "other"  # a label per unknown op name would grow without bound
+            metrics.ADMIN_REQUESTS.labels(op, "ok" if reply.ok else "refused").inc()
             if not reply.ok:
                 log.warning("admin %s from peer %s refused: %s", msg.op, _peer(identity), reply.error)
             await self._send(identity, envelope, reply)
             return changed
+        if isinstance(msg, ProxyReport):
+            if self._proxies.report(msg, now):
+                log.info(
+                    "proxy %s reports from peer %s: serving on %s, snapshot version %#x",
+                    msg.proxy_id,
+                    _peer(identity),
+                    msg.addr,
+                    msg.snapshot_version,
+                )
+                metrics.PROXIES.set(len(self._proxies))
+            return False
         if isinstance(msg, Register):
             if msg.node_id not in state.known_nodes:
                 self._store.add_node(msg.node_id)  # a later head waits for it
@@ -316,6 +344,9 @@ class Head:
         self._state.tick_liveness(now)
         for node_id in self._state.take_forgotten():
             self._store.forget_node(node_id)
+        for proxy_id in self._proxies.expire(now):
+            log.info("proxy %s silent for %.0f s: no longer listed", proxy_id, PROXY_FORGET_S)
+        metrics.PROXIES.set(len(self._proxies))
 
     # --- output --------------------------------------------------------------------------------------------
 
@@ -335,6 +366,9 @@ class Head:
         self._table = table
         self._seq += 1
         await self._publisher.publish(self._current_snapshot())
+        metrics.SNAPSHOTS_PUBLISHED.inc()
+        metrics.SNAPSHOT_VERSION.set(self.version)
+        metrics.SNAPSHOT_BYTES.set(self._publisher.latest_payload_bytes)
         return True
 
     async def _send_to_node(self, cmd: Command) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from bus.liveness import Liveness
+from head import metrics
 from head.placement import NodeRoom
 from schemas.deployment import DeploymentSpec, Engine
 from schemas.messages import (
@@ -60,6 +61,7 @@ class Node:
     memory_bytes: int
     liveness: Liveness
     last_seen: float
+    metrics: str = ""  # its agent's /metrics "host:port" ("" = none)
     alive: bool = True
     lost_at: float = 0.0
     released: bool = False  # lost past the grace: its replicas were removed (and replaced)
@@ -80,6 +82,8 @@ class Replica:
     max_model_len: int = 0  # as the replica reported it (0 = not yet)
     started_at: float = 0.0  # unix seconds when its agent spawned it (0 = not reported)
     gpus: tuple[int, ...] = ()  # the indices of its node's GPUs it holds, from placement or its agent's report
+    replica_metrics: str = ""  # the /metrics "host:port" of its binary and of its worker ("" = not known)
+    worker_metrics: str = ""
     unhealthy_since: float | None = None  # monotonic time of the report that made it unhealthy
     stopping: bool = False  # the head asked for it to stop
     stop_drain: bool = True  # ... letting its open requests finish
@@ -109,6 +113,8 @@ class ClusterState:
         self.backoff: dict[str, RestartBackoff] = {}
         # deployments short of replicas because no node fits one more, with the reason (logged when it changes)
         self.unplaced: dict[str, str] = {}
+        # replicas of each deployment that exited without being asked to (and were replaced), since this head started
+        self.restarts: dict[str, int] = {}
         # deployments the head has no record of (a new or lost database) whose replicas agents run: published and
         # left alone until the user deploys or deletes the name, so traffic to them is never black-holed
         self.adopted: set[str] = set()
@@ -168,6 +174,7 @@ class ClusterState:
             memory_bytes=msg.memory_bytes,
             liveness=Liveness(self.liveness),
             last_seen=now,
+            metrics=msg.metrics,
         )
         self.nodes[msg.node_id] = node
         self.known_nodes.add(msg.node_id)
@@ -317,6 +324,8 @@ class ClusterState:
         r.max_model_len = status.max_model_len or r.max_model_len
         r.started_at = status.started_at or r.started_at
         r.gpus = tuple(status.gpus)  # the agent's word: what the replica was started with
+        r.replica_metrics = status.replica_metrics or r.replica_metrics
+        r.worker_metrics = status.worker_metrics or r.worker_metrics
         if r.state is ReplicaState.DRAINING:
             r.stopping = True  # draining is on its way out whoever asked for it
 
@@ -374,6 +383,8 @@ class ClusterState:
             )
             return
         # an exit nobody asked for: the replacement waits, so a replica that cannot start does not spin
+        self.restarts[r.deployment] = self.restarts.get(r.deployment, 0) + 1
+        metrics.REPLICA_UNEXPECTED_EXITS.labels(r.deployment).inc()
         b = self.backoff.setdefault(r.deployment, RestartBackoff())
         b.delay_s = min(RESTART_BACKOFF_MAX_S, max(RESTART_BACKOFF_FIRST_S, b.delay_s * 2))
         b.not_before = now + b.delay_s
@@ -388,6 +399,17 @@ class ClusterState:
         )
 
     # --- views ---------------------------------------------------------------------------------------------------
+
+    def export_gauges(self) -> None:
+        """Sets the head's gauges of nodes and replicas by state (head/metrics.py)."""
+        alive = sum(1 for n in self.nodes.values() if n.alive)
+        metrics.NODES.labels("alive").set(alive)
+        metrics.NODES.labels("lost").set(len(self.nodes) - alive)
+        counts = dict.fromkeys((s for s in ReplicaState if s is not ReplicaState.EXITED), 0)
+        for r in self.replicas.values():
+            counts[self.shown_state(r)] = counts.get(self.shown_state(r), 0) + 1
+        for state, n in counts.items():
+            metrics.REPLICAS.labels(state.value.lower()).set(n)
 
     @staticmethod
     def shown_state(r: Replica) -> ReplicaState:
@@ -466,6 +488,7 @@ class ClusterState:
                 "alive": n.alive,
                 "last_seen_s": round(now - n.last_seen, 3),
                 "lost_s": None if n.alive else round(now - n.lost_at, 3),  # how long ago it was declared lost
+                "metrics": n.metrics,
             }
             for n in sorted(self.nodes.values(), key=lambda n: n.node_id)
         ]
@@ -491,6 +514,7 @@ class ClusterState:
                     # replicas wanted but not placed, and why (a free cpu slot or enough free GPUs on no node)
                     "unplaced": 0 if adopted or name not in self.unplaced else max(0, d.replicas - live),
                     "unplaced_reason": self.unplaced.get(name, ""),
+                    "restarts": self.restarts.get(name, 0),
                     "replicas_list": [
                         {
                             "id": r.replica_id,
@@ -500,6 +524,7 @@ class ClusterState:
                             "addr": r.grpc_address,
                             "gpus": list(r.gpus),
                             "load": r.load.to_wire(),
+                            "metrics": {"replica": r.replica_metrics, "worker": r.worker_metrics},
                         }
                         for r in reps
                     ],

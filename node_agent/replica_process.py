@@ -29,6 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
+from bus.endpoints import host_port
 from node_agent.state import PROCESS_NAMES, ReplicaRecord, StateDir, process_start_ticks
 from schemas.messages import ReplicaLoad, ReplicaState, ReplicaStatus, StartReplica
 
@@ -162,10 +163,6 @@ class AdoptedProcess:
         while process_start_ticks(self.pid) is not None:
             await asyncio.sleep(PID_POLL_S)  # the poll period where no pidfd tells us
         self._exited.set()
-
-
-def host_port(host: str, port: int | str) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address in brackets
 
 
 def reached_at(advertise: str, listening: str) -> str:

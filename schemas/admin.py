@@ -42,6 +42,7 @@ class _Reply(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class HeadAddresses(_Reply, kw_only=True):
     router: str  # the endpoints clients connect to (the advertised address)
     pub: str
+    metrics: str = ""  # its /metrics "host:port" ("" = none)
 
 
 class NodeStatus(_Reply, kw_only=True):
@@ -54,6 +55,14 @@ class NodeStatus(_Reply, kw_only=True):
     alive: bool
     last_seen_s: float
     lost_s: float | None  # how long ago it was declared lost; None while alive
+    metrics: str = ""  # its agent's /metrics "host:port" ("" = none)
+
+
+class ReplicaMetrics(_Reply, kw_only=True):
+    """Where a replica's two processes serve /metrics, "host:port" ("" = not known yet)."""
+
+    replica: str = ""  # the tokenbus-replica binary
+    worker: str = ""  # its model worker
 
 
 class ReplicaView(_Reply, kw_only=True):
@@ -64,6 +73,7 @@ class ReplicaView(_Reply, kw_only=True):
     addr: str
     gpus: list[int] = []  # indices of its node's GPUs it holds
     load: ReplicaLoad
+    metrics: ReplicaMetrics = msgspec.field(default_factory=ReplicaMetrics)
 
 
 class DeploymentStatus(_Reply, kw_only=True):
@@ -80,7 +90,19 @@ class DeploymentStatus(_Reply, kw_only=True):
     ready: int
     unplaced: int = 0  # replicas wanted that no node has room for...
     unplaced_reason: str = ""  # ... and why
+    restarts: int = 0  # its replicas that exited without being asked (and were replaced) since the head started
     replicas_list: list[ReplicaView]
+
+
+class ProxyView(_Reply, kw_only=True):
+    """A proxy that reported to the head in the last 10 s (PROXY_REPORT)."""
+
+    id: str
+    addr: str  # its HTTP address as clients reach it, "host:port"
+    metrics: str  # where its /metrics is: the same address
+    snapshot_version: int  # of the routing snapshot it applied last (0: none yet)
+    open_streams: int
+    last_seen_s: float  # since its last report
 
 
 class StatusReply(_Reply, kw_only=True):
@@ -91,3 +113,4 @@ class StatusReply(_Reply, kw_only=True):
     synced: bool  # false while a starting head waits for its agents (it publishes nothing yet)
     nodes: list[NodeStatus]
     deployments: list[DeploymentStatus]
+    proxies: list[ProxyView] = []

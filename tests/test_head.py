@@ -10,12 +10,14 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 import zmq
 import zmq.asyncio
 from controlplane_helpers import (
+    DEADLINE_S,
     TEST_HEARTBEAT_S,
     FakeAgent,
     admin,
@@ -24,12 +26,14 @@ from controlplane_helpers import (
     subscriber,
     wait_until,
 )
+from prometheus_client import REGISTRY
 
 import head.reconcile as head_reconcile
 import head.server as head_server
 from bus.admin import AdminError
 from bus.snapshot_pub import SnapshotPublisher
 from head.admin_ops import handle_admin
+from head.proxies import ProxyTable
 from head.server import PUBLISH_MIN_INTERVAL_S, RECONCILE_INTERVAL_S, Head
 from head.state import ClusterState, RestartBackoff
 from head.store import Store
@@ -46,6 +50,7 @@ from schemas.messages import (
     AdminRequest,
     Heartbeat,
     Kind,
+    ProxyReport,
     Register,
     RegisterAck,
     ReplicaLoad,
@@ -116,7 +121,11 @@ async def test_deploy_places_a_replica_and_ready_makes_it_routable(tmp_path: Pat
 
         # load from a heartbeat reaches the snapshot as a new version
         load = ReplicaLoad(running=3, waiting=1, kv_usage=0.25)
-        n1.replicas[rid] = replica_status(rid, "demo", ReplicaState.READY, "127.0.0.1:4001", load)
+        n1.replicas[rid] = msgspec.structs.replace(
+            replica_status(rid, "demo", ReplicaState.READY, "127.0.0.1:4001", load),
+            replica_metrics="127.0.0.1:4101",
+            worker_metrics="127.0.0.1:4102",
+        )
         loaded = await sub.wait_for(lambda s: s.replicas("demo") and s.replicas("demo")[0].load == load, 10)
         assert loaded.version > ready.version
 
@@ -135,6 +144,7 @@ async def test_deploy_places_a_replica_and_ready_makes_it_routable(tmp_path: Pat
                 "addr": "127.0.0.1:4001",
                 "gpus": [],
                 "load": load.to_wire(),
+                "metrics": {"replica": "127.0.0.1:4101", "worker": "127.0.0.1:4102"},
             }
         ]
         assert status["synced"] and status["head_id"] == head.head_id and not dep["adopted"]
@@ -273,6 +283,94 @@ async def test_unexpected_exit_is_replaced(tmp_path: Path) -> None:
         await n1.report(replica_status(first.replica_id, "demo", ReplicaState.EXITED, exit_code=137))
         second = await n1.expect(StartReplica)  # after the first restart backoff (1 s)
         assert second.replica_id != first.replica_id and second.deployment == "demo"
+        (dep,) = (await admin(head.router_endpoint, "status"))["deployments"]
+        assert dep["restarts"] == 1
+        # one the head asked to stop is no restart
+        await admin(head.router_endpoint, "scale", {"name": "demo", "replicas": 0})
+        assert (await n1.expect(StopReplica)).replica_id == second.replica_id
+        await n1.report(replica_status(second.replica_id, "demo", ReplicaState.EXITED, exit_code=0))
+        await wait_until(lambda: status_of_demo(head), what="the stopped replica gone")
+        (dep,) = (await admin(head.router_endpoint, "status"))["deployments"]
+        assert dep["restarts"] == 1
+
+
+async def status_of_demo(head: Head) -> bool:
+    """Whether demo has no replica left in the head's status."""
+    (dep,) = (await admin(head.router_endpoint, "status"))["deployments"]
+    return not dep["replicas_list"]
+
+
+def metric(name: str, labels: dict[str, str] | None = None) -> float:
+    """A sample of this process's default registry (the head runs in the test's process); 0 when absent."""
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+async def test_status_lists_every_processs_metrics_address_and_the_proxies(tmp_path: Path) -> None:
+    async with running_head(tmp_path / "head.db", metrics_address="127.0.0.1:9100") as head:
+        n1 = FakeAgent(head.router_endpoint, "n1")
+        try:
+            await n1.send(Register("n1", "127.0.0.1", 4, (), 1 << 30, (), metrics="127.0.0.1:9101"))
+            await n1.expect(RegisterAck)
+            proxy = FakeAgent(head.router_endpoint, "proxy")  # a DEALER like the proxy's
+            await proxy.send(ProxyReport("proxy-a", "127.0.0.1:8000", 42, 7))
+            status = await wait_until(lambda: proxies_listed(head), what="the proxy listed in status")
+        finally:
+            n1.close()
+            proxy.close()
+    assert status["head"]["metrics"] == "127.0.0.1:9100"
+    (node,) = status["nodes"]
+    assert node["metrics"] == "127.0.0.1:9101"
+    (p,) = status["proxies"]
+    assert {k: v for k, v in p.items() if k != "last_seen_s"} == {
+        "id": "proxy-a",
+        "addr": "127.0.0.1:8000",
+        "metrics": "127.0.0.1:8000",
+        "snapshot_version": 42,
+        "open_streams": 7,
+    }
+    assert 0 <= p["last_seen_s"] < DEADLINE_S
+
+
+async def proxies_listed(head: Head) -> dict[str, Any] | None:
+    status = await admin(head.router_endpoint, "status")
+    return status if status["proxies"] else None
+
+
+def test_the_proxy_table_forgets_a_proxy_silent_for_10_s() -> None:
+    table = ProxyTable()
+    assert table.report(ProxyReport("a", "127.0.0.1:8000", 1, 0), now=100.0)  # new
+    assert table.report(ProxyReport("b", "127.0.0.1:8001", 1, 3), now=101.0)
+    assert not table.report(ProxyReport("a", "127.0.0.1:8000", 2, 5), now=105.0)  # known: updated
+    assert table.expire(now=110.5) == []
+    assert [(p["id"], p["snapshot_version"], p["open_streams"], p["last_seen_s"]) for p in table.status(110.5)] == [
+        ("a", 2, 5, 5.5),
+        ("b", 1, 3, 9.5),
+    ]
+    assert table.expire(now=111.01) == ["b"]  # silent for just over 10 s
+    assert [p["id"] for p in table.status(111.01)] == ["a"] and len(table) == 1
+    assert table.expire(now=115.01) == ["a"] and table.status(115.01) == []
+
+
+async def test_the_head_counts_admin_requests_and_publishes_and_sets_its_gauges(tmp_path: Path) -> None:
+    ok_before = metric("tokenbus_head_admin_requests_total", {"op": "deploy", "result": "ok"})
+    refused_before = metric("tokenbus_head_admin_requests_total", {"op": "other", "result": "refused"})
+    published_before = metric("tokenbus_head_snapshots_published_total")
+    async with running_head(tmp_path / "head.db") as head, agent(head, "n1") as n1, subscriber(head) as sub:
+        await admin(head.router_endpoint, "deploy", SIM)
+        with pytest.raises(AdminError):
+            await admin(head.router_endpoint, "launch")
+        rid = (await n1.expect(StartReplica)).replica_id
+        await n1.report(replica_status(rid, "demo", ReplicaState.READY, "127.0.0.1:4001"))
+        snap = await sub.wait_for(lambda s: rid in replicas_of(s, "demo"), timeout=10)
+        await wait_until(lambda: metric("tokenbus_head_replicas", {"state": "ready"}) == 1, what="1 ready replica")
+        assert metric("tokenbus_head_nodes", {"state": "alive"}) == 1
+        assert metric("tokenbus_head_nodes", {"state": "lost"}) == 0
+        assert metric("tokenbus_head_snapshot_version") >= snap.version
+        assert metric("tokenbus_head_snapshot_bytes") > 0
+    assert metric("tokenbus_head_admin_requests_total", {"op": "deploy", "result": "ok"}) == ok_before + 1
+    assert metric("tokenbus_head_admin_requests_total", {"op": "other", "result": "refused"}) == refused_before + 1
+    assert metric("tokenbus_head_snapshots_published_total") >= published_before + 2  # empty demo, then its replica
+    assert metric("tokenbus_head_reconcile_duration_seconds_count") > 0
 
 
 async def test_agent_list_is_the_truth_for_its_replicas(tmp_path: Path) -> None:
