@@ -21,32 +21,42 @@ std::size_t CallRegistry::size() {
   return calls_.size();
 }
 
-GenerateCall::GenerateCall(CallRegistry& registry, RequestWriter& writer, std::uint64_t id)
-    : registry_(registry), writer_(writer), id_(id) {}
+GenerateCall::GenerateCall(CallRegistry& registry, RequestWriter& writer, ReplicaMetrics& metrics, std::uint64_t id,
+                           std::uint64_t received_ns)
+    : registry_(registry), writer_(writer), metrics_(metrics), id_(id), received_ns_(received_ns) {
+  metrics_.call_started();
+}
 
-void GenerateCall::fail(grpc::Status status) {
+void GenerateCall::fail(grpc::Status status, CallResult result) {
   {
     std::lock_guard lock(mutex_);
     worker_done_ = true;
     finish_called_ = true;
+    result_ = result;
   }
   Finish(std::move(status));
 }
 
-void GenerateCall::on_tokens(std::string_view text, std::uint32_t tokens) {
+void GenerateCall::on_tokens(const TokensRecord& tokens, std::uint64_t read_ns) {
   std::unique_lock lock(mutex_);
   if (abandoned_ || final_) return;
-  pending_text_.append(text);
-  pending_tokens_ += tokens;
+  if (!tokens_seen_) {
+    tokens_seen_ = true;
+    engine_produced_ns_ = tokens.produced_ns;
+    ring_read_ns_ = read_ns;
+  }
+  pending_text_.append(tokens.text);
+  pending_tokens_ += tokens.tokens;
   pump(std::move(lock));
 }
 
-void GenerateCall::on_finish(const FinishRecord& finish) {
+void GenerateCall::on_finish(const FinishRecord& finish, CallResult result) {
   std::unique_lock lock(mutex_);
   worker_done_ = true;
   if (final_) return;  // a duplicate FINISH changes nothing
-  final_ = Final{std::string(finish.finish_reason), finish.prompt_tokens, finish.completion_tokens, finish.error_code,
-                 std::string(finish.error_message)};
+  final_ = Final{std::string(finish.finish_reason), finish.prompt_tokens,
+                 finish.completion_tokens,          finish.error_code,
+                 std::string(finish.error_message), result};
   pump(std::move(lock));
 }
 
@@ -61,6 +71,12 @@ void GenerateCall::OnCancel() { abandon(std::unique_lock(mutex_)); }
 
 void GenerateCall::OnDone() {
   registry_.remove(id_);  // waits for a reader inside this call to leave
+  CallResult result;
+  {
+    std::lock_guard lock(mutex_);
+    result = result_;
+  }
+  metrics_.call_ended(result);
   delete this;
 }
 
@@ -77,6 +93,7 @@ void GenerateCall::pump(std::unique_lock<std::mutex> lock) {
   if (finish_called_ || write_in_flight_) return;
   if (abandoned_) {
     finish_called_ = true;
+    result_ = CallResult::kCancelled;
     lock.unlock();
     Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
     return;
@@ -87,6 +104,15 @@ void GenerateCall::pump(std::unique_lock<std::mutex> lock) {
   pending_text_.clear();
   chunk_.set_tokens(pending_tokens_);
   pending_tokens_ = 0;
+  if (!first_token_times_sent_ && !chunk_.text().empty()) {
+    first_token_times_sent_ = true;
+    auto& times = *chunk_.mutable_first_token_times();
+    times.set_replica_received_ns(received_ns_);
+    times.set_ring_written_ns(ring_written_ns_.load(std::memory_order_relaxed));
+    times.set_engine_produced_ns(engine_produced_ns_);
+    times.set_ring_read_ns(ring_read_ns_);
+    metrics_.observe_first_token(times);
+  }
   if (final_) {
     chunk_.set_finish_reason(final_->finish_reason);
     chunk_.set_prompt_tokens(final_->prompt_tokens);
@@ -94,6 +120,7 @@ void GenerateCall::pump(std::unique_lock<std::mutex> lock) {
     chunk_.set_error_code(final_->error_code);
     chunk_.set_error_message(final_->error_message);
     finish_called_ = true;
+    result_ = final_->result;
     lock.unlock();
     StartWriteAndFinish(&chunk_, grpc::WriteOptions(), grpc::Status::OK);
     return;

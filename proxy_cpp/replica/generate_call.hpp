@@ -7,12 +7,14 @@
 // call. Each call's own mutex guards its stream state; gRPC operations are started after releasing it.
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <unordered_map>
 
+#include "replica/metrics.hpp"
 #include "replica/ring_records.hpp"
 #include "tokenbus.grpc.pb.h"
 
@@ -51,15 +53,22 @@ class CallRegistry {
   bool closed_ = false;
 };
 
+// The first chunk that carries text also carries the first token's stamps (tokenbus.proto FirstTokenTimes):
+// the handler's entry, the SUBMIT's write, and those of the call's first TOKENS record.
 class GenerateCall final : public grpc::ServerWriteReactor<tokenbus::v1::GenerateChunk> {
  public:
-  GenerateCall(CallRegistry& registry, RequestWriter& writer, std::uint64_t id);
+  // `received_ns`: the wall clock at the Generate handler's entry. Counts itself open in `metrics` until OnDone.
+  GenerateCall(CallRegistry& registry, RequestWriter& writer, ReplicaMetrics& metrics, std::uint64_t id,
+               std::uint64_t received_ns);
+
+  // RequestWriter::submit stamps it.
+  std::atomic<std::uint64_t>& ring_written_ns() { return ring_written_ns_; }
 
   // Ends a call the worker never saw (refused before or at SUBMIT) with a gRPC error status.
-  void fail(grpc::Status status);
-  // From the response reader, under the registry lock.
-  void on_tokens(std::string_view text, std::uint32_t tokens);
-  void on_finish(const FinishRecord& finish);
+  void fail(grpc::Status status, CallResult result);
+  // From the response reader, under the registry lock. `read_ns`: when the reader took the record.
+  void on_tokens(const TokensRecord& tokens, std::uint64_t read_ns);
+  void on_finish(const FinishRecord& finish, CallResult result);
 
   void OnWriteDone(bool ok) override;
   void OnCancel() override;
@@ -72,6 +81,7 @@ class GenerateCall final : public grpc::ServerWriteReactor<tokenbus::v1::Generat
     std::uint32_t completion_tokens;
     std::uint32_t error_code;
     std::string error_message;
+    CallResult result;
   };
 
   // Starts the next gRPC operation the state calls for, if none is in flight; releases `lock` first.
@@ -81,7 +91,12 @@ class GenerateCall final : public grpc::ServerWriteReactor<tokenbus::v1::Generat
 
   CallRegistry& registry_;
   RequestWriter& writer_;
+  ReplicaMetrics& metrics_;
   const std::uint64_t id_;
+  const std::uint64_t received_ns_;
+  // Written by the submitting gRPC thread, read by whichever thread builds the first text chunk; the worker
+  // answers only after reading the SUBMIT, so it is set by then.
+  std::atomic<std::uint64_t> ring_written_ns_{0};
 
   std::mutex mutex_;
   std::string pending_text_;  // text not yet written: tokens that arrived while a write was in flight
@@ -91,6 +106,12 @@ class GenerateCall final : public grpc::ServerWriteReactor<tokenbus::v1::Generat
   bool finish_called_ = false;
   bool abandoned_ = false;
   bool worker_done_ = false;  // the worker sent FINISH or never saw the request: no CANCEL needed
+  CallResult result_ = CallResult::kCancelled;  // how it ended, once Finish is started
+  // The first TOKENS record's stamps, until the first chunk with text carries them.
+  bool tokens_seen_ = false;
+  bool first_token_times_sent_ = false;
+  std::uint64_t engine_produced_ns_ = 0;
+  std::uint64_t ring_read_ns_ = 0;
   tokenbus::v1::GenerateChunk chunk_;  // the message of the write in flight
 };
 

@@ -1,5 +1,7 @@
 // tokenbus-replica --listen 127.0.0.1:0 --replica-id ID --req-ring M,D,S --resp-ring M,D,S [--orphan-timeout S]
-// Prints "LISTENING host:port" on stdout once serving; logs go to stderr. Exits 0 after SIGTERM/SIGINT
+//                  [--metrics-bind IP:PORT]
+// Prints "LISTENING host:port" on stdout once serving, then "METRICS host:port" (where /metrics answers: the
+// --metrics-bind address, default 127.0.0.1:0, with its bound port); logs go to stderr. Exits 0 after SIGTERM/SIGINT
 // (open streams get 10 s to finish) or once orphaned (below), 1 when the model worker is gone, 2 on bad
 // arguments or rings.
 //
@@ -37,7 +39,7 @@ int usage(const char* problem) {
   std::fprintf(stderr,
                "tokenbus-replica: %s\n"
                "usage: tokenbus-replica --listen HOST:PORT --replica-id ID --req-ring MEM,DATA,SPACE "
-               "--resp-ring MEM,DATA,SPACE [--orphan-timeout SECONDS]\n",
+               "--resp-ring MEM,DATA,SPACE [--orphan-timeout SECONDS] [--metrics-bind IP:PORT]\n",
                problem);
   return 2;
 }
@@ -55,6 +57,8 @@ int main(int argc, char** argv) {
     const char* value = argv[i + 1];
     if (flag == "--listen") {
       options.listen = value;
+    } else if (flag == "--metrics-bind") {
+      options.metrics_bind = value;
     } else if (flag == "--replica-id") {
       options.replica_id = value;
     } else if (flag == "--req-ring") {
@@ -104,7 +108,9 @@ int main(int argc, char** argv) {
       return 1;
     }
     const std::string host = options.listen.substr(0, options.listen.rfind(':'));
-    std::printf("LISTENING %s:%d\n", host.c_str(), server.port());
+    const std::string metrics_host = options.metrics_bind.substr(0, options.metrics_bind.rfind(':'));
+    std::printf("LISTENING %s:%d\nMETRICS %s:%d\n", host.c_str(), server.port(), metrics_host.c_str(),
+                server.metrics_port());
     std::fflush(stdout);
 
     pollfd events[2] = {{signal_fd, POLLIN, 0}, {server.worker_gone_fd(), POLLIN, 0}};

@@ -13,6 +13,8 @@
 
 #include "common/log.hpp"
 #include "replica/generate_call.hpp"
+#include "replica/metrics.hpp"
+#include "replica/metrics_endpoint.hpp"
 #include "replica/request_writer.hpp"
 #include "replica/ring_records.hpp"
 #include "tokenbus.grpc.pb.h"
@@ -34,7 +36,7 @@ std::chrono::milliseconds since(const std::atomic<std::int64_t>& then_ns) {
 
 struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService {
   explicit Impl(ReplicaOptions options)
-      : options_(std::move(options)), writer_(options_.request_ring), responses_(options_.response_ring) {
+      : options_(std::move(options)), writer_(options_.request_ring, metrics_), responses_(options_.response_ring) {
     worker_gone_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (worker_gone_fd_ < 0) throw ring::RingError("eventfd for the worker-gone signal failed");
     log(LogLevel::kInfo, "replica", "replica %s attached: request ring %zu bytes, response ring %zu bytes",
@@ -49,14 +51,15 @@ struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService
 
   grpc::ServerWriteReactor<tokenbus::v1::GenerateChunk>* Generate(
       grpc::CallbackServerContext* context, const tokenbus::v1::GenerateRequest* request) override {
+    const std::uint64_t received_ns = wall_clock_ns();
     const std::uint64_t request_id = next_id_.fetch_add(1, std::memory_order_relaxed);
-    auto* call = new GenerateCall(calls_, writer_, request_id);  // deletes itself in OnDone
+    auto* call = new GenerateCall(calls_, writer_, metrics_, request_id, received_ns);  // deletes itself in OnDone
     // Registered before SUBMIT is written, so no TOKENS can arrive for an unknown id.
     if (!calls_.add(request_id, call)) {
-      call->fail(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model worker is gone"));
+      call->fail(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model worker is gone"), CallResult::kWorkerGone);
       return call;
     }
-    switch (writer_.submit(request_id, *request)) {
+    switch (writer_.submit(request_id, *request, call->ring_written_ns())) {
       case RequestWriter::SubmitResult::kWritten:
         break;
       case RequestWriter::SubmitResult::kTooBig:
@@ -64,10 +67,12 @@ struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService
             request->request_id().c_str(), context->peer().c_str());
         call->fail(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                                 "request too large: its encoding exceeds " + std::to_string(writer_.max_payload()) +
-                                    " bytes"));
+                                    " bytes"),
+                   CallResult::kTooLarge);
         break;
       case RequestWriter::SubmitResult::kRingFull:
-        call->fail(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "replica busy: its request ring is full"));
+        call->fail(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "replica busy: its request ring is full"),
+                   CallResult::kRingFull);
         break;
     }
     return call;
@@ -108,14 +113,17 @@ struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService
     while (!stopping_.load(std::memory_order_acquire)) {
       const auto record = responses_.peek();
       if (record) {
+        metrics_.response_ring().count(record->size());
         dispatch(decode_response(*record));
         responses_.release();
         continue;
       }
       if (!responses_.broken().empty()) return worker_gone("response ring broken: " + responses_.broken());
-      if (responses_.wait_for_data(options_.peer_check_interval) == ring::WaitResult::kPeerGone) {
-        return worker_gone("its process exited");
-      }
+      const auto sleep_start = std::chrono::steady_clock::now();
+      const auto waited = responses_.wait_for_data(options_.peer_check_interval);
+      metrics_.add_response_ring_idle(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - sleep_start).count());
+      if (waited == ring::WaitResult::kPeerGone) return worker_gone("its process exited");
     }
   }
 
@@ -124,11 +132,13 @@ struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService
   }
 
   void handle(const TokensRecord& tokens) {
-    calls_.with_call(tokens.id, [&](GenerateCall& call) { call.on_tokens(tokens.text, tokens.tokens); });
+    const std::uint64_t read_ns = wall_clock_ns();  // the ring_read stamp, if this is the call's first record
+    calls_.with_call(tokens.id, [&](GenerateCall& call) { call.on_tokens(tokens, read_ns); });
   }
 
   void handle(const FinishRecord& finish) {
-    calls_.with_call(finish.id, [&](GenerateCall& call) { call.on_finish(finish); });
+    calls_.with_call(finish.id,
+                     [&](GenerateCall& call) { call.on_finish(finish, result_of_finish(finish.finish_reason)); });
   }
 
   void handle(const StatsRecord& stats) {
@@ -163,13 +173,15 @@ struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService
       serving_ = false;
     }
     const FinishRecord failure{0, "error", 0, 0, 500, "the model worker exited"};
-    const std::size_t failed = calls_.close([&](GenerateCall& call) { call.on_finish(failure); });
+    const std::size_t failed =
+        calls_.close([&](GenerateCall& call) { call.on_finish(failure, CallResult::kWorkerGone); });
     log(LogLevel::kError, "replica", "replica %s: model worker gone (%s): failed %zu open streams", id(), why.c_str(),
         failed);
     ring::signal_eventfd(worker_gone_fd_);
   }
 
   ReplicaOptions options_;
+  ReplicaMetrics metrics_;  // before writer_, which counts into it
   RequestWriter writer_;
   ring::Consumer responses_;  // only the reader thread touches it after start()
   CallRegistry calls_;
@@ -187,6 +199,7 @@ struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService
   std::uint32_t max_model_len_ = 0;
   int worker_gone_fd_ = -1;
   int port_ = 0;
+  std::unique_ptr<MetricsEndpoint> metrics_endpoint_;
   std::atomic<bool> stopping_{false};
   std::thread reader_;
   std::unique_ptr<grpc::Server> server_;  // declared last: destroyed first, before the service it serves
@@ -198,6 +211,13 @@ ReplicaServer::ReplicaServer(ReplicaOptions options) : impl_(std::make_unique<Im
 ReplicaServer::~ReplicaServer() { shutdown(std::chrono::milliseconds(0)); }
 
 bool ReplicaServer::start(std::string& error) {
+  try {
+    impl_->metrics_endpoint_ =
+        std::make_unique<MetricsEndpoint>(impl_->options_.metrics_bind, impl_->metrics_.registry());
+  } catch (const std::exception& e) {
+    error = "cannot serve metrics on " + impl_->options_.metrics_bind + " (an IP address and a port): " + e.what();
+    return false;
+  }
   grpc::ServerBuilder builder;
   builder.AddListeningPort(impl_->options_.listen, grpc::InsecureServerCredentials(), &impl_->port_);
   builder.RegisterService(impl_.get());
@@ -214,6 +234,8 @@ bool ReplicaServer::start(std::string& error) {
 }
 
 int ReplicaServer::port() const { return impl_->port_; }
+
+int ReplicaServer::metrics_port() const { return impl_->metrics_endpoint_->port(); }
 
 int ReplicaServer::worker_gone_fd() const { return impl_->worker_gone_fd_; }
 

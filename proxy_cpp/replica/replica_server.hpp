@@ -12,6 +12,8 @@ namespace tokenbus::replica {
 
 struct ReplicaOptions {
   std::string listen = "127.0.0.1:0";
+  // Where /metrics is served (Prometheus text format): an IP address and a port, 0 for any free one.
+  std::string metrics_bind = "127.0.0.1:0";
   std::string replica_id;
   ring::RingFds request_ring;
   ring::RingFds response_ring;
@@ -27,10 +29,13 @@ class ReplicaServer {
   ReplicaServer(const ReplicaServer&) = delete;
   ReplicaServer& operator=(const ReplicaServer&) = delete;
 
-  // Binds and starts serving, and starts the response reader; false with `error` set if it cannot bind.
+  // Binds and starts serving gRPC and metrics, and starts the response reader; false with `error` set if it
+  // cannot bind either.
   bool start(std::string& error);
   // The bound port (after start()).
   int port() const;
+  // The metrics endpoint's bound port (after start()).
+  int metrics_port() const;
   // Readable (an eventfd) once the model worker is gone; every open stream has then been failed.
   int worker_gone_fd() const;
   // Time since the last Health or Stats call (from an agent), or since construction before the first.

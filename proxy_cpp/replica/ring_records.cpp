@@ -273,8 +273,9 @@ ResponseRecord decode_response(std::span<const std::byte> payload) {
   switch (kind) {
     case kTokens: {
       TokensRecord tokens{};
-      if (size != 4 || !r.uint(tokens.id) || !r.str(tokens.text) || !r.uint32(tokens.tokens)) {
-        return DecodeError{"TOKENS must be [1, id, text, n_tokens]"};
+      if ((size != 4 && size != 5) || !r.uint(tokens.id) || !r.str(tokens.text) || !r.uint32(tokens.tokens) ||
+          (size == 5 && !r.uint(tokens.produced_ns))) {
+        return DecodeError{"TOKENS must be [1, id, text, n_tokens] or [1, id, text, n_tokens, produced_ns]"};
       }
       record = tokens;
       break;

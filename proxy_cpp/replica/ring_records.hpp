@@ -2,6 +2,7 @@
 // The ring records the replica writes (request ring) and reads (response ring): schemas/README.md section 3.
 // Encoding uses msgpack-cxx; decoding is a small non-throwing reader, because the response ring is the hot
 // path and its input comes from another process: a malformed record is an error value, never an exception.
+#include <chrono>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -23,6 +24,15 @@ inline constexpr std::uint8_t kFinish = 2;
 inline constexpr std::uint8_t kStats = 3;
 inline constexpr std::uint8_t kReady = 4;
 
+// The clock of the first-token stamps (tokenbus.proto FirstTokenTimes, and the produced_ns the worker puts in
+// its first TOKENS record): wall-clock nanoseconds since the Unix epoch, comparable across the processes of
+// one node.
+inline std::uint64_t wall_clock_ns() {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count());
+}
+
 // Both append to `out`.
 // [1, id, prompt, messages | nil, params]
 void encode_submit(std::string& out, std::uint64_t id, const tokenbus::v1::GenerateRequest& request);
@@ -34,6 +44,9 @@ struct TokensRecord {
   std::uint64_t id;
   std::string_view text;
   std::uint32_t tokens;
+  // The worker's first TOKENS record of a request carries when its engine produced the first token (wall
+  // clock ns since the epoch); 0 on later records and from a worker that does not stamp.
+  std::uint64_t produced_ns;
 };
 struct FinishRecord {
   std::uint64_t id;
