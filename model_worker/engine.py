@@ -10,9 +10,10 @@ calls the sink, so both kinds fit the same protocol.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypedDict
+from typing import Literal, Protocol, TypedDict, get_args
 
 FinishReason = Literal["stop", "length", "abort", "error"]
+FINISH_REASONS: tuple[FinishReason, ...] = get_args(FinishReason)
 
 
 class DuplicateRequestError(ValueError):
@@ -79,6 +80,9 @@ class OutputSink(Protocol):
 
     def load_changed(self) -> None:
         """`stats()` may now return something else (the sink decides when to read it)."""
+
+    def engine_step(self, seconds: float) -> None:
+        """The time one step of the engine took, where the engine knows it (a metric; not called per token)."""
 
     def engine_failed(self, message: str) -> None:
         """The engine can serve nothing more (e.g. vLLM's engine core died): the worker exits, so that its agent

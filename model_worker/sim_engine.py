@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 from model_worker.engine import DuplicateRequestError, EngineInfo, EngineStats, FinishReason, OutputSink, Request
 
+STEP_SAMPLE_MASK = 63  # one token in 64 reports its step (OutputSink.engine_step): a metric, kept off most tokens
+
 VOCAB: tuple[str, ...] = tuple(
     " " + w
     for w in (
@@ -113,6 +115,7 @@ class SimEngine:
         self._delay_s = self._cfg.token_delay_ms / 1000.0
         self._running: dict[int, _Stream] = {}
         self._waiting: OrderedDict[int, tuple[Request, int]] = OrderedDict()  # id -> (request, prompt tokens)
+        self._emitted = 0  # tokens emitted in all: picks the ones whose step is reported
 
     @property
     def config(self) -> SimConfig:
@@ -182,13 +185,19 @@ class SimEngine:
             return
         self._schedule_next(stream)
 
+    def _due(self, stream: _Stream, token: int) -> float:
+        """When token `token` (1-based) of the stream is due: absolute from its start, so lateness never adds up."""
+        return stream.start + self._prefill_s + token * self._delay_s
+
     def _schedule_next(self, stream: _Stream) -> None:
-        when = stream.start + self._prefill_s + (stream.generated + 1) * self._delay_s
-        stream.timer = self._clock.call_at(when, self._emit, stream)
+        stream.timer = self._clock.call_at(self._due(stream, stream.generated + 1), self._emit, stream)
 
     def _emit(self, stream: _Stream) -> None:
         stream.timer = None
         stream.generated += 1
+        self._emitted += 1
+        if not self._emitted & STEP_SAMPLE_MASK:  # the sim's step: its token period, plus how late this token is
+            self._sink.engine_step(self._delay_s + self._clock.time() - self._due(stream, stream.generated))
         word = stream.rng.choice(VOCAB)
         stops = stream.request.params.stop
         if not stops:

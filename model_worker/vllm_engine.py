@@ -94,6 +94,10 @@ class _LoadRecorder(StatLoggerBase):
     ) -> None:
         if scheduler_stats is not None:
             self._engine.scheduler_reported(scheduler_stats)
+        if iteration_stats is not None and iteration_stats.inter_token_latencies_iter:
+            # every request decoding in the step got its last token one step before, unless it was preempted
+            # meanwhile: the smallest gap is the step's own time
+            self._engine.step_reported(min(iteration_stats.inter_token_latencies_iter))
 
     def log_engine_initialized(self) -> None:
         pass
@@ -219,6 +223,9 @@ class VllmEngine:
         if load != self._load:
             self._load = load
             self._sink.load_changed()
+
+    def step_reported(self, seconds: float) -> None:
+        self._sink.engine_step(seconds)
 
     def _prompt_ids(self, request: Request) -> list[int]:
         if request.messages is None:

@@ -5,6 +5,11 @@ reports through this worker (it is the engine's OutputSink), which packs TOKENS/
 the response ring. Load goes out as STATS when it changes, coalesced to at most one record per 100 ms, and at least
 once every STATS_MAX_GAP_S even when nothing changes: the replica reports the age of the last one, so a worker that
 is alive but stuck (or SIGSTOPped) shows a growing age that its agent's health check catches.
+
+The first TOKENS record of each request carries a fifth field, the wall-clock time (ns since the epoch) at which the
+engine's output with its first token reached the worker: the proxy's per-hop first-token timing reads it as the
+"engine produced" stamp. The worker serves its metrics (model_worker/metrics.py) on `--metrics-host`, a free port,
+and prints `METRICS host:port` on stdout, which is its log file: its agent reads the line there.
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ import asyncio
 import json
 import logging
 import signal
+import time
 from typing import Any
 
-from model_worker import records
-from model_worker.engine import DuplicateRequestError, Engine, EngineInfo, EngineStats, FinishReason
+from bus.endpoints import DEFAULT_BIND, host_port
+from bus.metrics_http import serve_metrics
+from model_worker import metrics, records
+from model_worker.engine import DuplicateRequestError, Engine, EngineInfo, EngineStats, FinishReason, Request
 from model_worker.ring import PeerGone, RingReceiver, RingSender, parse_ring_fds
 from model_worker.sim_engine import SimEngine
 
@@ -42,6 +50,8 @@ class Worker:
         self._stats_sent: EngineStats | None = None
         self._stats_sent_at = float("-inf")
         self.replica_gone = asyncio.Event()  # set when the response ring's consumer is found gone
+        # requests with no TOKENS record yet -> loop time their SUBMIT was read: the first one is stamped (C1)
+        self._awaiting_first: dict[int, float] = {}
         self.engine_dead = asyncio.Event()  # set when the engine reports it can serve nothing more
 
     def _send(self, record: list[Any]) -> None:
@@ -72,7 +82,13 @@ class Worker:
         self.engine_dead.set()
 
     def tokens(self, request_id: int, text: str, n_tokens: int) -> None:
-        self._send([records.TOKENS, request_id, text, n_tokens])
+        submitted = self._awaiting_first.pop(request_id, None)
+        if submitted is None:
+            self._send([records.TOKENS, request_id, text, n_tokens])
+        else:
+            self._send([records.TOKENS, request_id, text, n_tokens, time.time_ns()])
+            metrics.TIME_TO_FIRST_TOKEN.observe(self._loop.time() - submitted)
+        metrics.GENERATED_TOKENS.inc(n_tokens)
 
     def finish(
         self,
@@ -83,12 +99,17 @@ class Worker:
         error_code: int = 0,
         error_message: str = "",
     ) -> None:
+        self._awaiting_first.pop(request_id, None)
         self._send([records.FINISH, request_id, reason, prompt_tokens, completion_tokens, error_code, error_message])
+        metrics.FINISHED[reason].inc()
 
     def load_changed(self) -> None:
         if self._stats_timer is None:
             when = max(self._loop.time(), self._stats_sent_at + STATS_INTERVAL_S)
             self._stats_timer = self._loop.call_at(when, self._send_stats)
+
+    def engine_step(self, seconds: float) -> None:
+        metrics.ENGINE_STEP.observe(seconds)
 
     def _send_stats(self, *, unchanged_too: bool = False) -> None:
         self._stats_timer = None
@@ -97,6 +118,9 @@ class Worker:
         if unchanged_too or stats != self._stats_sent:
             self._send([records.STATS, stats.running, stats.waiting, float(stats.kv_usage)])
             self._stats_sent, self._stats_sent_at = stats, self._loop.time()
+            metrics.RUNNING.set(stats.running)
+            metrics.WAITING.set(stats.waiting)
+            metrics.KV_USAGE.set(stats.kv_usage)
 
     def _keepalive(self) -> None:
         """Sends STATS when none went out for STATS_MAX_GAP_S, and runs again when the next one is due."""
@@ -117,7 +141,7 @@ class Worker:
         kind = record[0] if isinstance(record, list) and record else None
         try:
             if kind == records.SUBMIT:
-                self.engine.submit(records.decode_submit(record))
+                self._submit(records.decode_submit(record))
             elif kind == records.CANCEL:
                 self.engine.abort(records.decode_cancel(record))
             else:
@@ -128,6 +152,19 @@ class Worker:
                 self.finish(e.request_id, "error", 0, 0, 400, str(e))
         except DuplicateRequestError as e:
             log.warning("worker %s ignoring SUBMIT from replica: %s", self._replica_id, e)
+
+    def _submit(self, request: Request) -> None:
+        assert self.engine is not None
+        earlier = self._awaiting_first.get(request.id)
+        self._awaiting_first[request.id] = self._loop.time()  # before: the engine may finish it at once (a 400)
+        try:
+            self.engine.submit(request)
+        except DuplicateRequestError:  # the request already open under that id keeps what it had
+            if earlier is None:
+                self._awaiting_first.pop(request.id, None)
+            else:
+                self._awaiting_first[request.id] = earlier
+            raise
 
 
 def build_engine(name: str, args: dict[str, Any], sink: Worker, loop: asyncio.AbstractEventLoop) -> Engine:
@@ -150,6 +187,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engine-args", default="{}", help="JSON object of engine arguments")
     p.add_argument("--req-ring", required=True, type=parse_ring_fds, help="MEM,DATA,SPACE of the request ring")
     p.add_argument("--resp-ring", required=True, type=parse_ring_fds, help="MEM,DATA,SPACE of the response ring")
+    p.add_argument(
+        "--metrics-host",
+        default=DEFAULT_BIND,
+        metavar="HOST",
+        help="serve Prometheus /metrics on a free port of this address, printed as `METRICS host:port` on stdout "
+        "(default %(default)s)",
+    )
     opts = p.parse_args(argv)
     try:
         opts.engine_args = json.loads(opts.engine_args)
@@ -163,6 +207,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def serve(opts: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT or until the replica is gone; the exit code."""
     rid = opts.replica_id
+    try:
+        port = serve_metrics(opts.metrics_host, 0)
+    except OSError as e:
+        log.error("worker %s cannot serve metrics on %s: %s", rid, opts.metrics_host, e)
+        return 2
+    print(f"METRICS {host_port(opts.metrics_host, port)}", flush=True)  # for its agent, which follows this output
     try:
         receiver = RingReceiver(opts.req_ring)
     except Exception as e:

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from node_agent import metrics
 from node_agent.head_link import HeadLink
 from node_agent.replica_process import RPC_TIMEOUT_S, TERM_GRACE_S, ReplicaProcess, ReplicaSettings
 from node_agent.state import PROCESS_NAMES, REPLICA_ID_RE, ReplicaRecord, StateDir
@@ -71,6 +72,7 @@ class Agent:
         except Exception as e:
             log.exception("%s for replica %s failed", type(msg).__name__, msg.replica_id)
             if msg.replica_id not in self._replicas:  # nothing runs for it: the head must not wait for it
+                metrics.REPLICA_EXITS.labels("agent_error").inc()
                 self._report_exited(msg.replica_id, f"the agent could not handle {type(msg).__name__}: {e!r}")
 
     async def adopt(self) -> None:
@@ -100,6 +102,7 @@ class Agent:
             else:
                 how = "serving" if serving else "still starting"
                 log.info("replica %s of %s re-adopted, %s on %s", rid, replica.deployment, how, record.address)
+                metrics.REPLICAS_ADOPTED.inc()
                 self._run(replica)
         await asyncio.gather(*ending)
 
@@ -135,11 +138,13 @@ class Agent:
             return
         if not REPLICA_ID_RE.fullmatch(rid):
             log.warning("StartReplica refused: replica id %r is not of the form %s", rid, REPLICA_ID_RE.pattern)
+            metrics.REPLICA_EXITS.labels("refused").inc()
             self._report_exited(rid, f"refused: a replica id must match {REPLICA_ID_RE.pattern}")
             return
         refused = self._gpu_conflict(msg)
         if refused:
             log.warning("StartReplica %s refused: %s", rid, refused)
+            metrics.REPLICA_EXITS.labels("refused").inc()
             self._report_exited(rid, f"refused: {refused}")
             return
         log.info(
@@ -191,11 +196,20 @@ class Agent:
         if replica.state is ReplicaState.EXITED:  # a re-adopted replica's exit code is its new parent's to know
             code = f" (exit code {'unknown' if replica.exit_code is None else replica.exit_code})"
         log.info("replica %s is %s%s", replica.replica_id, replica.state.value, code)
+        self._export_gauges()
         if self._link is not None:
             self._link.send(ReplicaEvent(self.node_id, replica.status()))
 
+    def _export_gauges(self) -> None:
+        counts = dict.fromkeys((s for s in ReplicaState if s is not ReplicaState.EXITED), 0)
+        for r in self._replicas.values():
+            if r.state is not ReplicaState.EXITED:
+                counts[r.state] += 1
+        for state, n in counts.items():
+            metrics.REPLICAS.labels(state.value.lower()).set(n)
+
     def _updated(self, replica: ReplicaProcess) -> None:
-        """Its load or its health verdict changed (the latter is logged by the replica)."""
+        """Its load, its health verdict or its metrics addresses changed (the verdict is logged by the replica)."""
         if self._link is not None:  # not logged: under load this is several times a second
             self._link.send(ReplicaEvent(self.node_id, replica.status()))
 

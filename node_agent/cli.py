@@ -11,8 +11,9 @@ import socket
 from pathlib import Path
 
 from bus.curve import CurveKeyError, add_client_args, client_keys
-from bus.endpoints import DEFAULT_BIND, DEFAULT_HEARTBEAT_S, DEFAULT_LIVENESS, DEFAULT_ROUTER, WILDCARDS
+from bus.endpoints import DEFAULT_BIND, DEFAULT_HEARTBEAT_S, DEFAULT_LIVENESS, DEFAULT_ROUTER, WILDCARDS, host_port
 from bus.log_setup import configure
+from bus.metrics_http import serve_metrics
 from bus.run import run_until_signal
 from node_agent.agent import Agent
 from node_agent.binaries import bin_dir
@@ -59,7 +60,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds a replica keeps serving after its agent died with no agent calling it, then stops itself "
         "(default: tokenbus-replica's, 60)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="serve Prometheus /metrics on this port of the --bind address (default 0: a free port, sent to the head)",
+    )
     opts = p.parse_args(argv)
+    if not 0 <= opts.metrics_port <= 65535:
+        p.error("--metrics-port must be 0 to 65535")
     if opts.cpu_slots < 0:
         p.error("--cpu-slots must be >= 0")
     if opts.heartbeat <= 0:
@@ -84,7 +94,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def _serve(opts: argparse.Namespace) -> int:
-    capacity = Capacity(opts.node_id, opts.advertise, opts.cpu_slots, opts.gpus, memory_bytes())
+    try:
+        metrics_port = serve_metrics(opts.bind, opts.metrics_port)
+    except OSError as e:
+        log.error("agent %s cannot serve metrics on %s: %s", opts.node_id, host_port(opts.bind, opts.metrics_port), e)
+        return 1
+    metrics = host_port(opts.advertise, metrics_port)
+    capacity = Capacity(opts.node_id, opts.advertise, opts.cpu_slots, opts.gpus, memory_bytes(), metrics)
     binaries = bin_dir()
     log.info(
         "agent %s started: %d cpu slots, %s GPUs, %d MiB; replicas bind to %s, reached at %s; binaries from %s",

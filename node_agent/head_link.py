@@ -17,6 +17,7 @@ import zmq.asyncio
 from bus.bounded_recv import limit_frames, recv_bounded
 from bus.curve import ClientKeys, HandshakeWatch, secure_client
 from bus.liveness import Liveness
+from node_agent import metrics
 from schemas.messages import (
     GpuInfo,
     Heartbeat,
@@ -44,6 +45,7 @@ class Capacity:
     cpu_slots: int
     gpus: tuple[GpuInfo, ...]
     memory_bytes: int
+    metrics: str = ""  # the agent's /metrics "host:port" as others reach it ("" = none)
 
 
 def _log_send_failure(future: asyncio.Future[None], name: str) -> None:
@@ -81,6 +83,8 @@ class HeadLink:
         self._watch: HandshakeWatch | None = None  # says why when the head refuses this agent's key
         self.registered = False
         self.registrations = 0  # RegisterAcks received in all (1 + reconnections that succeeded)
+        self._register_sent = 0.0  # monotonic time of the last Register sent (its round trip ends at the ack)
+        self._head_beat_at: float | None = None  # of the last heartbeat from the head on this connection
 
     async def run(self) -> None:
         """Keeps the link up until cancelled. The socket stays open on cancel: `close()` ends it."""
@@ -130,7 +134,8 @@ class HeadLink:
         self._watch = HandshakeWatch(sock, self._keys)
         sock.connect(self._endpoint)
         self._sock = sock
-        self.registered = False
+        self._set_registered(False)
+        self._head_beat_at = None
         key = f" with key {self._keys.name}" if self._keys is not None else ""
         log.info("connecting to the head at %s as node %s%s", self._endpoint, self._capacity.node_id, key)
 
@@ -139,8 +144,12 @@ class HeadLink:
             self._watch.close()
             self._watch = None
 
+    def _set_registered(self, registered: bool) -> None:
+        self.registered = registered
+        metrics.REGISTERED.set(int(registered))
+
     def _close_socket(self) -> None:
-        self.registered = False
+        self._set_registered(False)
         self._close_watch()
         if self._sock is not None:
             self._sock.close(linger=0)
@@ -180,7 +189,8 @@ class HeadLink:
             msg: Message = Heartbeat(self._capacity.node_id, statuses)
         else:
             c = self._capacity
-            msg = Register(c.node_id, c.host, c.cpu_slots, c.gpus, c.memory_bytes, statuses)
+            msg = Register(c.node_id, c.host, c.cpu_slots, c.gpus, c.memory_bytes, statuses, c.metrics)
+            self._register_sent = time.monotonic()
         self._post(msg)
 
     def _post(self, msg: Message) -> None:
@@ -200,7 +210,9 @@ class HeadLink:
             return False
         if isinstance(msg, RegisterAck):
             if not self.registered:
-                self.registered = True
+                metrics.REGISTER_ROUND_TRIP.observe(time.monotonic() - self._register_sent)
+                metrics.REGISTRATIONS.inc()
+                self._set_registered(True)
                 self.registrations += 1
                 log.info("registered with the head at %s as node %s", self._endpoint, msg.node_id)
             if msg.heartbeat_interval_s > 0 and msg.heartbeat_interval_s != self.heartbeat_s:
@@ -211,10 +223,15 @@ class HeadLink:
         if isinstance(msg, Reregister):
             if self.registered:
                 log.warning("the head at %s does not know node %s: registering again", self._endpoint, msg.node_id)
-                self.registered = False
+                self._set_registered(False)
                 self._beat()  # a Register now, not at the next interval
         elif isinstance(msg, (StartReplica, StopReplica)):
             self._on_command(msg)
-        elif not isinstance(msg, Heartbeat):
+        elif isinstance(msg, Heartbeat):
+            now = time.monotonic()
+            if self._head_beat_at is not None:
+                metrics.HEAD_HEARTBEAT_GAP.observe(now - self._head_beat_at)
+            self._head_beat_at = now
+        else:
             log.warning("dropped an unexpected %s from the head", type(msg).__name__)
         return False

@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from bus.endpoints import host_port
+from node_agent import metrics
 from node_agent.state import PROCESS_NAMES, ReplicaRecord, StateDir, process_start_ticks
 from schemas.messages import ReplicaLoad, ReplicaState, ReplicaStatus, StartReplica
 
@@ -56,6 +57,7 @@ STATS_AGE_LIMIT_MS = 3000
 PID_POLL_S = 0.5  # how often an adopted process is looked at where pidfd_open is not available
 MAX_LINE = 64 * 1024  # a longer output line is dropped (with a note) rather than buffered
 LISTENING_RE = re.compile(r"LISTENING (\S+:\d+)")
+METRICS_RE = re.compile(r"METRICS (\S+:\d+)")  # where a process of the replica serves /metrics (both print it)
 
 T = TypeVar("T")
 
@@ -209,6 +211,10 @@ class ReplicaProcess:
         self.started_at = 0.0
         self.exit_code: int | None = None
         self.detail = ""
+        self.exit_cause = ""  # why it ended, once EXITED: a label of tokenbus_agent_replica_exits_total
+        # "host:port" of the binary's and the worker's /metrics (their METRICS lines), "" until known
+        self.replica_metrics = ""
+        self.worker_metrics = ""
         self._procs: dict[str, _Process] = {}  # "replica", "worker"
         self._pipes: list[asyncio.Task[None]] = []  # the binary's stdout, and the followers of both log files
         self._exited = asyncio.Event()  # both processes are gone: the followers read what is left and end
@@ -226,6 +232,8 @@ class ReplicaProcess:
         replica = cls(StartReplica.from_wire(record.spec), settings)
         replica.address = record.address
         replica.started_at = record.started_at
+        replica.replica_metrics = record.replica_metrics
+        replica.worker_metrics = record.worker_metrics
         replica.max_model_len = max_model_len
         replica.state = ReplicaState.READY if serving else ReplicaState.STARTING
         for name, pid in (("replica", record.replica_pid), ("worker", record.worker_pid)):
@@ -246,6 +254,8 @@ class ReplicaProcess:
             max_model_len=self.max_model_len,
             started_at=self.started_at,
             gpus=self.gpus,
+            replica_metrics=self.replica_metrics,
+            worker_metrics=self.worker_metrics,
         )
 
     def stop(self, drain: bool, reason: str = "") -> None:
@@ -284,11 +294,13 @@ class ReplicaProcess:
                 self._report(ReplicaState.READY)
             await self._until(self._watch(stub), None, "")
         except _Interrupted:
-            pass
+            self.exit_cause = "asked"
         except ReplicaFailed as e:
+            self.exit_cause = "crashed" if self.state is ReplicaState.READY else "failed_start"
             self.detail = str(e)
             log.error("replica %s failed: %s", rid, e)
         except Exception as e:  # whatever went wrong, the processes are still ended below
+            self.exit_cause = "agent_error"
             self.detail = f"agent error: {e!r}"
             log.exception("replica %s: unexpected error", rid)
         try:
@@ -299,12 +311,14 @@ class ReplicaProcess:
             if channel is not None:
                 await channel.close()
             self._state.remove(rid)  # both processes are gone: nothing left to re-adopt
+            metrics.REPLICA_EXITS.labels(self.exit_cause or "agent_error").inc()
             self._report(ReplicaState.EXITED)
 
     async def discard(self) -> None:
         """Ends an adopted replica that does not answer, and forgets it (no state change is reported)."""
         await self._terminate()
         self._state.remove(self.replica_id)
+        metrics.REPLICA_EXITS.labels("unresponsive").inc()
 
     def _save_record(self) -> None:
         """Writes (or rewrites, with the address) the replica's entry in the state directory."""
@@ -321,6 +335,8 @@ class ReplicaProcess:
             worker_start=ticks["worker"] or 0,
             address=self.address,
             started_at=self.started_at,
+            replica_metrics=self.replica_metrics,
+            worker_metrics=self.worker_metrics,
         )
         try:
             self._state.save(record)
@@ -350,10 +366,11 @@ class ReplicaProcess:
             rings = ["--req-ring", ",".join(map(str, req)), "--resp-ring", ",".join(map(str, resp))]
             rid = self.replica_id
             replica_cmd = [str(binary), "--listen", host_port(self._bind, 0), "--replica-id", rid, *rings]
+            replica_cmd += ["--metrics-bind", host_port(self._bind, 0)]
             if self._orphan_timeout_s is not None:
                 replica_cmd += ["--orphan-timeout", str(self._orphan_timeout_s)]
             worker_cmd = [sys.executable, "-m", "model_worker", "--replica-id", rid, "--engine", self._spec.engine]
-            worker_cmd += ["--engine-args", engine_args_json, *rings]
+            worker_cmd += ["--engine-args", engine_args_json, "--metrics-host", self._bind, *rings]
             self.started_at = time.time()
             for name, cmd in (("replica", replica_cmd), ("worker", worker_cmd)):
                 # its own session: a signal to the agent's process group (a Ctrl-C on its terminal) does not reach
@@ -372,6 +389,7 @@ class ReplicaProcess:
                 )
                 self._procs[name] = _Child(proc)
                 log.info("replica %s: %s started, pid %d", rid, name, proc.pid)
+            metrics.REPLICA_STARTS.inc()
         except OSError as e:
             raise ReplicaFailed(f"cannot start the replica's processes: {e}") from None
         finally:
@@ -426,7 +444,12 @@ class ReplicaProcess:
                     lines.append(pending)
                     pending = b""
                 for line in lines:
-                    log.info("[%s %s] %s", self.replica_id, name, line.decode(errors="replace").rstrip())
+                    text = line.decode(errors="replace").rstrip()
+                    if name == "worker" and not self.worker_metrics:
+                        m = METRICS_RE.fullmatch(text.strip())
+                        if m:
+                            self._metrics_found(name, m.group(1))
+                    log.info("[%s %s] %s", self.replica_id, name, text)
                 if last and not chunk:
                     if pending:
                         log.info("[%s %s] %s", self.replica_id, name, pending.decode(errors="replace").rstrip())
@@ -450,7 +473,24 @@ class ReplicaProcess:
                 if m:
                     self._listening.set_result(m.group(1))
                     continue
+            if not self.replica_metrics:
+                m = METRICS_RE.fullmatch(line.strip())
+                if m:
+                    self._metrics_found(name, m.group(1))
+                    continue
             log.info("[%s %s] %s", self.replica_id, name, line)
+
+    def _metrics_found(self, name: str, printed: str) -> None:
+        """A process of the replica printed where it serves /metrics: kept (in the state file too, for a re-adopting
+        agent, which reads its logs from their end) and reported at once."""
+        address = reached_at(self._advertise, printed)
+        if name == "replica":
+            self.replica_metrics = address
+        else:
+            self.worker_metrics = address
+        log.info("replica %s: its %s serves metrics on %s", self.replica_id, name, address)
+        self._save_record()
+        self._on_update(self)
 
     async def _wait_first_exit(self) -> tuple[str, int | None]:
         waits = {asyncio.create_task(p.wait()): name for name, p in self._procs.items()}

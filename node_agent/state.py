@@ -65,6 +65,10 @@ class ReplicaRecord:
     worker_start: int
     address: str  # host:port of its gRPC server, "" until it printed LISTENING
     started_at: float  # unix time of the spawn
+    # host:port of its binary's and its worker's /metrics, "" until they printed METRICS (or in a record written by an
+    # agent from before them: defaults, so such a record still loads)
+    replica_metrics: str = ""
+    worker_metrics: str = ""
 
     def alive(self) -> bool:
         """Both processes still run, and are the ones this record was written for."""
@@ -94,6 +98,8 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "worker_start": int,
     "address": str,
     "started_at": (int, float),
+    "replica_metrics": str,
+    "worker_metrics": str,
 }
 
 

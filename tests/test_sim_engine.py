@@ -55,6 +55,7 @@ class RecordingSink:
         self.clock = clock
         self.events: list[tuple[Any, ...]] = []
         self.load_changes = 0
+        self.steps: list[float] = []
 
     def tokens(self, request_id: int, text: str, n_tokens: int) -> None:
         self.events.append(("tokens", request_id, text, n_tokens, round(self.clock.now, 9)))
@@ -83,6 +84,9 @@ class RecordingSink:
 
     def load_changed(self) -> None:
         self.load_changes += 1
+
+    def engine_step(self, seconds: float) -> None:
+        self.steps.append(round(seconds, 9))
 
     def tokens_of(self, request_id: int) -> list[tuple[Any, ...]]:
         return [e for e in self.events if e[0] == "tokens" and e[1] == request_id]
@@ -128,6 +132,17 @@ def test_late_callbacks_do_not_drift() -> None:
     clock.advance(0.035)  # tokens 1..3 ran, "late" at most by the jump
     clock.advance()
     assert [e[4] for e in sink.tokens_of(1)] == [0.01, 0.02, 0.03, 0.04, 0.05]
+
+
+def test_one_token_in_64_reports_the_step_with_its_lateness() -> None:
+    engine, sink, clock = make(token_delay_ms=10)
+    engine.submit(req(1, max_tokens=128))
+    clock.advance()  # on time
+    assert sink.steps == [0.01, 0.01]  # tokens 64 and 128
+    engine.submit(req(2, max_tokens=64))
+    clock.now += 1.0  # every token of request 2 runs 1 s after it was started: the 64th is 0.36 s late
+    clock.advance()
+    assert sink.steps == [0.01, 0.01, 0.37]
 
 
 def test_streams_interleave_by_time() -> None:

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from test_sim_engine import ManualClock, RecordingSink
 
 from model_worker.engine import Request, SamplingParams
@@ -45,8 +49,8 @@ def spawn_worker(
     cmd = [sys.executable, "-m", "model_worker", "--replica-id", rid, "--engine", engine]
     cmd += ["--engine-args", json.dumps(engine_args), "--req-ring", _fds_arg(rings.req)]
     cmd += ["--resp-ring", _fds_arg(rings.resp)]
-    with log_path.open("wb") as log:
-        return subprocess.Popen(cmd, pass_fds=(*rings.req, *rings.resp), stderr=log, start_new_session=True)
+    with log_path.open("wb") as log:  # its output as its agent gives it: one file (the METRICS line is in it)
+        return subprocess.Popen(cmd, pass_fds=(*rings.req, *rings.resp), stdout=log, stderr=log, start_new_session=True)
 
 
 class Replica:
@@ -116,11 +120,16 @@ async def test_ready_first_then_tokens_in_order_and_finish(worker: Running) -> N
     replica = worker.replica
     first = await replica.until(lambda recs: len(recs) >= 1)
     assert first[0] == [READY, {"engine": "sim", "model": "sim", "max_model_len": 4096}]
+    before_ns = time.time_ns()
     replica.sender.send(submit(5, "what is machine learning", 6))
     await replica.until(replica.finished(5))
+    after_ns = time.time_ns()
     records = replica.of(5)
     assert [r[0] for r in records] == [TOKENS] * 6 + [FINISH]
     assert all(r[3] == 1 for r in records[:-1])
+    # the first TOKENS record carries when the engine produced it (wall clock, ns); the later ones do not
+    assert len(records[0]) == 5 and before_ns < records[0][4] < after_ns
+    assert all(len(r) == 4 for r in records[1:-1])
     assert records[-1] == [FINISH, 5, "length", 4, 6, 0, ""]
     # the same text the engine produces in-process: deterministic across processes
     clock = ManualClock()
@@ -141,6 +150,7 @@ async def test_many_streams_each_complete_and_ordered(worker: Running) -> None:
     for i in range(1, 41):
         kinds = [r[0] for r in replica.of(i)]
         assert kinds == [TOKENS] * 8 + [FINISH], i
+        assert [len(r) for r in replica.of(i)[:-1]] == [5] + [4] * 7, i  # each request's first token is stamped
 
 
 async def test_an_idle_worker_still_sends_stats_every_second(worker: Running) -> None:
@@ -188,6 +198,45 @@ async def test_bad_records_are_answered_or_logged_and_nothing_else_breaks(worker
     assert replica.of(5)[-1][2] == "length"
     log = worker.log()
     assert "unknown record kind 7" in log and "CANCEL must be [2, id]" in log
+
+
+async def scrape(log: Callable[[], str]) -> dict[str, float]:
+    """The worker's /metrics, at the address of its METRICS line, as {"name{labels}": value}."""
+    match = await wait_for_line(log, re.compile(r"^METRICS (\S+:\d+)$", re.M))
+    async with aiohttp.ClientSession() as session, session.get(f"http://{match.group(1)}/metrics") as resp:
+        text = await resp.text()
+    return {
+        f"{s.name}{json.dumps(s.labels, sort_keys=True) if s.labels else ''}": s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def wait_for_line(log: Callable[[], str], pattern: re.Pattern[str]) -> re.Match[str]:
+    deadline = asyncio.get_running_loop().time() + DEADLINE_S
+    while (match := pattern.search(log())) is None:
+        assert asyncio.get_running_loop().time() < deadline, f"no {pattern.pattern} in:\n{log()}"
+        await asyncio.sleep(0.05)
+    return match
+
+
+async def test_metrics_count_tokens_requests_and_first_tokens(worker: Running) -> None:
+    replica = worker.replica
+    for i in (1, 2, 3):
+        replica.sender.send(submit(i, f"prompt {i}", 5))
+    replica.sender.send(submit(4, "a long one", 100000))
+    await replica.until(lambda recs: all(any(r[0] == FINISH and r[1] == i for r in recs) for i in (1, 2, 3)))
+    replica.sender.send([2, 4])
+    await replica.until(replica.finished(4))
+    await replica.until(lambda recs: recs[-1][:3] == [STATS, 0, 0])  # the load after the last finish
+    tokens = sum(r[3] for r in replica.records if r[0] == TOKENS)
+    m = await scrape(worker.log)
+    assert m["tokenbus_worker_generated_tokens_total"] == tokens >= 15
+    assert m['tokenbus_worker_requests_finished_total{"reason": "length"}'] == 3
+    assert m['tokenbus_worker_requests_finished_total{"reason": "abort"}'] == 1
+    assert m["tokenbus_worker_time_to_first_token_seconds_count"] == 4
+    assert m["tokenbus_worker_running_requests"] == 0 and m["tokenbus_worker_waiting_requests"] == 0
+    assert m["tokenbus_worker_kv_usage_ratio"] == 0.0
 
 
 @pytest.mark.parametrize("worker", [{"token_delay_ms": 5}], indirect=True)

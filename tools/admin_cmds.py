@@ -110,6 +110,11 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=delete)
 
     p = sub.add_parser("status", help="nodes, deployments, replicas, their state and load")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the head's status reply as JSON (schemas/admin.py StatusReply: every process's metrics address)",
+    )
     _common(p)
     p.set_defaults(func=status)
 
@@ -186,10 +191,13 @@ def delete(opts: argparse.Namespace) -> int:
 
 
 def status(opts: argparse.Namespace) -> int:
-    console = Console()
+    console = Console(stderr=opts.json)  # with --json, stdout is the JSON alone
     data = _call(opts, "status", {}, console)
     if data is None:
         return 1
+    if opts.json:
+        print(json.dumps(data, indent=1))
+        return 0
     for table in status_tables(data):
         console.print(table)
     return 0
