@@ -4,14 +4,22 @@
 #include "replica/replica_server.hpp"
 
 #include <grpcpp/grpcpp.h>
+#include <arpa/inet.h>
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdlib>
+#include <filesystem>
 #include <future>
 #include <map>
 #include <memory>
@@ -21,6 +29,7 @@
 #include <thread>
 #include <vector>
 
+#include "replica/ring_records.hpp"
 #include "tokenbus.grpc.pb.h"
 
 namespace tokenbus::replica {
@@ -58,8 +67,49 @@ struct Submit {
   }
 };
 
+// GET http://127.0.0.1:port/metrics: the body, or "" when the endpoint does not answer.
+std::string scrape(int port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return "";
+  const timeval timeout{10, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<std::uint16_t>(port));
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string response;
+  const std::string request = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0 &&
+      ::write(fd, request.data(), request.size()) == static_cast<ssize_t>(request.size())) {
+    char buffer[4096];
+    ssize_t n;
+    while ((n = ::read(fd, buffer, sizeof(buffer))) > 0) response.append(buffer, static_cast<std::size_t>(n));
+  }
+  ::close(fd);
+  const auto body = response.find("\r\n\r\n");
+  return response.rfind("HTTP/1.", 0) == 0 && response.find(" 200 ") != std::string::npos && body != std::string::npos
+             ? response.substr(body + 4)
+             : "";
+}
+
+// The value of the sample `series` (a name with its labels, as exposed) in a scraped body; -1 when absent.
+double sample(const std::string& body, const std::string& series) {
+  const std::string prefix = series + " ";
+  for (std::size_t at = 0; at < body.size();) {
+    const auto end = body.find('\n', at);
+    const std::string line = body.substr(at, end == std::string::npos ? std::string::npos : end - at);
+    if (line.rfind(prefix, 0) == 0) return std::strtod(line.c_str() + prefix.size(), nullptr);
+    if (end == std::string::npos) break;
+    at = end + 1;
+  }
+  return -1;
+}
+
 // The other ends of both rings. It answers each SUBMIT by its prompt: "hold" gets one TOKENS and stays open
 // until cancelled, "error" a FINISH with error 400, anything else kTokensPerRequest TOKENS and a FINISH.
+// Like the model worker, it stamps its first TOKENS record of a request with the time it produced it
+// (`[1, id, text, n, produced_ns]`), except for prompts starting with "unstamped", answered as by an older
+// worker (4-field records only).
 class FakeWorker {
  public:
   FakeWorker(const ring::RingFds& requests, const ring::RingFds& responses)
@@ -96,13 +146,15 @@ class FakeWorker {
     std::lock_guard lock(send_mutex_);
     while (!responses_.try_write(data, size)) responses_.wait_for_space(100ms);
   }
-  void send_tokens(std::uint64_t id, const std::string& text, int n) {
+  // `produced_ns` 0: a 4-field record.
+  void send_tokens(std::uint64_t id, const std::string& text, int n, std::uint64_t produced_ns = 0) {
     send([&](auto& pk) {
-      pk.pack_array(4);
+      pk.pack_array(produced_ns ? 5 : 4);
       pk.pack(1);
       pk.pack(id);
       pk.pack(text);
       pk.pack(n);
+      if (produced_ns) pk.pack(produced_ns);
     });
   }
   void send_finish(std::uint64_t id, const std::string& reason, int prompt, int completion, int code,
@@ -179,12 +231,15 @@ class FakeWorker {
 
   void answer(const Submit& submit) {
     const std::string prompt = submit.prompt();
+    const bool stamped = prompt.rfind("unstamped", 0) != 0;
     if (prompt == "hold") {
-      send_tokens(submit.id, "first", 1);
+      send_tokens(submit.id, "first", 1, wall_clock_ns());
     } else if (prompt == "error") {
       send_finish(submit.id, "error", 0, 0, 400, "prompt too long");
     } else {
-      for (int i = 0; i < kTokensPerRequest; ++i) send_tokens(submit.id, "tok" + std::to_string(i) + " ", 1);
+      for (int i = 0; i < kTokensPerRequest; ++i) {
+        send_tokens(submit.id, "tok" + std::to_string(i) + " ", 1, i == 0 && stamped ? wall_clock_ns() : 0);
+      }
       send_finish(submit.id, "length", 7, kTokensPerRequest, 0, "");
     }
   }
@@ -212,6 +267,11 @@ struct Stream {
   std::uint32_t tokens() const {
     std::uint32_t n = 0;
     for (const auto& chunk : chunks) n += chunk.tokens();
+    return n;
+  }
+  std::size_t chunks_with_first_token_times() const {
+    std::size_t n = 0;
+    for (const auto& chunk : chunks) n += chunk.has_first_token_times();
     return n;
   }
 };
@@ -293,6 +353,80 @@ TEST_F(ReplicaServerTest, StreamsTheTokensThenTheFinalChunk) {
   EXPECT_EQ(last.completion_tokens(), static_cast<std::uint32_t>(kTokensPerRequest));
   EXPECT_EQ(last.error_code(), 0u);
   for (std::size_t i = 0; i + 1 < stream.chunks.size(); ++i) EXPECT_EQ(stream.chunks[i].finish_reason(), "");
+}
+
+TEST_F(ReplicaServerTest, TheFirstTextChunkCarriesTheFirstTokensStampsInOrder) {
+  start_worker();
+  const std::uint64_t before = wall_clock_ns();
+  const Stream stream = generate(prompt_request("hello"));
+  const std::uint64_t after = wall_clock_ns();
+  ASSERT_TRUE(stream.status.ok()) << stream.status.error_message();
+  ASSERT_FALSE(stream.chunks.empty());
+  const GenerateChunk& first = stream.chunks.front();
+  ASSERT_FALSE(first.text().empty());
+  ASSERT_TRUE(first.has_first_token_times());
+  const auto& times = first.first_token_times();
+  const std::vector<std::uint64_t> stamps = {times.replica_received_ns(), times.ring_written_ns(),
+                                             times.engine_produced_ns(), times.ring_read_ns()};
+  EXPECT_GE(stamps.front(), before);
+  EXPECT_LE(stamps.back(), after);
+  for (std::size_t i = 1; i < stamps.size(); ++i) EXPECT_LE(stamps[i - 1], stamps[i]) << "stamp " << i;
+  EXPECT_EQ(stream.chunks_with_first_token_times(), 1u);
+}
+
+TEST_F(ReplicaServerTest, FourFieldTokensRecordsStillStreamWithoutTheEngineStamp) {
+  start_worker();
+  const Stream stream = generate(prompt_request("unstamped"));
+  ASSERT_TRUE(stream.status.ok()) << stream.status.error_message();
+  EXPECT_EQ(stream.text(), "tok0 tok1 tok2 tok3 tok4 ");
+  EXPECT_EQ(stream.chunks.back().finish_reason(), "length");
+  ASSERT_TRUE(stream.chunks.front().has_first_token_times());
+  const auto& times = stream.chunks.front().first_token_times();
+  EXPECT_EQ(times.engine_produced_ns(), 0u);  // not known: the proxy leaves the engine's hops out
+  EXPECT_NE(times.replica_received_ns(), 0u);
+  EXPECT_LE(times.replica_received_ns(), times.ring_written_ns());
+  EXPECT_LE(times.ring_written_ns(), times.ring_read_ns());
+  EXPECT_EQ(stream.chunks_with_first_token_times(), 1u);
+}
+
+TEST_F(ReplicaServerTest, TheMetricsEndpointCountsCallsAndRingTraffic) {
+  start_worker();
+  const std::string idle = scrape(server_->metrics_port());
+  ASSERT_NE(idle, "");
+  EXPECT_EQ(sample(idle, R"(tokenbus_replica_ring_records_total{ring="request"})"), 0);
+  EXPECT_EQ(sample(idle, R"(tokenbus_replica_generate_calls_total{result="length"})"), 0);
+
+  grpc::ClientContext context;
+  auto reader = stub_->Generate(&context, prompt_request("hold"));
+  GenerateChunk chunk;
+  ASSERT_TRUE(reader->Read(&chunk));
+  EXPECT_EQ(sample(scrape(server_->metrics_port()), "tokenbus_replica_open_calls"), 1);
+  context.TryCancel();
+  while (reader->Read(&chunk)) {
+  }
+  reader->Finish();
+  ASSERT_TRUE(generate(prompt_request("hello")).status.ok());
+
+  std::string body;
+  // A call is counted in OnDone, which may run after the client saw its status; the hold call's CANCEL may be
+  // written after hello's SUBMIT, and its FINISH read after hello ended.
+  ASSERT_TRUE(eventually([&] {
+    body = scrape(server_->metrics_port());
+    return sample(body, R"(tokenbus_replica_generate_calls_total{result="cancelled"})") == 1 &&
+           sample(body, R"(tokenbus_replica_generate_calls_total{result="length"})") == 1 &&
+           // two SUBMITs and the hold call's CANCEL
+           sample(body, R"(tokenbus_replica_ring_records_total{ring="request"})") == 3 &&
+           // hold: TOKENS and the FINISH answering its CANCEL; hello: 5 TOKENS and a FINISH
+           sample(body, R"(tokenbus_replica_ring_records_total{ring="response"})") == 8;
+  })) << body;
+  EXPECT_EQ(sample(body, "tokenbus_replica_open_calls"), 0);
+  EXPECT_GT(sample(body, R"(tokenbus_replica_ring_bytes_total{ring="request"})"), 3 * 4);
+  EXPECT_GT(sample(body, R"(tokenbus_replica_ring_bytes_total{ring="response"})"), 8 * 4);
+  for (const char* hop : {"replica_to_ring", "engine", "ring_to_replica"}) {
+    EXPECT_EQ(sample(body, std::string(R"(tokenbus_replica_first_token_hop_seconds_count{hop=")") + hop + R"("})"), 2)
+        << hop;
+  }
+  EXPECT_GT(sample(body, "tokenbus_replica_response_ring_idle_seconds_total"), 0);
 }
 
 TEST_F(ReplicaServerTest, TheSubmitRecordCarriesTheRequest) {
@@ -463,7 +597,8 @@ TEST_F(ReplicaServerTest, ConcurrentStreamsEachGetTheirOwnTokens) {
       for (int i = 0; i < 10; ++i) {
         const Stream stream = generate(prompt_request("c" + std::to_string(t) + "-" + std::to_string(i)));
         if (stream.status.ok() && stream.text() == "tok0 tok1 tok2 tok3 tok4 " &&
-            stream.chunks.back().finish_reason() == "length") {
+            stream.chunks.back().finish_reason() == "length" && stream.chunks_with_first_token_times() == 1 &&
+            stream.chunks.front().has_first_token_times()) {
           ++good;
         }
       }
@@ -536,6 +671,20 @@ TEST_F(SmallRequestRingTest, AFullRingRefusesSubmitsButQueuesCancelsUntilThereIs
   worker_->resume();
   ASSERT_TRUE(eventually([&] { return worker_->submits() == accepted.size(); }));
   for (const std::uint64_t id : worker_->submit_ids()) EXPECT_TRUE(worker_->saw_cancel(id)) << "request " << id;
+
+  std::string body;
+  // each SUBMIT accepted and its CANCEL (the worker saw them all; each is counted just after it is written)
+  ASSERT_TRUE(eventually([&] {
+    body = scrape(server_->metrics_port());
+    return sample(body, R"(tokenbus_replica_ring_records_total{ring="request"})") == 2.0 * accepted.size();
+  })) << body;
+  EXPECT_EQ(sample(body, R"(tokenbus_replica_generate_calls_total{result="ring_full"})"), 1);
+  EXPECT_EQ(sample(body, R"(tokenbus_replica_generate_calls_total{result="cancelled"})"),
+            static_cast<double>(accepted.size()));
+  // the CANCELs that found the ring full waited for room
+  ASSERT_TRUE(eventually([&] {
+    return sample(scrape(server_->metrics_port()), "tokenbus_replica_request_ring_full_wait_seconds_count") > 0;
+  }));
 }
 
 TEST(ReplicaWorkerGone, OpenStreamsFailAndTheServerSaysSo) {
@@ -588,6 +737,63 @@ TEST(ReplicaWorkerGone, OpenStreamsFailAndTheServerSaysSo) {
   ::close(go[0]);
   ::close(go[1]);
   server.shutdown(1s);
+}
+
+// The binary, as the agent runs it: LISTENING, then METRICS, each a line of its own on stdout, and /metrics
+// answering at the printed address.
+TEST(ReplicaBinary, PrintsMetricsAfterListeningAndServesThere) {
+  const auto binary = std::filesystem::read_symlink("/proc/self/exe").parent_path() / "tokenbus-replica";
+  ASSERT_TRUE(std::filesystem::exists(binary)) << binary;
+  ring::OwnedRingFds request_ring(1 << 16);
+  ring::OwnedRingFds response_ring(1 << 16);
+  const auto fds_arg = [](const ring::RingFds& fds) {
+    return std::to_string(fds.mem_fd) + "," + std::to_string(fds.data_fd) + "," + std::to_string(fds.space_fd);
+  };
+  const std::vector<std::string> args = {binary.string(),  "--listen",      "127.0.0.1:0",
+                                         "--replica-id",   "binary-test",   "--req-ring",
+                                         fds_arg(request_ring.fds()), "--resp-ring", fds_arg(response_ring.fds()),
+                                         "--metrics-bind", "127.0.0.1:0"};
+  std::vector<char*> argv;
+  for (const auto& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
+  argv.push_back(nullptr);
+  int out[2];
+  ASSERT_EQ(::pipe2(out, O_CLOEXEC), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {  // only async-signal-safe calls until exec
+    for (const auto* fds : {&request_ring.fds(), &response_ring.fds()}) {
+      for (const int fd : {fds->mem_fd, fds->data_fd, fds->space_fd}) ::fcntl(fd, F_SETFD, 0);
+    }
+    ::dup2(out[1], STDOUT_FILENO);
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  // the replica's stdout until it closes or shows two lines
+  std::string output;
+  const auto deadline = std::chrono::steady_clock::now() + kDeadline;
+  while (std::count(output.begin(), output.end(), '\n') < 2 && std::chrono::steady_clock::now() < deadline) {
+    pollfd readable{out[0], POLLIN, 0};
+    if (::poll(&readable, 1, 100) <= 0) continue;
+    char buffer[256];
+    const ssize_t n = ::read(out[0], buffer, sizeof(buffer));
+    if (n <= 0) break;
+    output.append(buffer, static_cast<std::size_t>(n));
+  }
+  const auto newline = output.find('\n');
+  ASSERT_NE(newline, std::string::npos) << output;
+  const std::string listening = output.substr(0, newline);
+  const std::string metrics = output.substr(newline + 1, output.find('\n', newline + 1) - newline - 1);
+  EXPECT_EQ(listening.rfind("LISTENING 127.0.0.1:", 0), 0u) << output;
+  ASSERT_EQ(metrics.rfind("METRICS 127.0.0.1:", 0), 0u) << output;
+  const int metrics_port = std::atoi(metrics.c_str() + metrics.rfind(':') + 1);
+  EXPECT_NE(sample(scrape(metrics_port), "tokenbus_replica_open_calls"), -1);
+
+  ASSERT_EQ(::kill(child, SIGTERM), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  ::close(out[0]);
 }
 
 }  // namespace
