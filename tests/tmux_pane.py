@@ -19,18 +19,25 @@ _names = itertools.count()
 
 
 class Pane:
-    def __init__(self, cmd: list[str], width: int = 80, height: int = 24, env: dict[str, str] | None = None) -> None:
+    def __init__(self, cmd: list[str], width: int = 80, height: int = 24) -> None:
         self.socket = f"tokenbus-test-{os.getpid()}-{next(_names)}"
         # in the server's configuration, so that it holds before the command starts (a command that fails at once)
         fd, self._conf = tempfile.mkstemp(prefix="tmux-", suffix=".conf")
         os.write(fd, b"set -g remain-on-exit on\n")
         os.close(fd)
         size = ["-x", str(width), "-y", str(height)]
-        self._tmux("-f", self._conf, "new-session", "-d", "-s", "t", *size, shlex.join(cmd), env=env)
+        self._tmux("-f", self._conf, "new-session", "-d", "-s", "t", *size, shlex.join(cmd))
 
-    def _tmux(self, *args: str, env: dict[str, str] | None = None) -> str:
+    def _tmux(self, *args: str) -> str:
+        # os.environ as Python sees it: readline (which pytest may load) exports COLUMNS and LINES of its own terminal
+        # into the C environment only, and a server inheriting those would tell the pane's programs a wrong width
         run = subprocess.run(
-            ["tmux", "-L", self.socket, *args], capture_output=True, text=True, env=env, timeout=30, check=True
+            ["tmux", "-L", self.socket, *args],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
+            timeout=30,
+            check=True,
         )
         return run.stdout
 
@@ -43,11 +50,12 @@ class Pane:
         self._tmux("send-keys", "-t", "t", *keys)
 
     def exit_status(self) -> int | None:
-        """The command's exit status once it has ended, else None."""
-        dead, _, status = self._tmux("display-message", "-p", "-t", "t", "#{pane_dead} #{pane_dead_status}").partition(
-            " "
-        )
-        return int(status) if dead == "1" else None
+        """The command's exit status once it has ended (minus the signal that ended it), else None."""
+        fields = "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}"
+        dead, status, sig = self._tmux("display-message", "-p", "-t", "t", fields).strip().split(":")
+        if dead != "1" or not (status or sig):  # tmux may mark the pane dead before it has the status
+            return None
+        return int(status) if status else -int(sig)
 
     def wait_for(self, check: Callable[[str], bool], what: str, timeout: float = 30.0) -> str:
         """Polls the screen until `check` holds for it; that screen. Fails naming `what` and showing the last one."""
