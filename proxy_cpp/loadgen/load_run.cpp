@@ -18,19 +18,18 @@
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/read.hpp>
-#include <boost/beast/http/string_body.hpp>
-#include <boost/beast/http/write.hpp>
+#include <algorithm>
 #include <array>
 #include <cctype>
 #include <chrono>
 #include <memory>
-#include <nlohmann/json.hpp>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "common/log.hpp"
+#include "loadgen/distribution.hpp"
 #include "loadgen/stream_counter.hpp"
+#include "loadgen/workload.hpp"
 
 namespace tokenbus::loadgen {
 namespace {
@@ -62,105 +61,79 @@ constexpr auto kFailureBackoff = std::chrono::milliseconds(50);  // a refusing s
 constexpr auto kProgressInterval = std::chrono::milliseconds(250);
 constexpr auto kLagProbeInterval = std::chrono::milliseconds(10);  // as the Python client's probe
 
-std::int64_t micros_since(Clock::time_point start) {
-  return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start).count();
-}
+std::int64_t micros(Clock::duration d) { return std::chrono::duration_cast<std::chrono::microseconds>(d).count(); }
+
+std::int64_t micros_since(Clock::time_point start) { return micros(Clock::now() - start); }
 
 double seconds_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
 
-std::string percent_encode(std::string_view s) {
-  static constexpr char kHex[] = "0123456789ABCDEF";
-  std::string out;
-  for (const unsigned char c : s) {
-    if (std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~') {
-      out += static_cast<char>(c);
-    } else {
-      out += '%';
-      out += kHex[c >> 4];
-      out += kHex[c & 15];
-    }
-  }
-  return out;
+Clock::duration to_duration(double seconds) {
+  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
 }
 
-// The request every client sends, serialized once: the body is that of tools/bench_client.py.
-std::string serialized_request(const Options& o) {
-  http::request<http::string_body> req;
-  req.version(11);
-  req.method(http::verb::post);
-  const bool ipv6 = o.host.find(':') != std::string::npos;
-  req.set(http::field::host, (ipv6 ? "[" + o.host + "]" : o.host) + ":" + std::to_string(o.port));
-  req.set(http::field::user_agent, "tokenbus-loadgen");
-  if (o.endpoint == Endpoint::kChat) {
-    req.target("/v1/chat/completions");
-    req.set(http::field::content_type, "application/json");
-    req.body() = nlohmann::json{
-        {"model", o.model},
-        {"messages", {{{"role", "user"}, {"content", o.prompt}}}},
-        {"stream", true},
-        {"stream_options", {{"include_usage", true}}},
-        {"max_tokens", o.max_tokens},
-        {"ignore_eos", true},
-    }.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-  } else {
-    req.target("/v1/chat/" + percent_encode(o.model) + "?max_tokens=" + std::to_string(o.max_tokens));
-    req.set(http::field::content_type, "text/plain");
-    req.body() = o.prompt;
-  }
-  req.prepare_payload();
-  std::ostringstream out;
-  out << req;
-  return out.str();
-}
+class Connection;
 
 // What every client shares; touched only on the one I/O thread.
 struct Run {
   Run(const Options& opts, Reporter& reporter, net::io_context& io)
       : opts(opts),
         reporter(reporter),
-        wire(serialized_request(opts)),
+        io(io),
+        workload(opts),
+        arrivals(seeded_rng(opts.seed, kArrivalStream)),
         progress_timer(io.get_executor()),
         lag_timer(io.get_executor()),
         deadline_timer(io.get_executor()) {}
 
+  // Runs `task` on the loop, counted in `active`: the run ends when the last one ends.
+  void spawn(Task<void> task);
+  // An idle keep-alive connection, or a new one; handed back with release() after its requests.
+  Connection& acquire();
+  void release(Connection& connection) { idle.push_back(&connection); }
+  // Reports a finished request (or a refused arrival) that started at `start` in stage `stage`.
+  void report(RequestOutcome& outcome, Clock::time_point start, int stage);
+
   const Options& opts;
   Reporter& reporter;
-  const std::string wire;
+  net::io_context& io;
+  Workload workload;
+  Rng arrivals;  // --rate's gaps
   tcp::resolver::results_type endpoints;
   Clock::time_point start;
-  Clock::time_point stop_starting_at;  // no request starts after this
-  Clock::time_point hard_deadline;     // requests still open now are cut
+  Clock::time_point hard_deadline;  // requests still open now are cut
   Clock::time_point last_end;
-  int clients_left = 0;
-  bool cut = false;                     // the hard deadline passed: every socket was closed
+  int active = 0;              // spawned coroutines not yet ended: the stage driver, clients, open-loop requests
+  std::size_t in_flight = 0;   // requests sent (or about to be) and not finished
+  bool cut = false;            // the hard deadline passed: every socket was closed
   bool connect_failure_logged = false;  // the first one is logged; the rest are counted in the results
+  bool timing_malformed_logged = false;
   Timer progress_timer;
   Timer lag_timer;
   Timer deadline_timer;
+  std::vector<std::unique_ptr<Connection>> connections;  // every connection object made, idle or busy
+  std::vector<Connection*> idle;
 };
 
-// One closed-loop client: one keep-alive connection, one request at a time.
-class Client {
+// One keep-alive connection, one request at a time; which loop drives it is up to the stage.
+class Connection {
  public:
-  Client(Run& run, net::io_context& io)
+  Connection(Run& run, net::io_context& io)
       : run_(run), socket_(io.get_executor()), buffer_(kMaxBuffered), backoff_(io.get_executor()),
         chat_(kMaxSseLine) {}
 
-  Task<void> loop() {
+  // One request of the workload, measured from `start`.
+  Task<RequestOutcome> request(Clock::time_point start);
+
+  // The pause after a failure, so that a refusing server is not hammered; ended early by cut().
+  Task<void> back_off() {
     error_code ec;
-    while (Clock::now() < run_.stop_starting_at && !run_.cut) {
-      const RequestOutcome outcome = co_await request();
-      run_.reporter.request(outcome);
-      if (!outcome.ok && !run_.cut) {
-        backoff_.expires_after(kFailureBackoff);
-        co_await backoff_.async_wait(net::redirect_error(use_task, ec));
-      }
-    }
+    backoff_.expires_after(kFailureBackoff);
+    co_await backoff_.async_wait(net::redirect_error(use_task, ec));
   }
 
-  // The hard deadline: ends whatever this client waits for (it then reports "hard deadline").
+  // The hard deadline: ends whatever this connection waits for (its request then reports "hard deadline").
   void cut() {
     error_code ec;
     socket_.close(ec);
@@ -170,7 +143,6 @@ class Client {
  private:
   using Parser = http::response_parser<http::buffer_body>;
 
-  Task<RequestOutcome> request();
   Task<std::string> connect();
   Task<std::string> error_body(Parser& parser);
   Task<std::string_view> read_body(Parser& parser, error_code& ec);
@@ -183,22 +155,52 @@ class Client {
   Timer backoff_;
   ChatStreamCounter chat_;
   PlainStreamCounter plain_;
+  std::string wire_;                     // the current request's bytes (its capacity is reused)
   std::array<char, kReadSize> piece_{};  // body bytes of the current read
 };
 
-std::string Client::describe(const char* what, const error_code& ec) const {
+void Run::spawn(Task<void> task) {
+  ++active;
+  net::co_spawn(io.get_executor(), std::move(task), [this](std::exception_ptr e) {
+    if (e) log(LogLevel::kError, "loadgen", "a client ended by an exception");
+    if (--active == 0) {
+      last_end = Clock::now();
+      progress_timer.cancel();
+      lag_timer.cancel();
+      deadline_timer.cancel();
+    }
+  });
+}
+
+Connection& Run::acquire() {
+  if (idle.empty()) {
+    connections.push_back(std::make_unique<Connection>(*this, io));
+    return *connections.back();
+  }
+  Connection& connection = *idle.back();
+  idle.pop_back();
+  return connection;
+}
+
+void Run::report(RequestOutcome& outcome, Clock::time_point started, int stage) {
+  outcome.start_s = seconds_between(start, started);
+  outcome.stage = stage;
+  reporter.request(outcome);
+}
+
+std::string Connection::describe(const char* what, const error_code& ec) const {
   if (run_.cut) return "hard deadline";
   return std::string(what) + ": " + ec.message();
 }
 
-void Client::close() {
+void Connection::close() {
   error_code ec;
   socket_.shutdown(tcp::socket::shutdown_both, ec);
   socket_.close(ec);
   buffer_.clear();
 }
 
-Task<std::string> Client::connect() {
+Task<std::string> Connection::connect() {
   error_code ec;
   // No timeout of its own: on loopback a connect is answered at once, elsewhere the hard deadline ends it.
   co_await net::async_connect(socket_, run_.endpoints, net::redirect_error(use_task, ec));
@@ -220,7 +222,7 @@ Task<std::string> Client::connect() {
 // Body bytes of the response, through Beast's parser: what the buffered bytes hold, else what the next socket
 // read brings (one read parses every complete chunk in it). Empty when only framing was parsed; `ec` set on a
 // read or parse error, or at the end of the connection.
-Task<std::string_view> Client::read_body(Parser& parser, error_code& ec) {
+Task<std::string_view> Connection::read_body(Parser& parser, error_code& ec) {
   auto& body = parser.get().body();
   body.data = piece_.data();
   body.size = piece_.size();
@@ -252,7 +254,7 @@ Task<std::string_view> Client::read_body(Parser& parser, error_code& ec) {
   }
 }
 
-Task<std::string> Client::error_body(Parser& parser) {
+Task<std::string> Connection::error_body(Parser& parser) {
   std::string body;
   error_code ec;
   while (!parser.is_done() && body.size() < kMaxErrorBody) {
@@ -264,21 +266,25 @@ Task<std::string> Client::error_body(Parser& parser) {
   co_return body;
 }
 
-Task<RequestOutcome> Client::request() {
-  const Clock::time_point start = Clock::now();
+Task<RequestOutcome> Connection::request(Clock::time_point start) {
+  const bool chat = run_.opts.endpoint == Endpoint::kChat;
+  chat_.reset();
+  plain_.reset();
   RequestOutcome out;
   const auto fail = [&](std::string error) {
     out.ok = false;
     out.error = std::move(error);
     out.e2e_us = micros_since(start);
+    if (chat) out.hops = chat_.timing();  // a stream that failed after its first token has them too
     close();  // the connection may be mid-message: never reused
     return out;
   };
   if (!socket_.is_open()) {
     if (std::string error = co_await connect(); !error.empty()) co_return fail(std::move(error));
   }
+  run_.workload.next(wire_);
   error_code ec;
-  co_await net::async_write(socket_, net::buffer(run_.wire), net::redirect_error(use_task, ec));
+  co_await net::async_write(socket_, net::buffer(wire_), net::redirect_error(use_task, ec));
   if (ec) co_return fail(describe("write", ec));
 
   Parser parser;
@@ -293,14 +299,28 @@ Task<RequestOutcome> Client::request() {
     co_return fail("HTTP " + std::to_string(status) + ": " + body);
   }
 
-  const bool chat = run_.opts.endpoint == Endpoint::kChat;
-  chat_.reset();
-  plain_.reset();
+  // Content arrivals: TTFT at the first, inter-token gaps after it. One clock read per read that brought
+  // content, nothing allocated.
+  Clock::time_point first_content;
+  Clock::time_point last_content;
+  const auto on_content = [&](std::size_t chunks) {
+    if (chunks == 0) return;
+    const Clock::time_point now = Clock::now();
+    if (out.chunks == 0) {
+      first_content = now;
+      out.ttft_us = micros(now - start);
+    } else {
+      out.itl_max_us = std::max(out.itl_max_us, micros(now - last_content));
+    }
+    last_content = now;
+    out.chunks += chunks;
+    out.itl_sum_us = micros(now - first_content);
+  };
   while (!parser.is_done()) {
     const std::string_view bytes = co_await read_body(parser, ec);
     if (chat && !chat_.done()) {  // after [DONE] the rest of the message is only drained
       const std::size_t tokens = chat_.feed(bytes);
-      if (tokens > 0 && out.ttft_us < 0) out.ttft_us = micros_since(start);
+      on_content(tokens);
       run_.reporter.add_tokens(tokens);
       if (!chat_.error().empty()) {
         out.tokens = chat_.content_chunks();
@@ -308,10 +328,15 @@ Task<RequestOutcome> Client::request() {
       }
       if (chat_.done()) out.e2e_us = micros_since(start);
     } else if (!chat) {
-      if (!bytes.empty() && out.ttft_us < 0) out.ttft_us = micros_since(start);
+      on_content(bytes.empty() ? 0 : 1);
       run_.reporter.add_tokens(plain_.feed(bytes));
     }
     if (ec) break;
+  }
+  if (chat && chat_.timing_malformed() && !run_.timing_malformed_logged) {
+    run_.timing_malformed_logged = true;
+    log(LogLevel::kWarn, "loadgen", "a tokenbus-timing comment is not the JSON object of 7 stamps (its hops are "
+        "reported as null; later ones are not logged)");
   }
   if (ec && !(chat && chat_.done())) {
     out.tokens = chat ? chat_.content_chunks() : plain_.tokens();
@@ -323,25 +348,98 @@ Task<RequestOutcome> Client::request() {
   }
   out.ok = true;
   out.tokens = chat ? chat_.tokens() : plain_.tokens();
+  if (chat) out.hops = chat_.timing();
   if (!chat) out.e2e_us = micros_since(start);
   if (ec || !parser.keep_alive()) close();  // ec: the message after [DONE] did not end well
   co_return out;
 }
 
+// A closed-loop client of one stage: requests one after the other on one connection, started until the
+// stage ends; the last one runs to its end and counts in this stage.
+Task<void> closed_loop_client(Run& run, int stage, Clock::time_point stage_end) {
+  Connection& connection = run.acquire();
+  for (Clock::time_point start = Clock::now(); start < stage_end && !run.cut; start = Clock::now()) {
+    ++run.in_flight;
+    RequestOutcome outcome = co_await connection.request(start);
+    --run.in_flight;
+    run.report(outcome, start, stage);
+    if (!outcome.ok && !run.cut) co_await connection.back_off();
+  }
+  run.release(connection);
+}
+
+// One open-loop arrival; counted in run.in_flight by the arrival loop already.
+Task<void> open_loop_request(Run& run, int stage, Clock::time_point start) {
+  Connection& connection = run.acquire();
+  RequestOutcome outcome = co_await connection.request(start);
+  run.release(connection);
+  --run.in_flight;
+  run.report(outcome, start, stage);
+}
+
+// Poisson arrivals at `rate` from `stage_start` to `stage_end`. The times come from the seeded gaps, not
+// from when the previous request ended, so a slow server does not lower the offered load; arrivals over
+// --max-in-flight fail at once instead of queueing here, which would hide the overload.
+Task<void> open_loop(Run& run, int stage, double rate, Clock::time_point stage_start, Clock::time_point stage_end) {
+  Timer timer(run.io.get_executor());
+  error_code ec;
+  for (Clock::time_point arrival = stage_start + to_duration(exponential_gap_s(run.arrivals, rate));
+       arrival < stage_end; arrival += to_duration(exponential_gap_s(run.arrivals, rate))) {
+    timer.expires_at(arrival);
+    co_await timer.async_wait(net::redirect_error(use_task, ec));
+    const Clock::time_point now = Clock::now();
+    if (run.in_flight >= static_cast<std::size_t>(run.opts.max_in_flight)) {
+      RequestOutcome refused;
+      refused.error = "over max-in-flight";
+      run.report(refused, now, stage);
+      continue;
+    }
+    ++run.in_flight;  // here, not in the request: the arrivals due at once must see it
+    run.spawn(open_loop_request(run, stage, now));
+  }
+}
+
+// Starts each stage at its time: its clients, or its arrival loop. The previous stage's requests still
+// running go on beside them.
+Task<void> run_stages(Run& run) {
+  Timer timer(run.io.get_executor());
+  error_code ec;
+  Clock::time_point stage_start = run.start;
+  for (std::size_t i = 0; i < run.opts.stages.size(); ++i) {
+    const Stage& stage = run.opts.stages[i];
+    const int index = static_cast<int>(i);
+    if (i > 0) {
+      timer.expires_at(stage_start);
+      co_await timer.async_wait(net::redirect_error(use_task, ec));
+    }
+    const Clock::time_point stage_end = stage_start + to_duration(stage.duration_s);
+    run.reporter.stage(index, stage, seconds_between(run.start, Clock::now()));
+    if (stage.rate > 0) {
+      log(LogLevel::kInfo, "loadgen", "stage %d: %.1f requests/s for %.1f s", index, stage.rate, stage.duration_s);
+      run.spawn(open_loop(run, index, stage.rate, stage_start, stage_end));
+    } else {
+      log(LogLevel::kInfo, "loadgen", "stage %d: %d clients for %.1f s", index, stage.concurrency,
+          stage.duration_s);
+      for (int c = 0; c < stage.concurrency; ++c) run.spawn(closed_loop_client(run, index, stage_end));
+    }
+    stage_start = stage_end;
+  }
+}
+
 Task<void> report_progress(Run& run) {
   error_code ec;
-  while (run.clients_left > 0) {
+  while (run.active > 0) {
     run.progress_timer.expires_after(kProgressInterval);
     co_await run.progress_timer.async_wait(net::redirect_error(use_task, ec));
-    if (run.clients_left == 0) break;  // cancelled by the last client: the end line follows
-    run.reporter.progress(seconds_between(run.start, Clock::now()));
+    if (run.active == 0) break;  // cancelled by the last client: the end line follows
+    run.reporter.progress(seconds_between(run.start, Clock::now()), run.in_flight);
   }
 }
 
 // How late a 10 ms timer fires: the wait any ready stream of this loop saw too.
 Task<void> probe_lag(Run& run) {
   error_code ec;
-  while (run.clients_left > 0) {
+  while (run.active > 0) {
     const Clock::time_point due = Clock::now() + kLagProbeInterval;
     run.lag_timer.expires_at(due);
     co_await run.lag_timer.async_wait(net::redirect_error(use_task, ec));
@@ -350,15 +448,15 @@ Task<void> probe_lag(Run& run) {
   }
 }
 
-// One timer for every client's hard deadline (no timer per read: that costs CPU on every token).
-Task<void> cut_at_hard_deadline(Run& run, std::vector<std::unique_ptr<Client>>& clients) {
+// One timer for every connection's hard deadline (no timer per read: that costs CPU on every token).
+Task<void> cut_at_hard_deadline(Run& run) {
   error_code ec;
   run.deadline_timer.expires_at(run.hard_deadline);
   co_await run.deadline_timer.async_wait(net::redirect_error(use_task, ec));
-  if (ec || run.clients_left == 0) co_return;  // cancelled: every client finished in time
-  log(LogLevel::kWarn, "loadgen", "hard deadline: cutting the %d clients still waiting", run.clients_left);
+  if (ec || run.active == 0) co_return;  // cancelled: every request finished in time
+  log(LogLevel::kWarn, "loadgen", "hard deadline: cutting the %zu requests still open", run.in_flight);
   run.cut = true;
-  for (auto& client : clients) client->cut();
+  for (auto& connection : run.connections) connection->cut();
 }
 
 double cpu_seconds() {
@@ -383,33 +481,19 @@ int run_load(const Options& opts, Reporter& reporter) {
       return 1;
     }
   }
-  log(LogLevel::kInfo, "loadgen", "start: %d clients to %s:%u (%s endpoint, model %s) for %.1f s",
-      opts.concurrency, opts.host.c_str(), opts.port, opts.endpoint == Endpoint::kChat ? "chat" : "plain",
-      opts.model.c_str(), opts.duration_s);
+  double total_s = 0;
+  for (const Stage& stage : opts.stages) total_s += stage.duration_s;
+  log(LogLevel::kInfo, "loadgen", "start: %zu stage(s) to %s:%u (%s endpoint, model %s) for %.1f s", opts.stages.size(),
+      opts.host.c_str(), opts.port, opts.endpoint == Endpoint::kChat ? "chat" : "plain", opts.model.c_str(),
+      total_s);
 
-  std::vector<std::unique_ptr<Client>> clients;
-  for (int i = 0; i < opts.concurrency; ++i) clients.push_back(std::make_unique<Client>(run, io));
-  reporter.start(opts.concurrency);
+  reporter.start(opts.stages.front());
   run.start = Clock::now();
-  run.stop_starting_at = run.start + std::chrono::duration_cast<Clock::duration>(
-                                         std::chrono::duration<double>(opts.duration_s));
-  run.hard_deadline = run.stop_starting_at + std::chrono::duration_cast<Clock::duration>(
-                                                 std::chrono::duration<double>(opts.grace_s));
-  run.clients_left = opts.concurrency;
-  for (auto& client : clients) {
-    net::co_spawn(io.get_executor(), client->loop(), [&run](std::exception_ptr e) {
-      if (e) log(LogLevel::kError, "loadgen", "a client ended by an exception");
-      if (--run.clients_left == 0) {
-        run.last_end = Clock::now();
-        run.progress_timer.cancel();
-        run.lag_timer.cancel();
-        run.deadline_timer.cancel();
-      }
-    });
-  }
+  run.hard_deadline = run.start + to_duration(total_s + opts.grace_s);
+  run.spawn(run_stages(run));
   net::co_spawn(io.get_executor(), report_progress(run), net::detached);
   net::co_spawn(io.get_executor(), probe_lag(run), net::detached);
-  net::co_spawn(io.get_executor(), cut_at_hard_deadline(run, clients), net::detached);
+  net::co_spawn(io.get_executor(), cut_at_hard_deadline(run), net::detached);
   io.run();
 
   const double duration_s = seconds_between(run.start, run.last_end);

@@ -1,12 +1,12 @@
 #pragma once
-// The closed-loop load itself. Light header: the Asio/Beast code stays in load_run.cpp.
+// The load itself: its stages one after the other. Light header: the Asio/Beast code stays in load_run.cpp.
 #include "loadgen/options.hpp"
 #include "loadgen/reporter.hpp"
 
 namespace tokenbus::loadgen {
 
-// Runs opts.concurrency clients on one io_context on this thread until every request started before the
-// duration has finished (or the grace period after it has passed), reporting through `reporter`.
+// Runs opts.stages on one io_context on this thread until every request started during them has finished
+// (or the grace period after the last has passed), reporting through `reporter`.
 // Returns the process exit code: 0 when the run completed (failed requests included: the reader judges
 // them), 1 when it could not start (the host does not resolve).
 int run_load(const Options& opts, Reporter& reporter);

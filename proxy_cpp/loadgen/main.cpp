@@ -1,5 +1,5 @@
-// tokenbus-loadgen: closed-loop streaming load against a tokenbus proxy (or any OpenAI-compatible server),
-// run by `tokenbus bench --client cpp` (tools/bench_loadgen.py). Command line: see kUsage in options.hpp.
+// tokenbus-loadgen: streaming load (closed-loop stages, or open-loop arrivals at a rate) against a tokenbus
+// proxy (or any OpenAI-compatible server), run by `tokenbus bench`. Command line: see kUsage in options.hpp.
 // Results go to stdout in the line protocol described in reporter.hpp; logs go to stderr.
 // Exit codes: 0 the run completed (its failed requests are in the output), 1 it could not start, 2 bad usage.
 #include <cstdio>
@@ -23,6 +23,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "tokenbus-loadgen: %s\n%s", error.c_str(), kUsage);
     return 2;
   }
-  Reporter reporter(stdout);
+  Reporter reporter(stdout, opts->timing);
   return run_load(*opts, reporter);
 }

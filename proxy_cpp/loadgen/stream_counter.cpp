@@ -57,6 +57,8 @@ void ChatStreamCounter::reset() {
   usage_tokens_ = -1;
   done_ = false;
   error_.clear();
+  timing_.reset();
+  timing_malformed_ = false;
 }
 
 std::size_t ChatStreamCounter::feed(std::string_view bytes) {
@@ -69,7 +71,12 @@ std::size_t ChatStreamCounter::feed(std::string_view bytes) {
 }
 
 bool ChatStreamCounter::on_line(std::string_view line) {
-  if (!line.starts_with(kDataPrefix)) return true;  // comments, blank lines, event: and id: fields
+  if (line.starts_with(kTimingCommentPrefix)) {
+    timing_ = timing_parser_.parse(line.substr(kTimingCommentPrefix.size()));
+    timing_malformed_ = !timing_;
+    return true;
+  }
+  if (!line.starts_with(kDataPrefix)) return true;  // other comments, blank lines, event: and id: fields
   const std::string_view payload = trim(line.substr(kDataPrefix.size()));
   if (payload == "[DONE]") {
     done_ = true;

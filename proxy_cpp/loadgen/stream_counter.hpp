@@ -4,8 +4,11 @@
 // stream ended well. They count the way tools/bench_client.py does, so both bench clients report the same.
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
+
+#include "loadgen/timing.hpp"
 
 namespace tokenbus::loadgen {
 
@@ -57,7 +60,8 @@ bool LineSplitter::feed(std::string_view bytes, OnLine&& on_line) {
 }
 
 // An OpenAI chat/completions SSE body: counts the chunks with non-empty content (`chunk_content` in
-// bench_client.py), takes `usage.completion_tokens` when the server sends it, ends at `data: [DONE]`.
+// bench_client.py), takes `usage.completion_tokens` when the server sends it, ends at `data: [DONE]`, and reads
+// the proxy's `: tokenbus-timing` comment (timing.hpp) when there is one.
 class ChatStreamCounter {
  public:
   explicit ChatStreamCounter(std::size_t max_line);
@@ -74,6 +78,9 @@ class ChatStreamCounter {
   std::size_t content_chunks() const { return chunks_; }  // chunks with content so far
   // The request's token count: usage.completion_tokens when sent, else the content chunks.
   std::size_t tokens() const { return usage_tokens_ >= 0 ? static_cast<std::size_t>(usage_tokens_) : chunks_; }
+  // The hops of the timing comment; nullopt when none came or it was malformed (then timing_malformed()).
+  const std::optional<FirstTokenHops>& timing() const { return timing_; }
+  bool timing_malformed() const { return timing_malformed_; }
 
   void reset();  // for the next request on the same client
 
@@ -82,6 +89,7 @@ class ChatStreamCounter {
 
   struct Json;  // the simdjson parser and its padded input buffer, kept out of this header
   std::unique_ptr<Json> json_;
+  TimingParser timing_parser_;
   LineSplitter lines_;
   std::size_t max_line_;
   std::size_t chunks_ = 0;
@@ -89,6 +97,8 @@ class ChatStreamCounter {
   std::size_t fed_tokens_ = 0;   // tokens found during the current feed() call
   bool done_ = false;
   std::string error_;
+  std::optional<FirstTokenHops> timing_;
+  bool timing_malformed_ = false;
 };
 
 // The plain-text endpoint's body: its whitespace-separated words are the tokens (one word per sim token,
