@@ -25,6 +25,7 @@ from controlplane_helpers import (
     stopped_at_exit,
     wait_until,
 )
+from test_metrics_promtool import fetch_metrics, samples
 
 from bus.snapshot_sub import SnapshotSubscriber
 from node_agent import binaries, capacity, gpus
@@ -83,6 +84,12 @@ async def test_agent_registers_its_capacity_and_stays_alive_by_heartbeats(tmp_pa
         with stopped_at_exit(agent):
             node = await registered(head.router)
             assert (node["host"], node["cpu_slots"], node["used_slots"]) == ("127.0.0.1", 3, 0)
+            # its /metrics, at the address it registered with
+            assert re.fullmatch(r"127\.0\.0\.1:\d+", node["metrics"]), node
+            await agent.wait_for_log(rf"metrics on http://{re.escape(node['metrics'])}/metrics")
+            m = samples(fetch_metrics(node["metrics"]))
+            assert m["tokenbus_agent_registered"] == 1 and m["tokenbus_agent_registrations_total"] == 1
+            assert m["tokenbus_agent_register_round_trip_seconds_count"] == 1
             mib = capacity.memory_bytes() >> 20
             await head.wait_for_log(rf"node n1 (re-)?registered: host 127\.0\.0\.1, 3 cpu slots, \d+ gpus, {mib} MiB")
             # liveness is 3 intervals: over 10 intervals the node must stay alive, heard from recently
@@ -92,6 +99,8 @@ async def test_agent_registers_its_capacity_and_stays_alive_by_heartbeats(tmp_pa
                 assert node is not None and node["alive"] and node["last_seen_s"] < 3 * TEST_HEARTBEAT_S, node
                 await asyncio.sleep(TEST_HEARTBEAT_S / 2)  # the sampling period of the check
             assert "lost" not in agent.log_text()
+            # the head's heartbeats, one per interval, were timed
+            assert samples(fetch_metrics(node["metrics"]))["tokenbus_agent_head_heartbeat_gap_seconds_count"] >= 5
         assert agent.proc.returncode == 0
         assert "agent n1 stopped" in agent.log_text()
         # the head notices the agent is gone
@@ -194,6 +203,12 @@ def _pids(agent: LoggedProcess, replica_id: str) -> list[int]:
     return [int(p) for p in re.findall(rf"replica {replica_id}: \w+ started, pid (\d+)", agent.log_text())]
 
 
+async def worker_metrics_known(router: str) -> dict | None:
+    """The demo replica's status entry once its worker's metrics address is known."""
+    (dep,) = (await admin(router, "status"))["deployments"]
+    return next((r for r in dep["replicas_list"] if r["metrics"]["worker"]), None)
+
+
 def _gone(pid: int) -> bool:
     return not Path(f"/proc/{pid}").exists()
 
@@ -219,6 +234,10 @@ async def test_agent_runs_real_sim_replicas_replaces_a_crashed_one_and_stops_the
                     health = await pb_grpc.ReplicaStub(channel).Health(pb.HealthRequest(), timeout=5)
                     assert health.serving and health.engine == "sim"
                 replica_pid, worker_pid = _pids(agent, rep.replica_id)
+                # where its worker serves /metrics (its METRICS line) reaches the head
+                view = await wait_until(lambda: worker_metrics_known(head.router), what="the worker's metrics")
+                assert re.fullmatch(r"127\.0\.0\.1:\d+", view["metrics"]["worker"]), view
+                assert samples(fetch_metrics(view["metrics"]["worker"]))["tokenbus_worker_running_requests"] == 0
 
                 # the worker dies: the agent ends the binary too, reports EXITED, and the head starts another
                 os.kill(worker_pid, signal.SIGKILL)
@@ -240,5 +259,14 @@ async def test_agent_runs_real_sim_replicas_replaces_a_crashed_one_and_stops_the
                 await admin(head.router, "scale", {"name": "demo", "replicas": 1})
                 s = await sub.wait_for(lambda s: bool(s.replicas("demo")), timeout=60)
                 pids = _pids(agent, s.replicas("demo")[0].replica_id)
+                node = await node_status(head.router, "n1")
+                assert node is not None
+                m = samples(fetch_metrics(node["metrics"]))
+                assert m["tokenbus_agent_replica_starts_total"] == 3
+                exits = {
+                    c: m.get(f'tokenbus_agent_replica_exits_total{{"cause": "{c}"}}') for c in ("crashed", "asked")
+                }
+                assert exits == {"crashed": 1, "asked": 1}
+                assert m['tokenbus_agent_replicas{"state": "ready"}'] == 1
         assert agent.proc.returncode == 0
         assert len(pids) == 2 and all(_gone(pid) for pid in pids)

@@ -205,7 +205,9 @@ async def test_replicas_outlive_a_killed_agent_and_the_restarted_agent_readopts_
         first = start_agent(tmp_path, head, "agent-1.log")
         with stopped_at_exit(first):
             await head.send(sim_replica("r1", token_delay_ms=20))
-            status = await ready(head, "r1")
+            await ready(head, "r1")
+            # READY, and where its worker serves /metrics (the agent reads that line from the worker's log)
+            status = await head.event("r1", "r1 with its worker's metrics", lambda r: bool(r.worker_metrics))
             pids = pids_of(first, "r1")
             assert state_files(tmp_path) == ["r1.json"]
 
@@ -232,6 +234,9 @@ async def test_replicas_outlive_a_killed_agent_and_the_restarted_agent_readopts_
                 status.grpc_address,
             )
             assert (adopted.started_at, adopted.max_model_len, adopted.healthy) == (status.started_at, 4096, True)
+            # where its processes serve /metrics comes from the state file: their METRICS lines are not read again
+            assert adopted.worker_metrics == status.worker_metrics
+            assert adopted.replica_metrics == status.replica_metrics
             await second.wait_for_log(r"replica r1: replica re-adopted, pid \d+")
             await second.wait_for_log(r"replica r1 of demo re-adopted, serving on")
 

@@ -57,6 +57,17 @@ def test_records_round_trip_and_are_written_whole(state: StateDir) -> None:
     assert [r.replica_id for r in state.load_all()] == ["demo-1"]
 
 
+def test_a_record_from_before_the_metrics_addresses_loads_with_none(state: StateDir) -> None:
+    written = record("demo-1", replica_metrics="127.0.0.1:9201", worker_metrics="127.0.0.1:9202")
+    state.save(written)
+    assert state.load_all() == [written]
+    old = json.loads((state.path / "replicas" / "demo-1.json").read_text())
+    del old["replica_metrics"], old["worker_metrics"]
+    (state.path / "replicas" / "demo-1.json").write_text(json.dumps(old))
+    (loaded,) = state.load_all()
+    assert (loaded.replica_metrics, loaded.worker_metrics) == ("", "") and loaded.address == written.address
+
+
 def test_unreadable_or_mismatched_records_are_logged_and_removed(
     state: StateDir, caplog: pytest.LogCaptureFixture
 ) -> None:
