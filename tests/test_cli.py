@@ -92,7 +92,8 @@ def test_other_commands_parse() -> None:
     assert parse("scale", "demo", "4").replicas == 4
     assert parse("delete", "demo", "--head", "tcp://10.0.0.1:6000").head == "tcp://10.0.0.1:6000"
     up = parse("up")
-    assert (up.engine, up.replicas, up.port, up.state_dir) == ("vllm", 2, 8000, ".tokenbus")
+    assert (up.engine, up.replicas, up.port, up.state_dir, up.prometheus) == ("vllm", 2, 8000, ".tokenbus", False)
+    assert parse("up", "--prometheus").prometheus
     bench = parse("bench", "-c", "256", "-d", "30", "--plot", "x.png", "--pushgateway", "http://127.0.0.1:9091")
     assert (bench.concurrency, bench.duration, bench.max_tokens, bench.endpoint) == (256, 30.0, 32, "chat")
     assert (bench.url, bench.model, bench.plot) == ("http://127.0.0.1:8000", "demo", "x.png")
