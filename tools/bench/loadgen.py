@@ -1,22 +1,10 @@
-"""`tokenbus bench --client cpp`: runs tokenbus-loadgen (proxy_cpp/loadgen/) and reads its results.
+"""The benchmark's client: tokenbus-loadgen (proxy_cpp/loadgen/), run as a child process and read line by line.
 
-The C++ client runs the same closed loop as the Python clients (tools.bench.run), on one thread, at a fraction of
-their CPU and without their event loop's lag in the TTFT it measures. It writes one JSON object per line on
-stdout (proxy_cpp/loadgen/reporter.hpp is the source of truth):
-
-    {"event": "start", "concurrency": C}
-        once, just before the first request starts: the CPU meters start here
-    {"event": "request", "ok": B, "ttft_us": N | null, "e2e_us": N, "tokens": N, "error": "..."}
-        one per finished request (ttft_us null: no content token arrived)
-    {"event": "progress", "elapsed_s": F, "requests": N, "failures": N, "tokens": N, "lag_us": [N, ...]}
-        every 250 ms, after the request lines of that interval: running totals, and the lateness of each of
-        the loadgen's 10 ms lag-probe ticks since the last progress line
-    {"event": "end", "duration_s": F, "requests": N, "failures": N, "cpu_s": F}
-        once, last: first request start to last request end, and the loadgen's user+system CPU seconds
-
-Logs go to its stderr (start, first connect failure, stop), shown after the run. Exit codes: 0 the run
-completed, 1 it could not start (the host does not resolve), 2 bad usage. If this process dies, the loadgen
-dies too at its next write (SIGPIPE), at most 250 ms later.
+It runs the stages on one thread, at a fraction of the Python client's CPU and without an event loop's lag in
+what it measures. Its stdout is one JSON object per line (start, stage, request, progress, end), defined in
+proxy_cpp/loadgen/reporter.hpp; logs go to its stderr (start, first connect failure, stop), shown after the
+run. Exit codes: 0 the run completed, 1 it could not start (the host does not resolve), 2 bad usage. If this
+process dies, the loadgen dies too at its next write (SIGPIPE), at most 250 ms later.
 """
 
 from __future__ import annotations
@@ -24,18 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from node_agent.binaries import bin_dir
 from tools.bench.cpu import CpuMeter
-from tools.bench.python_client import RequestResult, TokenCounter
-
-if TYPE_CHECKING:
-    from tools.bench.run import BenchConfig
+from tools.bench.load import BenchConfig, format_stages
+from tools.bench.records import Live, RequestResult, Run, Sample
 
 LOADGEN = "tokenbus-loadgen"
 MAX_OUTPUT_LINE = 1 << 20  # the longest line read from the loadgen (a progress line holds ~25 lag samples)
@@ -46,21 +31,13 @@ class LoadgenError(RuntimeError):
     """The loadgen could not run: a bad URL, or it exited without its end line."""
 
 
-@dataclass(frozen=True)
-class LoadgenRun:
-    results: list[RequestResult]
-    duration_s: float
-    cpu_s: float  # the loadgen process's CPU seconds
-    log: str  # its stderr
-
-
 def loadgen_path() -> Path:
     """Where the binary is: next to tokenbus-proxy and tokenbus-replica."""
     return bin_dir() / LOADGEN
 
 
 def loadgen_argv(binary: Path, cfg: BenchConfig, grace_s: float) -> list[str]:
-    """The command line for `cfg`; ValueError for a URL the loadgen cannot serve (https, a path prefix)."""
+    """The command line for `cfg` (always with --timing); ValueError for a URL the loadgen cannot serve."""
     parts = urlsplit(cfg.url)
     try:
         port = parts.port or 80
@@ -70,88 +47,100 @@ def loadgen_argv(binary: Path, cfg: BenchConfig, grace_s: float) -> list[str]:
         raise ValueError(f"--url {cfg.url!r}: --client cpp wants http://HOST[:PORT]")
     if parts.path.strip("/") or parts.query:
         raise ValueError(f"--url {cfg.url!r}: --client cpp takes no path or query, only http://HOST[:PORT]")
-    return [
-        str(binary),
-        "--host",
-        parts.hostname,
-        "--port",
-        str(port),
-        "--concurrency",
-        str(cfg.concurrency),
-        "--duration-s",
-        repr(cfg.duration_s),
-        "--grace-s",
-        repr(grace_s),
-        "--endpoint",
-        cfg.endpoint,
-        "--model",
-        cfg.model,
-        "--max-tokens",
-        str(cfg.max_tokens),
-        "--prompt",
-        cfg.prompt,
-    ]
+    argv = [str(binary), "--host", parts.hostname, "--port", str(port)]
+    (stage, *more) = cfg.stages
+    if stage.rate is not None and not more:
+        argv += ["--rate", repr(stage.rate), "--duration-s", repr(stage.duration_s)]
+    elif all(s.rate is None for s in cfg.stages):
+        argv += ["--stages", format_stages(cfg.stages)]
+    else:
+        raise ValueError("the loadgen runs closed-loop stages, or one open-loop stage")
+    argv += ["--grace-s", repr(grace_s), "--max-in-flight", str(cfg.max_in_flight)]
+    argv += ["--endpoint", cfg.endpoint, "--model", cfg.model, "--seed", str(cfg.seed), "--timing"]
+    if cfg.max_tokens.kind == "fixed":
+        argv += ["--max-tokens", str(int(cfg.max_tokens.params[0]))]
+    else:
+        argv += ["--max-tokens-dist", str(cfg.max_tokens)]
+    if cfg.prompt_len is None:
+        argv += ["--prompt", cfg.prompt]
+    else:
+        argv += ["--prompt-len-dist", str(cfg.prompt_len)]
+    return argv
+
+
+def _us(value: int | None) -> float | None:
+    return None if value is None else value / 1e6
 
 
 def request_result(line: dict[str, Any]) -> RequestResult:
-    ttft_us = line["ttft_us"]
+    hops = line.get("hops_us")
     return RequestResult(
         ok=line["ok"],
         e2e_s=line["e2e_us"] / 1e6,
-        ttft_s=None if ttft_us is None else ttft_us / 1e6,
+        ttft_s=_us(line["ttft_us"]),
         tokens=line["tokens"],
         error=line["error"],
+        start_s=line["start_s"],
+        stage=line["stage"],
+        chunks=line["chunks"],
+        itl_sum_s=line["itl_sum_us"] / 1e6,
+        itl_max_s=line["itl_max_us"] / 1e6,
+        hops_s=None if hops is None else {hop: _us(us) for hop, us in hops.items()},
+        proxy_ttft_s=_us(line.get("proxy_ttft_us")),
     )
 
 
-async def run_loadgen(
-    binary: Path,
-    cfg: BenchConfig,
-    grace_s: float,
-    counter: TokenCounter,
-    on_result: Callable[[RequestResult], None] | None = None,
-    cpu: CpuMeter | None = None,
-    lags: list[float] | None = None,
-) -> LoadgenRun:
-    """Runs the loadgen to its end; its requests, as tools.bench.run.run_bench would return them.
+def _read_line(line: dict[str, Any], run: Run, live: Live, cpu: CpuMeter | None) -> dict[str, Any] | None:
+    """Takes one output line into `run` and `live`; the end line is returned."""
+    kind = line["event"]
+    if kind == "request":
+        result = request_result(line)
+        run.results.append(result)
+    elif kind == "progress":
+        run.samples.append(
+            Sample(
+                line["elapsed_s"], line["stage"], line["requests"], line["failures"], line["tokens"], line["in_flight"]
+            )
+        )
+        live.requests, live.failures, live.tokens = line["requests"], line["failures"], line["tokens"]
+        live.in_flight = line["in_flight"]
+        run.lags_s.extend(us / 1e6 for us in line["lag_us"])
+    elif kind == "stage":
+        run.stage_starts_s.append(line["start_s"])
+        live.stage, live.stage_started_at = line["index"], time.perf_counter()
+    elif kind == "start":
+        live.started_at = time.perf_counter()
+        if cpu is not None:
+            cpu.start()
+    elif kind == "end":
+        if cpu is not None:
+            cpu.stop()
+        return line
+    return None
 
-    `counter` follows its token count (the live tok/s readout), `on_result` sees each request, `cpu` is sampled
-    at its start and end lines, `lags` gets its loop-lag samples in seconds.
-    """
+
+async def run_loadgen(binary: Path, cfg: BenchConfig, grace_s: float, live: Live, cpu: CpuMeter | None = None) -> Run:
+    """Runs the loadgen to its end and returns what it measured; `live` follows it as it goes, `cpu` is
+    sampled at its start and end lines. LoadgenError when it fails (its stderr's tail in the message)."""
     argv = loadgen_argv(binary, cfg, grace_s)
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, limit=MAX_OUTPUT_LINE
     )
     assert proc.stdout is not None and proc.stderr is not None
     stderr = asyncio.create_task(proc.stderr.read(), name="loadgen-stderr")  # a few lifecycle lines
-    results: list[RequestResult] = []
+    run = Run(client_processes=2)  # this process and the loadgen
     end: dict[str, Any] | None = None
     try:
         async for raw in proc.stdout:
-            line = json.loads(raw)
-            kind = line["event"]
-            if kind == "request":
-                result = request_result(line)
-                results.append(result)
-                if on_result is not None:
-                    on_result(result)
-            elif kind == "progress":
-                counter.chunks = line["tokens"]
-                if lags is not None:
-                    lags.extend(us / 1e6 for us in line["lag_us"])
-            elif kind == "start" and cpu is not None:
-                cpu.start()
-            elif kind == "end":
-                if cpu is not None:
-                    cpu.stop()
-                end = line
+            end = _read_line(json.loads(raw), run, live, cpu) or end
         code = await proc.wait()
     finally:
         if proc.returncode is None:  # cancelled, or its output was not what we read: do not leave it running
             proc.kill()
             await proc.wait()
-    log = (await stderr).decode(errors="replace")
+    run.log = (await stderr).decode(errors="replace")
     if code != 0 or end is None:
-        tail = "\n".join(log.splitlines()[-STDERR_TAIL:])
+        tail = "\n".join(run.log.splitlines()[-STDERR_TAIL:])
         raise LoadgenError(f"{LOADGEN} exited with code {code}:\n{tail}")
-    return LoadgenRun(results, end["duration_s"], end["cpu_s"], log)
+    run.duration_s, run.client_cpu_s = end["duration_s"], end["cpu_s"]
+    return run

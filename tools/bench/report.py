@@ -1,16 +1,26 @@
-"""Benchmark results: percentiles and the summary, its rich table, the latency plot, the Pushgateway push."""
+"""A run's results: percentiles per stage and overall, the JSON result, and their rich tables.
+
+Latencies are over successful requests. A request counts in the stage it started in; a stage lasts from its
+start to the next one's (the last one to the run's end, its requests' drain included), and its rates are over
+that. Inter-token latency (`itl_ms`) is each request's mean gap between content chunks, so its percentiles are
+over requests, not over single gaps.
+"""
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from rich.table import Table
 
-from tools.bench.python_client import RequestResult
+from tools.bench.load import BenchConfig, Stage
+from tools.bench.records import HOPS, RequestResult, Run
 
 QUANTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
+HOP_QUANTILES = QUANTILES[:2]
+TOP_ERRORS = 5
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -24,56 +34,131 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
 
 
-def quantiles_ms(values_s: Sequence[float]) -> dict[str, float | None]:
+def quantiles_ms(
+    values_s: Sequence[float], quantiles: Sequence[tuple[str, float]] = QUANTILES
+) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
-    for name, q in QUANTILES:
+    for name, q in quantiles:
         v = percentile(values_s, q)
         out[name] = None if v is None else round(v * 1000.0, 3)
     return out
 
 
-def summarize(results: Sequence[RequestResult], concurrency: int, duration_s: float) -> dict[str, Any]:
-    """The JSON summary; latencies are over successful requests, rates over the measured duration."""
+def summarize(
+    results: Sequence[RequestResult], duration_s: float, concurrency: int | None = None, rate: float | None = None
+) -> dict[str, Any]:
+    """One stage's (or the whole run's) figures. `hops_ms` has the hops the proxy reported, {} when it sent no
+    timing; `proxy_ttft_ms` is the TTFT the proxy saw, which the hops add up to."""
     good = [r for r in results if r.ok]
     tokens = sum(r.tokens for r in good)
+    timed = [r.hops_s for r in good if r.hops_s is not None]
+    hops_ms = {}
+    for hop in HOPS:
+        values = [v for hops in timed if (v := hops.get(hop)) is not None]
+        if values:
+            hops_ms[hop] = quantiles_ms(values, HOP_QUANTILES)
     return {
         "concurrency": concurrency,
+        "rate": rate,
         "duration_s": round(duration_s, 3),
         "requests": len(results),
         "failures": len(results) - len(good),
-        "ttft_ms": quantiles_ms([r.ttft_s for r in good if r.ttft_s is not None]),
-        "e2e_ms": quantiles_ms([r.e2e_s for r in good]),
         "tokens_per_s": round(tokens / duration_s, 2) if duration_s > 0 else 0.0,
         "requests_per_s": round(len(good) / duration_s, 3) if duration_s > 0 else 0.0,
+        "ttft_ms": quantiles_ms([r.ttft_s for r in good if r.ttft_s is not None]),
+        "itl_ms": quantiles_ms([v for r in good if (v := r.itl_mean_s) is not None]),
+        "e2e_ms": quantiles_ms([r.e2e_s for r in good]),
+        "hops_ms": hops_ms,
+        "proxy_ttft_ms": quantiles_ms([v for r in good if (v := r.proxy_ttft_s) is not None], HOP_QUANTILES),
     }
 
 
-def summary_table(summary: dict[str, Any]) -> Table:
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v:.1f}"
+def stage_bounds(run: Run) -> list[tuple[float, float]]:
+    """(start_s, end_s) of each stage begun: to the next one's start, the last one to the run's end."""
+    starts = run.stage_starts_s
+    ends = [*starts[1:], run.duration_s] if starts else []
+    return list(zip(starts, ends, strict=True))
 
-    table = Table(title=f"tokenbus bench: {summary['concurrency']} streams, {summary['duration_s']:.1f} s")
+
+def _common(values: Sequence[Any]) -> Any:
+    """The value every stage has, else None (the overall of a ramp has no one concurrency)."""
+    return values[0] if values and all(v == values[0] for v in values) else None
+
+
+def result(cfg: BenchConfig, run: Run, client: str) -> dict[str, Any]:
+    """The run's result: `--json`'s content and the JSON line on stdout."""
+    stages: list[dict[str, Any]] = []
+    for index, (start, end) in enumerate(stage_bounds(run)):
+        stage: Stage = cfg.stages[index]
+        mine = [r for r in run.results if r.stage == index]
+        stages.append({"index": index, **summarize(mine, end - start, stage.concurrency, stage.rate)})
+    overall = summarize(
+        run.results,
+        run.duration_s,
+        _common([s.concurrency for s in cfg.stages]),
+        _common([s.rate for s in cfg.stages]),
+    )
+    errors = Counter(r.error for r in run.results if not r.ok)
+    return {
+        "config": {**cfg.to_json(), "client": client},
+        "stages": stages,
+        "overall": overall,
+        "client_loop_lag_ms": quantiles_ms(run.lags_s),
+        "errors": dict(errors.most_common(TOP_ERRORS)),
+    }
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def summary_table(title: str, summary: dict[str, Any], lag_ms: dict[str, float | None] | None = None) -> Table:
+    """A stage's or the overall's figures; the TTFT's hops when the proxy reported them."""
+    table = Table(title=title, title_justify="left")
     table.add_column("metric")
     for name, _ in QUANTILES:
         table.add_column(name, justify="right")
-    table.add_row("TTFT (ms)", *(ms(summary["ttft_ms"][n]) for n, _ in QUANTILES))
-    table.add_row("end-to-end (ms)", *(ms(summary["e2e_ms"][n]) for n, _ in QUANTILES))
+    table.add_row("TTFT (ms)", *(_ms(summary["ttft_ms"][n]) for n, _ in QUANTILES))
+    table.add_row("inter-token (ms)", *(_ms(summary["itl_ms"][n]) for n, _ in QUANTILES))
+    table.add_row("end-to-end (ms)", *(_ms(summary["e2e_ms"][n]) for n, _ in QUANTILES))
     table.add_section()
     table.add_row("requests", str(summary["requests"]), "", "")
     failures = summary["failures"]
     table.add_row("failures", f"[red]{failures}[/red]" if failures else "0", "", "")
     table.add_row("tokens/s", f"{summary['tokens_per_s']:.1f}", "", "")
     table.add_row("requests/s", f"{summary['requests_per_s']:.2f}", "", "")
-    if "client_loop_lag_ms" in summary:
-        lag = summary["client_loop_lag_ms"]
+    if summary["hops_ms"]:
         table.add_section()
-        table.add_row("client loop lag (ms)", *(ms(lag[n]) for n, _ in QUANTILES))
+        for hop, q in summary["hops_ms"].items():
+            table.add_row(f"TTFT hop {hop} (ms)", _ms(q["p50"]), _ms(q["p95"]), "")
+        proxy = summary["proxy_ttft_ms"]
+        table.add_row("TTFT in the proxy (ms)", _ms(proxy["p50"]), _ms(proxy["p95"]), "")
+    if lag_ms is not None:
+        table.add_section()
+        table.add_row("client loop lag (ms)", *(_ms(lag_ms[n]) for n, _ in QUANTILES))
     return table
 
 
+def result_tables(cfg: BenchConfig, res: dict[str, Any]) -> list[Table]:
+    """A table per stage, then the overall one (the only one for a one-stage run)."""
+    tables = []
+    stages = res["stages"]
+    if len(stages) > 1:
+        for s in stages:
+            stage = cfg.stages[s["index"]]
+            title = f"stage {s['index']}: {stage.describe()}, {s['duration_s']:.1f} s"
+            tables.append(summary_table(title, s))
+    overall = res["overall"]
+    what = f"{len(stages)} stages" if len(stages) > 1 else cfg.stages[0].describe()
+    tables.append(
+        summary_table(f"tokenbus bench: {what}, {overall['duration_s']:.1f} s", overall, res["client_loop_lag_ms"])
+    )
+    return tables
+
+
 def cpu_table(cpu: dict[str, Any]) -> Table:
-    """The `cpu_cores` part of the summary: cores per process kind, the total, and the bench client apart."""
-    table = Table(title="CPU during the run (cores)")
+    """The `cpu_cores` part of the result: cores per process kind, the total, and the bench client apart."""
+    table = Table(title="CPU during the run (cores)", title_justify="left")
     table.add_column("processes")
     table.add_column("count", justify="right")
     table.add_column("cores", justify="right")
@@ -85,46 +170,3 @@ def cpu_table(cpu: dict[str, Any]) -> Table:
     if cpu["exited"]:
         table.add_row(f"[yellow]exited during the run: {cpu['exited']}[/yellow]", "", "")
     return table
-
-
-def plot_latencies(results: Sequence[RequestResult], path: str) -> None:
-    """Histograms of TTFT and end-to-end latency of the successful requests, with p50/p95/p99 marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: write files only
-    import matplotlib.pyplot as plt
-
-    good = [r for r in results if r.ok]
-    series = (
-        ("TTFT", [r.ttft_s * 1000.0 for r in good if r.ttft_s is not None]),
-        ("end-to-end", [r.e2e_s * 1000.0 for r in good]),
-    )
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (name, values) in zip(axes, series, strict=True):
-        ax.set_title(f"{name} latency ({len(values)} requests)")
-        ax.set_xlabel("ms")
-        ax.set_ylabel("requests")
-        if values:
-            ax.hist(values, bins=50, color="tab:blue", alpha=0.8)
-            for (label, q), color in zip(QUANTILES, ("green", "orange", "red"), strict=True):
-                v = percentile(values, q)
-                ax.axvline(v, color=color, linestyle="--", label=f"{label} {v:.1f} ms")
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def push_summary(summary: dict[str, Any], gateway: str, model: str) -> None:
-    """Push the summary as gauges to a Prometheus Pushgateway (job "tokenbus_bench", grouped by model)."""
-    from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
-
-    registry = CollectorRegistry()
-    for name in ("concurrency", "duration_s", "requests", "failures", "tokens_per_s", "requests_per_s"):
-        Gauge(f"tokenbus_bench_{name}", f"tokenbus bench {name}", registry=registry).set(summary[name])
-    for metric in ("ttft_ms", "e2e_ms"):
-        gauge = Gauge(f"tokenbus_bench_{metric}", f"tokenbus bench {metric} quantiles", ["quantile"], registry=registry)
-        for name, q in QUANTILES:
-            value = summary[metric][name]
-            gauge.labels(quantile=str(q)).set(math.nan if value is None else value)
-    push_to_gateway(gateway, job="tokenbus_bench", registry=registry, grouping_key={"model": model})

@@ -21,10 +21,12 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
+from tools.bench.load import BenchConfig, LengthDist, Stage
 from tools.bench.loadgen import loadgen_path, run_loadgen
-from tools.bench.python_client import TokenCounter
-from tools.bench.report import summarize
-from tools.bench.run import HARD_DEADLINE_EXTRA_S, BenchConfig, run_bench
+from tools.bench.python_client import run_python
+from tools.bench.records import Live
+from tools.bench.report import result
+from tools.bench.run import HARD_DEADLINE_EXTRA_S
 from tools.local_cluster import LocalCluster, free_port
 from tools.procs import Children
 from tools.up import tiny_model_gpus
@@ -49,12 +51,13 @@ async def _wait_http_ok(url: str, deadline: float, children: Children) -> None:
 
 
 async def _bench(url: str, opts: argparse.Namespace) -> dict[str, Any]:
-    cfg = BenchConfig(url, DEPLOYMENT, opts.concurrency, opts.duration, opts.max_tokens)
+    """The overall result of one run by the client `tokenbus bench` uses (the loadgen when it is built)."""
+    stages = (Stage(opts.duration, concurrency=opts.concurrency),)
+    cfg = BenchConfig(url, DEPLOYMENT, stages, max_tokens=LengthDist("fixed", (opts.max_tokens,)))
     if loadgen_path().exists():  # the C++ client, as `tokenbus bench` uses by default: it measures, not queues
-        run = await run_loadgen(loadgen_path(), cfg, HARD_DEADLINE_EXTRA_S, TokenCounter())
-        return summarize(run.results, opts.concurrency, run.duration_s)
-    results, duration_s = await run_bench(cfg, TokenCounter())
-    return summarize(results, opts.concurrency, duration_s)
+        run = await run_loadgen(loadgen_path(), cfg, HARD_DEADLINE_EXTRA_S, Live())
+        return result(cfg, run, "cpp")["overall"]
+    return result(cfg, await run_python(cfg, HARD_DEADLINE_EXTRA_S, Live()), "python")["overall"]
 
 
 def _engine_args(opts: argparse.Namespace) -> dict[str, Any]:
