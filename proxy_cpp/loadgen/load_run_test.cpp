@@ -1,1 +1,252 @@
-// placeholder
+// The whole load loop against a tiny SSE server on loopback: closed-loop stages one after the other, the
+// open loop's seeded arrivals and its in-flight cap, and the timing comment turned into hops.
+#include "loadgen/load_run.hpp"
+
+#include <gtest/gtest.h>
+
+#include <utility>  // before Asio: Boost 1.74's awaitable.hpp needs it under g++ 12
+
+#include <algorithm>
+#include <atomic>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/read_until.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+#include <cstdio>
+#include <cstdlib>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "loadgen/distribution.hpp"
+
+namespace tokenbus::loadgen {
+namespace {
+
+namespace net = boost::asio;
+using tcp = net::ip::tcp;
+using boost::system::error_code;
+
+constexpr const char* kStreamHead =
+    "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+constexpr const char* kTimingJson =
+    R"({"proxy_received_ns":1700000000000000000,"routed_ns":1700000000001000400,)"
+    R"("replica_received_ns":1700000000003000400,"ring_written_ns":1700000000006000400,)"
+    R"("engine_produced_ns":1700000000010000400,"ring_read_ns":1700000000015000400,)"
+    R"("proxy_sent_ns":1700000000021000999})";
+
+// A chat-completions server on its own thread: every request gets `tokens` content events `gap` apart, the
+// timing comment after the first when asked for it, then [DONE]; keep-alive. Counts the requests open at once.
+class FakeServer {
+ public:
+  FakeServer(int tokens, std::chrono::milliseconds gap)
+      : tokens_(tokens), gap_(gap), acceptor_(io_, tcp::endpoint(net::ip::make_address("127.0.0.1"), 0)) {
+    net::co_spawn(io_, accept(), net::detached);
+    thread_ = std::thread([this] { io_.run(); });
+  }
+  ~FakeServer() {
+    io_.stop();
+    thread_.join();
+  }
+
+  std::uint16_t port() const { return acceptor_.local_endpoint().port(); }
+  int max_open() const { return max_open_; }
+
+ private:
+  net::awaitable<void> accept() {
+    for (;;) {
+      error_code ec;
+      tcp::socket socket = co_await acceptor_.async_accept(net::redirect_error(net::use_awaitable, ec));
+      if (ec) co_return;
+      socket.set_option(tcp::no_delay(true), ec);  // each event leaves at once, as the proxy's do
+      net::co_spawn(io_, serve(std::move(socket)), net::detached);
+    }
+  }
+
+  net::awaitable<void> serve(tcp::socket socket) {
+    std::string buffer;
+    net::steady_timer timer(io_);
+    error_code ec;
+    for (;;) {
+      const std::size_t head_end = co_await net::async_read_until(
+          socket, net::dynamic_buffer(buffer), "\r\n\r\n", net::redirect_error(net::use_awaitable, ec));
+      if (ec) co_return;
+      const std::string head = buffer.substr(0, head_end);
+      const std::size_t length_at = head.find("Content-Length: ");
+      const std::size_t length = std::stoul(head.substr(length_at + 16));
+      if (buffer.size() < head_end + length) {
+        co_await net::async_read(socket, net::dynamic_buffer(buffer),
+                                 net::transfer_exactly(head_end + length - buffer.size()),
+                                 net::redirect_error(net::use_awaitable, ec));
+        if (ec) co_return;
+      }
+      buffer.erase(0, head_end + length);
+      const bool timing = head.find("X-Tokenbus-Timing: 1\r\n") != std::string::npos;
+
+      max_open_ = std::max(max_open_.load(), ++open_);
+      co_await write(socket, kStreamHead, ec);
+      for (int i = 0; i < tokens_ && !ec; ++i) {
+        timer.expires_after(gap_);
+        co_await timer.async_wait(net::redirect_error(net::use_awaitable, ec));
+        std::string event = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" w\"}}]}\n\n";
+        if (i == 0 && timing) event += std::string(": tokenbus-timing ") + kTimingJson + "\n\n";
+        co_await write(socket, chunk(event), ec);
+      }
+      if (!ec) co_await write(socket, chunk("data: [DONE]\n\n") + "0\r\n\r\n", ec);
+      --open_;
+      if (ec) co_return;
+    }
+  }
+
+  static std::string chunk(const std::string& data) {
+    std::ostringstream out;
+    out << std::hex << data.size() << "\r\n" << data << "\r\n";
+    return out.str();
+  }
+
+  static net::awaitable<void> write(tcp::socket& socket, std::string bytes, error_code& ec) {
+    co_await net::async_write(socket, net::buffer(bytes), net::redirect_error(net::use_awaitable, ec));
+  }
+
+  int tokens_;
+  std::chrono::milliseconds gap_;
+  net::io_context io_{1};
+  tcp::acceptor acceptor_;
+  std::thread thread_;
+  int open_ = 0;                   // only on the server's thread
+  std::atomic<int> max_open_ = 0;  // read by the test's thread
+};
+
+struct Lines {
+  std::vector<nlohmann::json> all;
+  std::vector<nlohmann::json> of(const std::string& event) const {
+    std::vector<nlohmann::json> out;
+    std::copy_if(all.begin(), all.end(), std::back_inserter(out), [&](const auto& l) { return l["event"] == event; });
+    return out;
+  }
+};
+
+Lines run(const Options& opts) {
+  char* data = nullptr;
+  std::size_t size = 0;
+  std::FILE* out = open_memstream(&data, &size);
+  Reporter reporter(out, opts.timing);
+  EXPECT_EQ(run_load(opts, reporter), 0);
+  std::fclose(out);
+  Lines lines;
+  std::istringstream in(std::string(data, size));
+  std::free(data);
+  for (std::string line; std::getline(in, line);) lines.all.push_back(nlohmann::json::parse(line));
+  return lines;
+}
+
+TEST(LoadRun, ClosedLoopStagesOneAfterTheOther) {
+  FakeServer server(3, std::chrono::milliseconds(10));
+  Options opts;
+  opts.port = server.port();
+  opts.stages = {{2, 0, 0.5}, {4, 0, 0.5}};
+  opts.timing = true;
+  const Lines lines = run(opts);
+
+  const auto stages = lines.of("stage");
+  ASSERT_EQ(stages.size(), 2u);
+  EXPECT_EQ(stages[0]["index"], 0);
+  EXPECT_EQ(stages[0]["concurrency"], 2);
+  EXPECT_TRUE(stages[0]["rate"].is_null());
+  EXPECT_EQ(stages[1]["index"], 1);
+  EXPECT_EQ(stages[1]["concurrency"], 4);
+  const double border_s = stages[1]["start_s"].get<double>();
+  EXPECT_GE(border_s, 0.5);  // never before its time
+
+  const auto requests = lines.of("request");
+  std::size_t in_stage[2] = {0, 0};
+  for (const auto& r : requests) {
+    ASSERT_EQ(r["ok"], true) << r;
+    const int stage = r["stage"].get<int>();
+    ++in_stage[stage];
+    // A request counts in the stage it started in: before the border for stage 0, after it for stage 1.
+    if (stage == 0) {
+      EXPECT_LT(r["start_s"].get<double>(), 0.5) << r;
+    } else {
+      EXPECT_GE(r["start_s"].get<double>(), border_s) << r;
+    }
+    EXPECT_EQ(r["tokens"], 3);
+    EXPECT_EQ(r["chunks"], 3);
+    // Three events 10 ms apart: two gaps, each at least the server's pause.
+    EXPECT_GE(r["itl_sum_us"].get<std::int64_t>(), 20000) << r;
+    EXPECT_GE(r["itl_max_us"].get<std::int64_t>(), 10000) << r;
+    EXPECT_LE(r["itl_sum_us"].get<std::int64_t>(), r["e2e_us"].get<std::int64_t>());
+    EXPECT_EQ(r["hops_us"], (nlohmann::json{{"queue_and_route", 1000},
+                                            {"proxy_to_replica", 2000},
+                                            {"replica_to_ring", 3000},
+                                            {"engine", 4000},
+                                            {"ring_to_replica", 5000},
+                                            {"replica_to_client", 6000}}));
+    EXPECT_EQ(r["proxy_ttft_us"], 21000);
+  }
+  EXPECT_GE(in_stage[0], 2u);  // every client of a stage starts at least one request
+  EXPECT_GE(in_stage[1], 4u);
+  // The stage-1 clients run together; with stage 0's last requests still finishing, at most 2 + 4.
+  EXPECT_GE(server.max_open(), 4);
+  EXPECT_LE(server.max_open(), 6);
+
+  const auto progress = lines.of("progress");
+  ASSERT_FALSE(progress.empty());
+  EXPECT_EQ(progress.back()["stage"], 1);
+  EXPECT_EQ(progress.back()["in_flight"], 0);
+  const auto end = lines.of("end");
+  ASSERT_EQ(end.size(), 1u);
+  EXPECT_EQ(end[0]["requests"], requests.size());
+  EXPECT_EQ(end[0]["failures"], 0);
+}
+
+TEST(LoadRun, OpenLoopArrivalsAreSeededAndOverTheCapFailAtOnce) {
+  FakeServer server(3, std::chrono::milliseconds(50));  // 150 ms a request: far more arrive than finish
+  Options opts;
+  opts.port = server.port();
+  opts.stages = {{0, 100.0, 0.5}};
+  opts.max_in_flight = 2;
+  opts.seed = 11;
+  const Lines lines = run(opts);
+
+  // The arrivals are those of the seeded Poisson process, however the run went.
+  Rng rng = seeded_rng(opts.seed, kArrivalStream);
+  std::size_t expected = 0;
+  for (double t = exponential_gap_s(rng, 100.0); t < 0.5; t += exponential_gap_s(rng, 100.0)) ++expected;
+  ASSERT_GT(expected, 20u);
+  const auto requests = lines.of("request");
+  EXPECT_EQ(requests.size(), expected);
+
+  const auto stages = lines.of("stage");
+  ASSERT_EQ(stages.size(), 1u);
+  EXPECT_TRUE(stages[0]["concurrency"].is_null());
+  EXPECT_EQ(stages[0]["rate"], 100.0);
+  std::size_t ok = 0, refused = 0;
+  for (const auto& r : requests) {
+    EXPECT_EQ(r["stage"], 0);
+    EXPECT_TRUE(r.find("hops_us") == r.end());  // no --timing
+    if (r["ok"] == true) {
+      ++ok;
+    } else {
+      ++refused;
+      EXPECT_EQ(r["error"], "over max-in-flight");
+      EXPECT_EQ(r["e2e_us"], 0);
+      EXPECT_EQ(r["tokens"], 0);
+    }
+  }
+  EXPECT_GE(ok, 2u);
+  EXPECT_GT(refused, 0u);
+  EXPECT_LE(server.max_open(), 2);
+  EXPECT_EQ(lines.of("end")[0]["failures"], refused);
+}
+
+}  // namespace
+}  // namespace tokenbus::loadgen
