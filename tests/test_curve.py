@@ -198,6 +198,8 @@ async def test_a_head_on_every_interface_with_keys_advertises_the_address_given(
         assert head.router.startswith("tcp://0.0.0.0:") and head.pub.startswith("tcp://0.0.0.0:")
         status = await request(head.router.replace("0.0.0.0", "127.0.0.1"), "status", keys)
     ports = {name: endpoint.rsplit(":", 1)[1] for name, endpoint in (("router", head.router), ("pub", head.pub))}
+    # its /metrics too, bound on every interface like the rest, at the address given
+    assert re.fullmatch(r"head\.example:\d+", status["head"].pop("metrics")), status["head"]
     assert status["head"] == {name: f"tcp://head.example:{port}" for name, port in ports.items()}
     assert "clients use {router} and {pub}".format(**status["head"]) in head.log_text()
 
