@@ -45,7 +45,7 @@ STATUS: dict[str, Any] = {
     ],
     "proxies": [{"id": "p1", "addr": "127.0.0.1:8000", "metrics": "127.0.0.1:8000"}],
 }
-JOBS = {"head": 1, "agent": 1, "replica": 2, "worker": 2, "proxy": 1}  # what `up --engine sim` runs
+JOBS = {"head": 1, "agent": 1, "replica": 1, "worker": 1, "proxy": 1}  # what `up --engine sim --replicas 1` runs
 DEADLINE_S = 60.0  # for what takes a few scrapes (1 s each): 10x room on 2 busy cores
 
 
@@ -101,14 +101,14 @@ def _api(base: str, path: str, **params: str) -> Any:
     return body["data"]
 
 
-def _until(check: Any, what: str, deadline_s: float = DEADLINE_S) -> Any:
-    """Polls `check()` until it returns something true; that."""
+def _until(check: Any, what: str, seen: Any = lambda: "", deadline_s: float = DEADLINE_S) -> Any:
+    """Polls `check()` until it returns something true; that. The failure says what `seen()` shows then."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if result := check():
             return result
         time.sleep(0.25)
-    raise AssertionError(f"{what} not reached in {deadline_s} s")
+    raise AssertionError(f"{what} not reached in {deadline_s} s; {seen()}")
 
 
 class Cluster:
@@ -140,6 +140,9 @@ class Cluster:
             return expected
         return None
 
+    def seen(self) -> str:
+        return f"the head lists {self.expected()}, Prometheus scrapes {self.up_targets()}"
+
     def query(self, promql: str) -> list[dict[str, Any]]:
         return _api(self.prometheus, "query", query=promql)["result"]
 
@@ -153,13 +156,13 @@ needs_binaries = pytest.mark.skipif(
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (Debian's package)")
 @pytest.mark.timeout(300)
 def test_up_prometheus_scrapes_every_process_and_follows_a_scale_up(tmp_path: Path) -> None:
-    up = Up(tmp_path / "state", "--prometheus")
+    up = Up(tmp_path / "state", "--prometheus", "--replicas", "1")  # a slot left for the scale-up (2 cores)
     try:
         up.wait_for("Ctrl-C stops everything", 2 * UP_READY_S)
         c = Cluster(up)
         prometheus_pid = up.pids()["prometheus"]
 
-        targets = _until(lambda: c.every_process_up(JOBS), f"Prometheus scraping {JOBS}")
+        targets = _until(lambda: c.every_process_up(JOBS), f"Prometheus scraping {JOBS}", c.seen)
         for job in JOBS:  # the `up` series of each kind, one per process, each 1
             ups = _until(lambda job=job: c.query(f'up{{job="{job}"}}'), f"up{{job={job}}}")
             assert {(r["metric"]["instance"], r["value"][1]) for r in ups} == {
@@ -176,9 +179,9 @@ def test_up_prometheus_scrapes_every_process_and_follows_a_scale_up(tmp_path: Pa
         (count,) = c.query("sum(tokenbus_proxy_ttft_seconds_count)")
         assert float(count["value"][1]) >= 1
 
-        asyncio.run(admin_request(up.router, "scale", {"name": "demo", "replicas": 3}, timeout=5.0))
-        grown = {**JOBS, "replica": 3, "worker": 3}
-        after = _until(lambda: c.every_process_up(grown), f"Prometheus scraping {grown} after the scale-up")
+        asyncio.run(admin_request(up.router, "scale", {"name": "demo", "replicas": 2}, timeout=5.0))
+        grown = {**JOBS, "replica": 2, "worker": 2}
+        after = _until(lambda: c.every_process_up(grown), f"Prometheus scraping {grown} after the scale-up", c.seen)
         assert len(set(after) - set(targets)) == 2  # the new replica and its worker
         assert up.pids()["prometheus"] == prometheus_pid and alive(prometheus_pid)  # found without a restart
         assert "restarted prometheus" not in "".join(up.lines)
