@@ -40,6 +40,11 @@ def chat(cluster: LocalCluster, *flags: str) -> Pane:
     return Pane([sys.executable, "-m", "tools", "chat", "chat", "--url", cluster.proxy_url, *flags], width=200)
 
 
+def at_prompt(screen: str) -> bool:
+    """Waiting for a line: keys typed before it may be lost (a Ctrl-D is, while readline has the terminal cooked)."""
+    return screen.rstrip().endswith(PROMPT)
+
+
 def summaries(screen: str) -> list[tuple[int, int]]:
     """(answer tokens, prompt tokens) of each answer's dim line, in order."""
     return [(int(c), int(p)) for c, p in SUMMARY_RE.findall(screen)]
@@ -48,16 +53,16 @@ def summaries(screen: str) -> list[tuple[int, int]]:
 def test_the_second_turn_carries_the_first(cluster: tuple[LocalCluster, str]) -> None:
     pane = chat(cluster[0], "--max-tokens", "8")
     try:
-        pane.wait_for(lambda s: PROMPT in s, "the prompt")
+        pane.wait_for(at_prompt, "the prompt")
         pane.keys("hello there", "Enter")
-        screen = pane.wait_for(lambda s: len(summaries(s)) == 1, "the first answer's line")
+        screen = pane.wait_for(lambda s: len(summaries(s)) == 1 and at_prompt(s), "the first answer's line")
         assert "".join(sim_words(0, None, "hello there", 8)) in screen  # the tokens, printed as they came
         pane.keys("and again now", "Enter")
-        pane.wait_for(lambda s: len(summaries(s)) == 2, "the second answer's line")
+        pane.wait_for(lambda s: len(summaries(s)) == 2 and at_prompt(s), "the second answer's line")
         pane.keys("/reset", "Enter")
-        pane.wait_for(lambda s: "history cleared" in s, "the history cleared")
+        pane.wait_for(lambda s: "history cleared" in s and at_prompt(s), "the history cleared")
         pane.keys("and again now", "Enter")
-        screen = pane.wait_for(lambda s: len(summaries(s)) == 3, "the third answer's line")
+        screen = pane.wait_for(lambda s: len(summaries(s)) == 3 and at_prompt(s), "the third answer's line")
         (answer1, prompt1), (_, prompt2), (_, prompt3) = summaries(screen)
         assert (answer1, prompt1) == (8, 2)
         assert prompt2 == prompt1 + answer1 + 3, screen  # question, answer, question: the first turn went along
@@ -72,19 +77,19 @@ def test_ctrl_c_stops_the_answer_in_the_engine_and_not_the_session(cluster: tupl
     c, address = cluster
     pane = chat(c)
     try:
-        pane.wait_for(lambda s: PROMPT in s, "the prompt")
+        pane.wait_for(at_prompt, "the prompt")
         first_words = "".join(sim_words(0, None, "tell me everything", 3))
         pane.keys("tell me everything", "Enter")
         pane.wait_for(lambda s: first_words in s, "the answer streaming")
         assert asyncio.run(replica_stats(address)).running == 1
         pane.keys("C-c")
-        pane.wait_for(lambda s: "stopped after" in s and s.rstrip().endswith(PROMPT), "the answer stopped")
+        pane.wait_for(lambda s: "stopped after" in s and at_prompt(s), "the answer stopped")
         deadline = time.monotonic() + 10.0
         while asyncio.run(replica_stats(address)).running != 0:  # 100 s of tokens left, had the stream stayed
             assert time.monotonic() < deadline, "the engine still generates the stopped answer"
             time.sleep(0.1)
         pane.keys("/reset", "Enter")
-        pane.wait_for(lambda s: "history cleared" in s, "the session going on")
+        pane.wait_for(lambda s: "history cleared" in s and at_prompt(s), "the session going on")
         pane.keys("C-d")
         assert pane.wait_exit() == 0
     finally:
