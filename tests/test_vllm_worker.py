@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from test_worker import FINISH, READY, STATS, TOKENS, Replica, Rings, Running, spawn_worker, submit
+from test_worker import FINISH, READY, STATS, TOKENS, Replica, Rings, Running, scrape, spawn_worker, submit
 
 from model_worker.ring import create_ring_fds
 
@@ -100,6 +100,26 @@ async def test_submit_streams_exactly_max_tokens_under_ignore_eos(worker: Runnin
     assert tokens and all(r[0] == TOKENS and r[3] >= 1 for r in tokens)
     assert "".join(r[2] for r in tokens) and sum(r[3] for r in tokens) == 24
     assert finish == [FINISH, 11, "length", len(tokenizer(PROMPT)["input_ids"]), 24, 0, ""]
+
+
+async def test_metrics_time_the_engine_steps_and_the_first_token(worker: Running) -> None:
+    replica = worker.replica
+    before = await scrape(worker.log)
+    replica.sender.send(submit(15, PROMPT, 16, temperature=0.0))
+    await replica.until(replica.finished(15))
+    records = replica.of(15)
+    # the first TOKENS record is stamped with when vLLM's output reached the worker
+    assert len(records[0]) == 5 and all(len(r) == 4 for r in records[1:-1])
+    after = await scrape(worker.log)
+
+    def moved(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert moved("tokenbus_worker_generated_tokens_total") == 16
+    assert moved("tokenbus_worker_time_to_first_token_seconds_count") == 1
+    # vLLM's stat logger reports its steps: 15 decode steps gave the request its later tokens
+    assert moved("tokenbus_worker_engine_step_seconds_count") >= 1
+    assert moved("tokenbus_worker_engine_step_seconds_sum") > 0
 
 
 async def test_chat_prompt_tokens_are_the_templated_prompt_without_a_second_bos(
