@@ -94,6 +94,7 @@ def plot_timeline(cfg: BenchConfig, run: Run, path: str) -> None:
                 ax.axvline(start, color="black", linewidth=0.8, alpha=0.6)
         lat.text(start, 1.01, f" {i}: {cfg.stages[i].describe()}", transform=lat.get_xaxis_transform(), fontsize=8)
     for ax in (lat, tput, conc, err):
+        ax.set_xlim(0, n * BUCKET_S)
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
     fig.tight_layout()
