@@ -154,8 +154,9 @@ async def _bring_up(opts: argparse.Namespace, cluster: LocalCluster, console: Co
     console.print(f"state in {cluster.state_dir}; child logs in {cluster.state_dir / 'logs'}/")
     cluster.start()
     prometheus = Prometheus(cluster) if opts.prometheus else None
+    width = max(len(child.name) for child in cluster.children)
     for child in cluster.children:
-        console.print(f"started {child.name:5} pid {child.pid:>7}  log {child.log_path}")
+        console.print(f"started {child.name:{width}} pid {child.pid:>7}  log {child.log_path}")
     follower = None
     if prometheus is not None:
         follower = asyncio.create_task(
@@ -174,10 +175,11 @@ async def _bring_up(opts: argparse.Namespace, cluster: LocalCluster, console: Co
                 raise StartupError(f"the head refused the deployment: {e}") from e
             if prometheus is not None:
                 await prometheus.wait_ready()
-        ready = f"[green]ready[/green]: head {cluster.router} (pub {cluster.pub}), proxy {cluster.proxy_url}\n"
+        ready = f"[green]ready[/green]: head {cluster.router} (pub {cluster.pub}), proxy {cluster.proxy_url}"
         console.print(ready, soft_wrap=True)
         if prometheus is not None:
             console.print(f"prometheus {prometheus.url} (targets {prometheus.targets.path})", soft_wrap=True)
+        console.print()
         if opts.api_keys:
             console.print(f"the proxy wants an API key: set TOKENBUS_API_KEY to one of {opts.api_keys}", markup=False)
         console.print("try:")
@@ -225,6 +227,10 @@ def main(opts: argparse.Namespace) -> int:
         # a second Ctrl-C must not cut the (bounded) shutdown short and leave children behind
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for report in cluster.stop() if cluster is not None else []:
-            console.print(f"stopped {report.name:5} pid {report.pid:>7}: {report.how}, exit code {report.exit_code}")
+        reports = cluster.stop() if cluster is not None else []
+        width = max((len(report.name) for report in reports), default=0)
+        for report in reports:
+            console.print(
+                f"stopped {report.name:{width}} pid {report.pid:>7}: {report.how}, exit code {report.exit_code}"
+            )
     return code
