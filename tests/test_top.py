@@ -5,12 +5,15 @@ head that hangs or dies and comes back."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import shlex
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -268,6 +271,22 @@ def test_tab_moves_the_focus_s_changes_the_sort_q_quits(top: Pane) -> None:
     top.wait_for(lambda s: "> replicas (2)  sort: tok/s" in s, "replicas sorted by tokens/s")
     top.keys("q")
     assert top.wait_exit() == 0
+
+
+def test_sigterm_gives_the_terminal_back(cluster: LocalCluster, tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    top = shlex.join([sys.executable, "-m", "tools", "top", "--head", cluster.router])
+    run_top = f"echo $$ > {shlex.quote(str(pid_file))}; exec {top}"
+    pane = Pane(["bash", "-c", f"sh -c {shlex.quote(run_top)}; echo exit=$?; stty -a; sleep 600"])
+    try:
+        pane.wait_for(lambda s: "> deployments" in s, "top")
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        screen = pane.wait_for(lambda s: "exit=143" in s and "icanon" in s, "top ended and the terminal's modes")
+        modes = set(screen.split())
+        assert {"icanon", "echo"} <= modes, screen  # cooked and echoing again, as before top
+        assert "> deployments" not in screen  # the normal screen is back, not top's
+    finally:
+        pane.close()
 
 
 def test_a_hung_head_freezes_nothing(cluster: LocalCluster, top: Pane) -> None:

@@ -67,7 +67,11 @@ def render(view: View, ui: Ui, width: int, height: int) -> list[Text]:
     focus = ui.focus % len(tables)
     budget = max(0, height - len(lines) - 2 * len(tables))  # a title and a header line each
     shown = _share_rows([len(t.rows) for t in tables], budget, focus)
+    spare = budget - sum(shown)  # lines no table needs: a blank one before each title, while they last
     for index, (table, rows) in enumerate(zip(tables, shown, strict=True)):
+        if spare > 0:
+            lines.append(Text())
+            spare -= 1
         sort_by = table.sortable[ui.sort.get(table.name, 0) % len(table.sortable)] if table.sortable else ""
         lines += _table_lines(table, sort_by, rows, width, focused=index == focus)
     for line in lines:
