@@ -44,19 +44,18 @@ def scrape_targets(status: dict[str, Any]) -> list[dict[str, Any]]:
         if address:
             groups.append({"targets": [address], "labels": labels})
 
-    add((status.get("head") or {}).get("metrics", ""), job="head")
+    add(status["head"]["metrics"], job="head")
     for node in status["nodes"]:
-        add(node.get("metrics", ""), job="agent", node=node["node_id"])
+        add(node["metrics"], job="agent", node=node["node_id"])
     for dep in status["deployments"]:
         for r in dep["replicas_list"]:
             if r["state"] == "EXITED":
                 continue
-            metrics = r.get("metrics") or {}
             labels = {"node": r["node"], "deployment": dep["name"], "replica": r["id"]}
-            add(metrics.get("replica", ""), job="replica", **labels)
-            add(metrics.get("worker", ""), job="worker", **labels)
-    for proxy in status.get("proxies", []):
-        add(proxy["addr"], job="proxy", proxy=proxy["id"])
+            add(r["metrics"]["replica"], job="replica", **labels)
+            add(r["metrics"]["worker"], job="worker", **labels)
+    for proxy in status["proxies"]:
+        add(proxy["metrics"], job="proxy", proxy=proxy["id"])
     return groups
 
 
