@@ -147,6 +147,7 @@ class Connection {
   Task<std::string> error_body(Parser& parser);
   Task<std::string_view> read_body(Parser& parser, error_code& ec);
   std::string describe(const char* what, const error_code& ec) const;
+  void note_malformed_timing();
   void close();
 
   Run& run_;
@@ -155,6 +156,7 @@ class Connection {
   Timer backoff_;
   ChatStreamCounter chat_;
   PlainStreamCounter plain_;
+  TimingParser plain_timing_;            // the plain-text endpoint's X-Tokenbus-Timing trailer
   std::string wire_;                     // the current request's bytes (its capacity is reused)
   std::array<char, kReadSize> piece_{};  // body bytes of the current read
 };
@@ -191,6 +193,13 @@ void Run::report(RequestOutcome& outcome, Clock::time_point started, int stage) 
 std::string Connection::describe(const char* what, const error_code& ec) const {
   if (run_.cut) return "hard deadline";
   return std::string(what) + ": " + ec.message();
+}
+
+void Connection::note_malformed_timing() {
+  if (run_.timing_malformed_logged) return;
+  run_.timing_malformed_logged = true;
+  log(LogLevel::kWarn, "loadgen", "the proxy's first-token stamps are not the JSON object of 7 stamps (their "
+      "hops are reported as null; later ones are not logged)");
 }
 
 void Connection::close() {
@@ -333,11 +342,7 @@ Task<RequestOutcome> Connection::request(Clock::time_point start) {
     }
     if (ec) break;
   }
-  if (chat && chat_.timing_malformed() && !run_.timing_malformed_logged) {
-    run_.timing_malformed_logged = true;
-    log(LogLevel::kWarn, "loadgen", "a tokenbus-timing comment is not the JSON object of 7 stamps (its hops are "
-        "reported as null; later ones are not logged)");
-  }
+  if (chat && chat_.timing_malformed()) note_malformed_timing();
   if (ec && !(chat && chat_.done())) {
     out.tokens = chat ? chat_.content_chunks() : plain_.tokens();
     co_return fail(describe("read", ec));
@@ -348,8 +353,16 @@ Task<RequestOutcome> Connection::request(Clock::time_point start) {
   }
   out.ok = true;
   out.tokens = chat ? chat_.tokens() : plain_.tokens();
-  if (chat) out.hops = chat_.timing();
-  if (!chat) out.e2e_us = micros_since(start);
+  if (chat) {
+    out.hops = chat_.timing();
+  } else {
+    out.e2e_us = micros_since(start);
+    // Beast keeps a chunked body's trailer fields with the header's.
+    if (const auto trailer = parser.get()[kTimingTrailer]; run_.opts.timing && !trailer.empty()) {
+      out.hops = plain_timing_.parse(trailer);
+      if (!out.hops) note_malformed_timing();
+    }
+  }
   if (ec || !parser.keep_alive()) close();  // ec: the message after [DONE] did not end well
   co_return out;
 }

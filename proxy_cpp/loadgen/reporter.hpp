@@ -18,11 +18,11 @@
 //       consecutive ones (pieces read together are 0 apart). The mean inter-token latency is
 //       itl_sum_us / (chunks - 1) when chunks >= 2.
 //       Only with --timing: hops_us {"queue_and_route","proxy_to_replica","replica_to_ring","engine",
-//       "ring_to_replica","replica_to_client": N|null} from the proxy's `: tokenbus-timing` comment
-//       (timing.hpp; a hop is null when a stamp it spans was not taken, and negative under cross-node clock
-//       skew) and proxy_ttft_us, the TTFT the proxy saw, which the hops add up to (to within a microsecond
-//       per hop: each is truncated to whole microseconds). Both null when the stream had no such comment,
-//       or a malformed one.
+//       "ring_to_replica","replica_to_client": N|null} from the proxy's `: tokenbus-timing` comment (chat)
+//       or X-Tokenbus-Timing trailer (plain; timing.hpp). A hop is null when a stamp it spans was not
+//       taken, and negative under cross-node clock skew; proxy_ttft_us is the TTFT the proxy saw, which the hops add up to (to within a microsecond
+//       per hop: each is truncated to whole microseconds). Both null when the stream had no stamps, or
+//       malformed ones (logged once on stderr).
 //       Open loop (--rate): an arrival while --max-in-flight requests are open is not sent, but reported
 //       here at once: ok false, error "over max-in-flight", e2e_us 0, tokens 0.
 //   {"event":"progress","elapsed_s":F,"requests":N,"failures":N,"tokens":N,"in_flight":N,"stage":I,

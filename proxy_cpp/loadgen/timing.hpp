@@ -3,8 +3,9 @@
 // the proxy follows the first content event with one SSE comment line
 //   : tokenbus-timing {"proxy_received_ns":N,"routed_ns":N,"replica_received_ns":N,"ring_written_ns":N,
 //                      "engine_produced_ns":N,"ring_read_ns":N,"proxy_sent_ns":N}
-// (wall-clock ns since the epoch, taken by the proxy, the replica and the worker), and the loadgen reports
-// the differences of consecutive stamps, the hops.
+// (wall-clock ns since the epoch, taken by the proxy, the replica and the worker); a chunked plain-text body
+// carries the same JSON in its trailer field X-Tokenbus-Timing. The loadgen reports the differences of
+// consecutive stamps, the hops.
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -16,6 +17,7 @@
 namespace tokenbus::loadgen {
 
 inline constexpr std::string_view kTimingCommentPrefix = ": tokenbus-timing ";
+inline constexpr std::string_view kTimingTrailer = "X-Tokenbus-Timing";
 
 inline constexpr std::size_t kHops = 6;
 // In order; hop i spans stamp i to stamp i + 1 of kStampNames, so the hops add up to the proxy's TTFT.
