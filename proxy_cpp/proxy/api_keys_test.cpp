@@ -250,7 +250,11 @@ TEST_F(ApiKeyProxyTest, EveryV1RouteNeedsAKey) {
   // the chat, the models list and this scrape
   EXPECT_NE(metrics.body.find("tokenbus_proxy_requests_by_key_total{key=\"alice\"} 3"), std::string::npos)
       << metrics.body;
-  EXPECT_NE(metrics.body.find("tokenbus_proxy_requests_total{endpoint=\"chat_completions\",status=\"401\"} 3"),
+  EXPECT_NE(metrics.body.find(
+                "tokenbus_proxy_requests_total{deployment=\"\",endpoint=\"chat_completions\",status=\"401\"} 3"),
+            std::string::npos)
+      << metrics.body;
+  EXPECT_NE(metrics.body.find("tokenbus_proxy_rejections_total{deployment=\"\",reason=\"unauthorized\"} 8"),
             std::string::npos)
       << metrics.body;
   EXPECT_EQ(metrics.body.find(kAlice), std::string::npos);

@@ -8,7 +8,8 @@ namespace tokenbus::proxy::testing {
 
 class FakeReplica::Writer final : public grpc::ServerWriteReactor<v1::GenerateChunk> {
  public:
-  Writer(FakeReplica& owner, const v1::GenerateRequest& request, const std::string& forced) : owner_(owner) {
+  Writer(FakeReplica& owner, const v1::GenerateRequest& request, const std::string& forced, bool stamp)
+      : owner_(owner) {
     const std::string& text = !forced.empty()               ? forced
                               : request.messages_size() > 0 ? request.messages(request.messages_size() - 1).content()
                                                             : request.prompt();
@@ -41,6 +42,7 @@ class FakeReplica::Writer final : public grpc::ServerWriteReactor<v1::GenerateCh
       for (std::uint32_t i = 0; i < n; ++i) add("tok" + std::to_string(i) + " ", 1);
       finish("length", n);
     }
+    if (stamp) stamp_first_text();
     next();
   }
 
@@ -74,6 +76,24 @@ class FakeReplica::Writer final : public grpc::ServerWriteReactor<v1::GenerateCh
     chunk.set_text(std::move(text));
     chunk.set_tokens(tokens);
     return chunk;
+  }
+
+  // Each stamp read after the one before, so they never decrease.
+  void stamp_first_text() {
+    const auto now_ns = [] {
+      return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                            std::chrono::system_clock::now().time_since_epoch())
+                                            .count());
+    };
+    for (v1::GenerateChunk& chunk : chunks_) {
+      if (chunk.text().empty()) continue;
+      v1::FirstTokenTimes& times = *chunk.mutable_first_token_times();
+      times.set_replica_received_ns(now_ns());
+      times.set_ring_written_ns(now_ns());
+      times.set_engine_produced_ns(now_ns());
+      times.set_ring_read_ns(now_ns());
+      return;
+    }
   }
 
   void finish(const char* reason, std::uint32_t completion_tokens) {
@@ -143,7 +163,7 @@ grpc::ServerWriteReactor<v1::GenerateChunk>* FakeReplica::Generate(grpc::Callbac
     last_request_ = *request;
     ++calls_;
   }
-  return new Writer(*this, *request, forced_);
+  return new Writer(*this, *request, forced_, stamp_);
 }
 
 int FakeReplica::calls() {

@@ -10,6 +10,9 @@
 //   "fail-mid"  two chunks, then the call fails with UNAVAILABLE
 //   "quote"     one chunk holding characters JSON must escape, then a final "stop" chunk
 //   otherwise   max_tokens chunks (8 when 0) "tok0 ", "tok1 ", ..., then a final "length" chunk with usage
+// With stamp_first_token(true), the first chunk with text carries first_token_times, stamped (wall clock) in
+// hop order as the call is taken, as a replica does.
+#include <atomic>
 #include <condition_variable>
 #include <chrono>
 #include <memory>
@@ -37,6 +40,8 @@ class FakeReplica final : public v1::Replica::CallbackService {
   int calls();
   // The last Generate request received.
   v1::GenerateRequest last_request();
+  // Whether the first text chunk of the calls from now on carries first_token_times.
+  void stamp_first_token(bool on) { stamp_ = on; }
   // Waits until `count` calls in all have been cancelled by the client, or the deadline passes.
   bool wait_for_cancellations(int count, std::chrono::milliseconds timeout);
 
@@ -55,6 +60,7 @@ class FakeReplica final : public v1::Replica::CallbackService {
   int calls_ = 0;
   const std::string forced_;
   v1::GenerateRequest last_request_;
+  std::atomic<bool> stamp_{false};
 };
 
 }  // namespace tokenbus::proxy::testing

@@ -31,6 +31,9 @@ constexpr std::size_t kWatchBytes = 4096;
 constexpr std::chrono::milliseconds kQueueRecheck{100};
 // How many replicas a generate request was sent to (1 + retries): on every response to one.
 constexpr std::string_view kAttemptsHeader = "X-Tokenbus-Attempts";
+// A request with this header set to 1 gets its first token's stamps (schemas/README.md, "Where each millisecond
+// goes"): an SSE comment after the first event, a trailer of a chunked plain-text body, a header of a JSON body.
+constexpr std::string_view kTimingHeader = "X-Tokenbus-Timing";
 
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
@@ -78,13 +81,30 @@ int http_status_for(int grpc_code) {
   }
 }
 
-// What a response may carry besides its status and body.
+// What a response may carry besides its status and body, and how it is counted.
 struct Extra {
   std::string_view allow;                // 405: the allowed method
   std::chrono::seconds retry_after{0};   // 429, 503: when to come back (1 s when not given)
   int attempts = 0;                      // generate requests: replicas tried (X-Tokenbus-Attempts)
   bool challenge = false;                // 401: says which credentials to send (WWW-Authenticate)
+  std::string_view deployment;           // the deployment label (deployment_label()); "" when none
+  std::string_view rejection;            // a refusal by the proxy itself: its reason in rejections_total
+  std::string_view timing;               // the X-Tokenbus-Timing header (the first token's stamps as JSON)
 };
+
+// The first token's stamps as one JSON object, in hop order.
+std::string timing_json(const FirstTokenStamps& stamps) {
+  std::string out = "{";
+  for (std::size_t i = 0; i < stamps.size(); ++i) {
+    if (i > 0) out += ',';
+    out += '"';
+    out += kStampNames[i];
+    out += "\":";
+    out += std::to_string(stamps[i]);
+  }
+  out += '}';
+  return out;
+}
 
 // Writes a complete (non-streamed) response; returns whether the connection may carry another request.
 net::awaitable<bool> write_response(Connection& c, const Request& req, Metrics& metrics, Endpoint endpoint,
@@ -99,13 +119,16 @@ net::awaitable<bool> write_response(Connection& c, const Request& req, Metrics& 
   if (!extra.allow.empty()) res.set(http::field::allow, extra.allow);
   if (extra.attempts > 0) res.set(kAttemptsHeader, std::to_string(extra.attempts));
   if (extra.challenge) res.set(http::field::www_authenticate, "Bearer");
+  if (!extra.timing.empty()) res.set(kTimingHeader, extra.timing);
   res.keep_alive(req.keep_alive());
   res.body() = std::move(body);
   res.prepare_payload();
+  // Counted before the answer goes out: whoever reads the answer finds the refusal already counted.
+  if (!extra.rejection.empty()) metrics.count_rejection(extra.deployment, extra.rejection);
   c.stream.expires_after(kIoTimeout);
   error_code ec;
   co_await http::async_write(c.stream, res, net::redirect_error(net::use_awaitable, ec));
-  metrics.count_request(endpoint, status);
+  metrics.count_request(endpoint, status, extra.deployment);
   co_return !ec && res.keep_alive();
 }
 
@@ -146,8 +169,17 @@ class ChunkFrame {
   const std::size_t start_;
 };
 
-void append_last_chunk(std::string& out, bool chunked) {
-  if (chunked) out += "0\r\n\r\n";
+// Ends a chunked body, with the timing trailer when it is given.
+void append_last_chunk(std::string& out, bool chunked, std::string_view timing = {}) {
+  if (!chunked) return;
+  out += "0\r\n";
+  if (!timing.empty()) {
+    out += kTimingHeader;
+    out += ": ";
+    out += timing;
+    out += "\r\n";
+  }
+  out += "\r\n";
 }
 
 // Watches the client's socket while a request is served. A read ending in an error means the client went
@@ -244,10 +276,19 @@ struct Handlers::GenerateJob {
   std::string model;  // the deployment
   v1::GenerateRequest request;
   Clock::time_point start;
+  std::uint64_t received_ns;  // wall clock, taken with `start`: the first stamp of the first token's hops
+  bool timing;                // the client asked for the first token's stamps (kTimingHeader)
+};
+
+struct Handlers::QueueWait {
+  Clock::duration waited{};
+  std::string_view refusal;  // "queue_full" or "queue_timeout" when the queue refused the request
 };
 
 net::awaitable<bool> Handlers::handle(Connection& c, Request& req) {
   const Clock::time_point start = Clock::now();
+  const std::uint64_t received_ns = wall_clock_ns();
+  const bool timing = req[kTimingHeader] == "1";
   const std::string_view target(req.target().data(), req.target().size());
   const std::string_view path = path_of(target);
   const bool post = req.method() == http::verb::post;
@@ -259,12 +300,17 @@ net::awaitable<bool> Handlers::handle(Connection& c, Request& req) {
     const std::string_view presented = bearer_token(std::string_view(header.data(), header.size()));
     const std::shared_ptr<const std::string> name = access_.keys->match(presented);
     if (!name) {
-      log(LogLevel::kWarn, "proxy", "401 to %s on %s: %s", c.peer.c_str(), std::string(path).c_str(),
-          presented.empty() ? "no API key" : "unknown API key");
+      std::uint64_t held_back = 0;
+      const auto now_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(start.time_since_epoch()).count();
+      if (unauthorized_log_.allow(now_ns, held_back)) {
+        log(LogLevel::kWarn, "proxy", "401 to %s on %s: %s (%llu more 401s since the last such line)", c.peer.c_str(),
+            std::string(path).c_str(), presented.empty() ? "no API key" : "unknown API key",
+            static_cast<unsigned long long>(held_back));
+      }
       co_return co_await write_error(c, req, metrics_, endpoint_of(path), 401,
                                      presented.empty() ? "no API key given: send 'Authorization: Bearer KEY'"
                                                        : "incorrect API key provided",
-                                     {}, {.challenge = true});
+                                     {}, {.challenge = true, .rejection = "unauthorized"});
     }
     metrics_.count_request_by_key(*name);
   }
@@ -272,13 +318,17 @@ net::awaitable<bool> Handlers::handle(Connection& c, Request& req) {
   if (path == "/v1/chat/completions" || path == "/v1/completions") {
     const bool chat = path == "/v1/chat/completions";
     const Endpoint endpoint = chat ? Endpoint::kChatCompletions : Endpoint::kCompletions;
-    if (!post) co_return co_await write_error(c, req, metrics_, endpoint, 405, "use POST", {}, {.allow = "POST"});
+    if (!post) {
+      co_return co_await write_error(c, req, metrics_, endpoint, 405, "use POST", {},
+                                     {.allow = "POST", .rejection = "method_not_allowed"});
+    }
     OpenAiRequest parsed;
     const ApiFlavor flavor = chat ? ApiFlavor::kChat : ApiFlavor::kCompletion;
     if (auto error = parse_openai_request(req.body(), flavor, parsed)) {
       log(LogLevel::kWarn, "proxy", "400 to %s on %s: %s", c.peer.c_str(), std::string(path).c_str(),
           error->message.c_str());
-      co_return co_await write_error(c, req, metrics_, endpoint, 400, error->message, error->param);
+      co_return co_await write_error(c, req, metrics_, endpoint, 400, error->message, error->param,
+                                     {.deployment = deployment_label(router_, parsed.model), .rejection = "bad_request"});
     }
     GenerateJob job{endpoint,
                     parsed.stream ? Output::kSse : Output::kJson,
@@ -286,7 +336,9 @@ net::awaitable<bool> Handlers::handle(Connection& c, Request& req) {
                     parsed.include_usage,
                     std::move(parsed.model),
                     std::move(parsed.generate),
-                    start};
+                    start,
+                    received_ns,
+                    timing};
     co_return co_await generate(c, req, std::move(job));
   }
 
@@ -294,11 +346,16 @@ net::awaitable<bool> Handlers::handle(Connection& c, Request& req) {
   if (path.starts_with(kPlainPrefix)) {
     const std::string_view deployment = path.substr(kPlainPrefix.size());
     if (deployment.empty() || deployment.find('/') != std::string_view::npos) {
-      co_return co_await write_error(c, req, metrics_, Endpoint::kOther, 404, "no such endpoint");
+      co_return co_await write_error(c, req, metrics_, Endpoint::kOther, 404, "no such endpoint", {},
+                                     {.rejection = "not_found"});
     }
-    if (!post) co_return co_await write_error(c, req, metrics_, Endpoint::kChatPlain, 405, "use POST", {}, {.allow = "POST"});
+    const std::string_view label = deployment_label(router_, deployment);
+    if (!post) {
+      co_return co_await write_error(c, req, metrics_, Endpoint::kChatPlain, 405, "use POST", {},
+                                     {.allow = "POST", .deployment = label, .rejection = "method_not_allowed"});
+    }
     GenerateJob job{Endpoint::kChatPlain, Output::kPlain, ApiFlavor::kCompletion, false, std::string(deployment), {},
-                    start};
+                    start, received_ns, timing};
     v1::SamplingParams& params = *job.request.mutable_params();
     set_default_params(params);
     params.set_max_tokens(kPlainDefaultMaxTokens);
@@ -308,13 +365,15 @@ net::awaitable<bool> Handlers::handle(Connection& c, Request& req) {
       if (ec != std::errc() || end != value->data() + value->size()) {
         log(LogLevel::kWarn, "proxy", "400 to %s: bad max_tokens", c.peer.c_str());
         co_return co_await write_error(c, req, metrics_, Endpoint::kChatPlain, 400,
-                                       "max_tokens must be a non-negative integer", "max_tokens");
+                                       "max_tokens must be a non-negative integer", "max_tokens",
+                                       {.deployment = label, .rejection = "bad_request"});
       }
       params.set_max_tokens(max_tokens);
     }
     if (!simdjson::validate_utf8(req.body())) {
       log(LogLevel::kWarn, "proxy", "400 to %s: prompt is not UTF-8", c.peer.c_str());
-      co_return co_await write_error(c, req, metrics_, Endpoint::kChatPlain, 400, "the prompt must be UTF-8 text");
+      co_return co_await write_error(c, req, metrics_, Endpoint::kChatPlain, 400, "the prompt must be UTF-8 text", {},
+                                     {.deployment = label, .rejection = "bad_request"});
     }
     job.request.set_prompt(std::move(req.body()));
     co_return co_await generate(c, req, std::move(job));
@@ -330,7 +389,10 @@ net::awaitable<bool> Handlers::handle(Connection& c, Request& req) {
                                        {"/metrics", Endpoint::kMetrics}};
   for (const Simple& s : kSimple) {
     if (path != s.path) continue;
-    if (!get) co_return co_await write_error(c, req, metrics_, s.endpoint, 405, "use GET", {}, {.allow = "GET"});
+    if (!get) {
+      co_return co_await write_error(c, req, metrics_, s.endpoint, 405, "use GET", {},
+                                     {.allow = "GET", .rejection = "method_not_allowed"});
+    }
     switch (s.endpoint) {
       case Endpoint::kModels: {
         co_return co_await write_response(c, req, metrics_, s.endpoint, 200, models_json(router_.snapshot().get()),
@@ -351,34 +413,37 @@ net::awaitable<bool> Handlers::handle(Connection& c, Request& req) {
       }
     }
   }
-  co_return co_await write_error(c, req, metrics_, Endpoint::kOther, 404, "no such endpoint");
+  co_return co_await write_error(c, req, metrics_, Endpoint::kOther, 404, "no such endpoint", {},
+                                 {.rejection = "not_found"});
 }
 
-net::awaitable<void> Handlers::reject(Connection& c, int status, std::string_view message) {
+net::awaitable<void> Handlers::reject(Connection& c, int status, std::string_view reason, std::string_view message) {
   Request req;  // what could be read of the request is unusable; answer as HTTP/1.1 and close
   req.keep_alive(false);
-  co_await write_error(c, req, metrics_, Endpoint::kOther, status, message);
+  co_await write_error(c, req, metrics_, Endpoint::kOther, status, message, {}, {.rejection = reason});
 }
 
 net::awaitable<RouteResult> Handlers::route(const GenerateJob& job, std::span<const ReplicaHandle* const> tried,
-                                            net::any_io_executor executor) {
-  const Clock::time_point deadline = Clock::now() + limits_.queue_timeout;
+                                            net::any_io_executor executor, QueueWait& wait) {
+  const Clock::time_point start = Clock::now();
+  const Clock::time_point deadline = start + limits_.queue_timeout;
   for (;;) {
     RouteResult route = router_.route(job.model, tried);
     // Every replica is at max_concurrency, or no snapshot has arrived yet (a proxy just started): wait, bounded in
     // count and time, instead of refusing.
-    const bool wait = route.outcome == RouteOutcome::kOverloaded || route.outcome == RouteOutcome::kNoSnapshot;
-    if (!wait || !route.queue) co_return route;
+    const bool waits = route.outcome == RouteOutcome::kOverloaded || route.outcome == RouteOutcome::kNoSnapshot;
+    if (!waits || !route.queue) co_return route;
     const Clock::time_point now = Clock::now();
     if (now >= deadline) {
-      metrics_.count_queue_refusal("timeout");
+      wait.refusal = "queue_timeout";
       co_return route;
     }
     // Woken by a freed slot or a new snapshot; re-checked every slice too, so that a wake-up that came between
     // the route above and joining the queue costs a slice, not the whole timeout.
     const SlotQueue::Wait result = co_await route.queue->wait(executor, std::min(deadline, now + kQueueRecheck));
+    wait.waited = Clock::now() - start;
     if (result == SlotQueue::Wait::kFull) {
-      metrics_.count_queue_refusal("full");
+      wait.refusal = "queue_full";
       co_return route;
     }
   }
@@ -387,24 +452,35 @@ net::awaitable<RouteResult> Handlers::route(const GenerateJob& job, std::span<co
 net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, GenerateJob job) {
   RetryBudget::Active active(retry_budget_);
   std::vector<const ReplicaHandle*> tried;
-  RouteResult route = co_await this->route(job, tried, c.stream.get_executor());
+  QueueWait wait;
+  RouteResult route = co_await this->route(job, tried, c.stream.get_executor(), wait);
+  // After routing: a request that waited for the first snapshot is counted under the deployment it found.
+  const std::string_view deployment = deployment_label(router_, job.model);
+  DeploymentMetrics& series = metrics_.deployment(deployment);
+  series.observe_queue_wait(std::chrono::duration<double>(wait.waited).count());
   switch (route.outcome) {
     case RouteOutcome::kRouted: break;
     case RouteOutcome::kNoSnapshot:
       co_return co_await write_error(c, req, metrics_, job.endpoint, 503, "no routing snapshot yet", {},
-                                     {.retry_after = kNoReplicaRetryAfter});
+                                     {.retry_after = kNoReplicaRetryAfter, .rejection = "no_snapshot"});
     case RouteOutcome::kUnknownDeployment:
       co_return co_await write_error(c, req, metrics_, job.endpoint, 404,
-                                     "the model '" + job.model + "' does not exist", "model");
+                                     "the model '" + job.model + "' does not exist", "model",
+                                     {.rejection = "unknown_model"});
     case RouteOutcome::kNoReplica:
       co_return co_await write_error(c, req, metrics_, job.endpoint, 503,
                                      "the model '" + job.model + "' has no ready replica", {},
-                                     {.retry_after = route.retry_after});
+                                     {.retry_after = route.retry_after, .deployment = deployment,
+                                      .rejection = "no_replica"});
     case RouteOutcome::kOverloaded:
       co_return co_await write_error(c, req, metrics_, job.endpoint, 429,
                                      "the model '" + job.model + "' is at capacity; retry later", {},
-                                     {.retry_after = route.retry_after});
+                                     {.retry_after = route.retry_after, .deployment = deployment,
+                                      .rejection = wait.refusal.empty() ? "queue_full" : wait.refusal});
   }
+  FirstTokenStamps stamps{};
+  stamps[kProxyReceived] = job.received_ns;
+  stamps[kRouted] = wall_clock_ns();
   const DeploymentLimits limits = route.limits;
   const std::uint32_t max_tokens = job.request.params().max_tokens();
   if (limits.max_model_len > 0 && max_tokens > limits.max_model_len) {
@@ -413,7 +489,7 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
     co_return co_await write_error(c, req, metrics_, job.endpoint, 400,
                                    "max_tokens (" + std::to_string(max_tokens) + ") exceeds the context length (" +
                                        std::to_string(limits.max_model_len) + ") of the model '" + job.model + "'",
-                                   "max_tokens");
+                                   "max_tokens", {.deployment = deployment, .rejection = "context_length"});
   }
 
   const std::string request_id = next_request_id();
@@ -428,6 +504,8 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
     formatter.emplace(job.flavor, prefix + request_id, job.model, created);
   }
   int attempts = 1;
+  // Plain text carries the first token's stamps in a trailer, which only a chunked body has.
+  const bool plain_trailer = job.timing && job.output == Output::kPlain && chunked;
   auto append_head = [&](std::string& out) {
     out += chunked ? "HTTP/1.1 200 OK\r\n" : "HTTP/1.0 200 OK\r\n";
     out += job.output == Output::kSse ? "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
@@ -439,6 +517,11 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
     out += ": ";
     out += std::to_string(attempts);
     out += chunked ? "\r\nTransfer-Encoding: chunked\r\n" : "\r\n";
+    if (plain_trailer) {
+      out += "Trailer: ";
+      out += kTimingHeader;
+      out += "\r\n";
+    }
     if (!keep_alive) out += "Connection: close\r\n";
     out += "\r\n";
   };
@@ -455,7 +538,7 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
   bool client_gone = false;
   std::string finish_reason;
   Usage usage;
-  std::uint64_t tokens = 0;
+  std::optional<Clock::time_point> last_text_write;  // of a streamed response: the base of the next inter-token gap
   // A failure: the engine's final chunk said so, the call ended without a final chunk, or a timeout.
   std::optional<std::pair<int, std::string>> failure;
   RetryBudget::Retry retry;  // the budget slot of the retry running, if any
@@ -494,10 +577,17 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
       last_event = Clock::now();
 
       const v1::GenerateChunk& chunk = call.chunk();
-      tokens += chunk.tokens();
-      if (!text_seen && !chunk.text().empty()) {
+      series.count_tokens(chunk.tokens());
+      replica.count_tokens(chunk.tokens());
+      const bool has_text = !chunk.text().empty();
+      const bool first_text = has_text && !text_seen;
+      if (first_text) {
         text_seen = true;
-        metrics_.observe_ttft(seconds_since(job.start));
+        const v1::FirstTokenTimes& times = chunk.first_token_times();
+        stamps[kReplicaReceived] = times.replica_received_ns();
+        stamps[kRingWritten] = times.ring_written_ns();
+        stamps[kEngineProduced] = times.engine_produced_ns();
+        stamps[kRingRead] = times.ring_read_ns();
       }
       if (!chunk.finish_reason().empty()) {
         final_seen = true;
@@ -534,6 +624,30 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
           client_gone = true;
           break;
         }
+        if (has_text) {
+          const Clock::time_point now = Clock::now();
+          if (last_text_write) series.observe_inter_token(std::chrono::duration<double>(now - *last_text_write).count());
+          last_text_write = now;
+        }
+      }
+      if (first_text) {
+        // Written (a JSON body holds it to the end: there, when the proxy had it).
+        stamps[kProxySent] = wall_clock_ns();
+        series.observe_first_token(stamps);
+        if (job.timing && job.output == Output::kSse) {
+          c.out.clear();
+          ChunkFrame frame(c.out, chunked);
+          c.out += ": tokenbus-timing ";
+          c.out += timing_json(stamps);
+          c.out += "\n\n";
+          frame.close();
+          c.stream.expires_after(kIoTimeout);
+          co_await net::async_write(c.stream, net::buffer(c.out), net::redirect_error(net::use_awaitable, ec));
+          if (ec) {
+            client_gone = true;
+            break;
+          }
+        }
       }
     }
 
@@ -567,7 +681,8 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
       break;
     }
     retry = RetryBudget::Retry();  // the last retry's slot, if any, is free again before asking for one
-    RouteResult next = co_await this->route(job, tried, c.stream.get_executor());
+    QueueWait retry_wait;  // the queue wait histogram has the first routing's; a retry's shows in the hops
+    RouteResult next = co_await this->route(job, tried, c.stream.get_executor(), retry_wait);
     if (next.outcome != RouteOutcome::kRouted) {
       metrics_.count_retry_refused("no_replica");
       break;
@@ -585,14 +700,14 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
         replica.address().c_str(), failure->second.c_str());
     metrics_.count_retry(reason);
     route = std::move(next);  // releases the failed replica's lease
+    stamps[kRouted] = wall_clock_ns();
     ++attempts;
   }
 
   co_await watch.stop();
   metrics_.stream_ended();
-  metrics_.count_tokens(tokens);
   if (client_gone) {
-    metrics_.count_request(job.endpoint, headers_sent ? 200 : 499);
+    metrics_.count_request(job.endpoint, headers_sent ? 200 : 499, deployment);
     co_return false;
   }
   if (failure && !headers_sent) {
@@ -600,19 +715,22 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
         failure->second.c_str());
     const std::chrono::seconds retry_after = failure->first == 503 ? kNoReplicaRetryAfter : std::chrono::seconds(0);
     co_return co_await write_error(c, req, metrics_, job.endpoint, failure->first, failure->second, {},
-                                   {.retry_after = retry_after, .attempts = attempts});
+                                   {.retry_after = retry_after, .attempts = attempts, .deployment = deployment});
   }
-  metrics_.observe_e2e(seconds_since(job.start));
+  series.observe_e2e(seconds_since(job.start));
+  // Only a request that asked, and whose first token went out, carries its stamps.
+  const std::string timing = job.timing && stamps[kProxySent] != 0 ? timing_json(stamps) : std::string();
   if (failure) log(LogLevel::kWarn, "proxy", "%s: failed mid-stream: %s", request_id.c_str(), failure->second.c_str());
   if (job.output == Output::kJson) {
     co_return co_await write_response(c, req, metrics_, job.endpoint, 200,
                                       formatter->body(text, openai_finish_reason(finish_reason), usage),
-                                      "application/json", {.attempts = attempts});
+                                      "application/json",
+                                      {.attempts = attempts, .deployment = deployment, .timing = timing});
   }
   if (failure && job.output == Output::kPlain) {
     // Plain text has no way to say "failed": the body ends without its last chunk, and the client sees a
     // truncated response.
-    metrics_.count_request(job.endpoint, 200);
+    metrics_.count_request(job.endpoint, 200, deployment);
     co_return false;
   }
 
@@ -629,10 +747,10 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
     CompletionFormatter::append_done(c.out);
     frame.close();
   }
-  append_last_chunk(c.out, chunked);
+  append_last_chunk(c.out, chunked, plain_trailer ? std::string_view(timing) : std::string_view());
   c.stream.expires_after(kIoTimeout);
   co_await net::async_write(c.stream, net::buffer(c.out), net::redirect_error(net::use_awaitable, ec));
-  metrics_.count_request(job.endpoint, 200);
+  metrics_.count_request(job.endpoint, 200, deployment);
   co_return !ec && keep_alive;
 }
 

@@ -8,6 +8,7 @@
 #include "proxy/api_keys.hpp"
 #include "proxy/connection.hpp"
 #include "proxy/limits.hpp"
+#include "proxy/log_throttle.hpp"
 #include "proxy/retry_budget.hpp"
 #include "proxy/router.hpp"
 
@@ -26,15 +27,18 @@ class Handlers {
   // From now on /readyz answers 503: the proxy is draining and should get no new requests.
   void set_draining() { draining_ = true; }
 
-  // Answers a request that could not be read (413, 431, 400); the connection is closed afterwards.
-  net::awaitable<void> reject(Connection& connection, int status, std::string_view message);
+  // Answers a request that could not be read (413, 431, 400); the connection is closed afterwards. `reason`:
+  // the label of tokenbus_proxy_rejections_total.
+  net::awaitable<void> reject(Connection& connection, int status, std::string_view reason, std::string_view message);
 
  private:
   struct GenerateJob;
+  struct QueueWait;
   net::awaitable<bool> generate(Connection& connection, const Request& request, GenerateJob job);
-  // Routes `job` away from the replicas it `tried`, waiting in the deployment's queue while all are busy.
+  // Routes `job` away from the replicas it `tried`, waiting in the deployment's queue while all are busy;
+  // `wait` says how long it waited there and, when refused, why.
   net::awaitable<RouteResult> route(const GenerateJob& job, std::span<const ReplicaHandle* const> tried,
-                                    net::any_io_executor executor);
+                                    net::any_io_executor executor, QueueWait& wait);
 
   Router& router_;
   Metrics& metrics_;
@@ -42,6 +46,7 @@ class Handlers {
   const AccessPolicy access_;
   RetryBudget retry_budget_;
   std::atomic<bool> draining_{false};
+  LogThrottle unauthorized_log_{std::chrono::seconds(1)};  // a client without a key can send 401s at will
 };
 
 }  // namespace tokenbus::proxy

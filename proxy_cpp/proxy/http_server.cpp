@@ -144,7 +144,7 @@ void HttpServer::Impl::refuse(tcp::socket& socket) {
            "Connection: close\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
   }();
   error_code ec;
-  metrics.count_connection_refused();
+  metrics.count_rejection("", "connection_limit");
   log(LogLevel::kWarn, "proxy", "connection from %s refused: %zu connections open (the cap)",
       peer_name(socket).c_str(), limits.max_connections);
   socket.non_blocking(true, ec);
@@ -195,14 +195,14 @@ net::awaitable<void> HttpServer::Impl::session(Worker& worker, tcp::socket socke
       }
       if (head.target().size() > limits.max_header_line) {
         log(LogLevel::kWarn, "proxy", "414 to %s: request target of %zu bytes", c.peer.c_str(), head.target().size());
-        co_await handlers.reject(c, 414, "the request target is too long");
+        co_await handlers.reject(c, 414, "uri_too_long", "the request target is too long");
         co_await linger(c);
         break;
       }
       if (fields > limits.max_header_fields || longest > limits.max_header_line) {
         log(LogLevel::kWarn, "proxy", "431 to %s: %zu header fields, longest %zu bytes", c.peer.c_str(), fields,
             longest);
-        co_await handlers.reject(c, 431,
+        co_await handlers.reject(c, 431, "header_too_large",
                                  fields > limits.max_header_fields ? "too many header fields" : "a header field is too long");
         co_await linger(c);
         break;
@@ -221,19 +221,19 @@ net::awaitable<void> HttpServer::Impl::session(Worker& worker, tcp::socket socke
     }
     if (ec == http::error::body_limit) {
       log(LogLevel::kWarn, "proxy", "413 to %s: body over %zu bytes", c.peer.c_str(), limits.max_body_bytes);
-      co_await handlers.reject(c, 413, "the request body is too large");
+      co_await handlers.reject(c, 413, "too_large", "the request body is too large");
       co_await linger(c);
       break;
     }
     if (ec == http::error::header_limit) {
       log(LogLevel::kWarn, "proxy", "431 to %s: header over %zu bytes", c.peer.c_str(), limits.max_header_bytes);
-      co_await handlers.reject(c, 431, "the request header is too large");
+      co_await handlers.reject(c, 431, "header_too_large", "the request header is too large");
       co_await linger(c);
       break;
     }
     if (ec.category() == http_errors && ec != http::error::end_of_stream && ec != http::error::partial_message) {
       log(LogLevel::kWarn, "proxy", "400 to %s: bad HTTP: %s", c.peer.c_str(), ec.message().c_str());
-      co_await handlers.reject(c, 400, "malformed HTTP request: " + ec.message());
+      co_await handlers.reject(c, 400, "bad_request", "malformed HTTP request: " + ec.message());
       co_await linger(c);
       break;
     }

@@ -2,9 +2,11 @@
 //   tokenbus-proxy --bind 127.0.0.1:8000 --head-router tcp://127.0.0.1:5555 --head-pub tcp://127.0.0.1:5556
 //                  [--threads N] [--max-connections N] [--queue-depth N] [--queue-timeout S]
 //                  [--drain-grace S] [--head-silence S] [--api-keys FILE [--metrics-auth]]
-//                  [--keys DIR [--key-name NAME]]
+//                  [--keys DIR [--key-name NAME]] [--proxy-id ID]
 // Prints "LISTENING host:port" on stdout once bound; logs go to stderr. SIGTERM drains (open streams get
 // the drain grace to finish), SIGINT stops at once, SIGHUP reloads the API key file.
+#include <unistd.h>
+
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -38,14 +40,20 @@ struct Options {
   bool metrics_auth = false;
   std::string keys_dir;  // CURVE certificates; empty: plain ZeroMQ
   std::string key_name = "proxy";
+  std::string proxy_id;  // empty: <hostname>:<port>
 };
+
+std::string hostname() {
+  char name[256] = {};
+  return gethostname(name, sizeof(name) - 1) == 0 ? name : "localhost";
+}
 
 [[noreturn]] void usage(const char* problem) {
   std::fprintf(stderr,
                "tokenbus-proxy: %s\nusage: tokenbus-proxy [--bind HOST:PORT] [--head-router ENDPOINT] "
                "[--head-pub ENDPOINT] [--threads N] [--max-connections N] [--queue-depth N] [--queue-timeout S] "
                "[--drain-grace S] [--head-silence S] [--api-keys FILE [--metrics-auth]] "
-               "[--keys DIR [--key-name NAME]]\n",
+               "[--keys DIR [--key-name NAME]] [--proxy-id ID]\n",
                problem);
   std::exit(2);
 }
@@ -111,6 +119,9 @@ Options parse_args(int argc, char** argv) {
       o.keys_dir = value;
     } else if (flag == "--key-name") {
       o.key_name = value;
+    } else if (flag == "--proxy-id") {
+      if (value.empty()) usage("--proxy-id wants a name");
+      o.proxy_id = value;
     } else {
       usage(("unknown option " + flag).c_str());
     }
@@ -164,8 +175,13 @@ int main(int argc, char** argv) {
     log(LogLevel::kError, "proxy", "%s", error.c_str());
     return 1;
   }
+  // Where clients reach it: a wildcard bind is reached at the machine's name.
+  const bool wildcard = options.host == "0.0.0.0" || options.host == "::";
+  const std::string addr = (wildcard ? hostname() : options.host) + ":" + std::to_string(port);
+  const std::string proxy_id = options.proxy_id.empty() ? hostname() + ":" + std::to_string(port) : options.proxy_id;
+  log(LogLevel::kInfo, "proxy", "reporting to the head as %s at %s", proxy_id.c_str(), addr.c_str());
   proxy::SnapshotSubscriber subscriber(router, options.head_pub, options.head_router, options.head_silence, &metrics,
-                                       curve);
+                                       curve, proxy::ProxyIdentity{proxy_id, addr});
   subscriber.start();
   server.start();
   std::printf("LISTENING %s:%u\n", options.host.c_str(), port);

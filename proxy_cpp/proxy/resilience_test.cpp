@@ -294,7 +294,7 @@ TEST_F(ResilienceTest, AFullQueueAnswers429WithRetryAfter) {
   const Reply r = Client(port_).send(http::verb::post, "/v1/chat/demo", "hi", "text/plain");
   EXPECT_EQ(r.status, 429);
   EXPECT_GE(std::stoi(std::string(r.headers[http::field::retry_after])), 1);
-  EXPECT_EQ(metric(metrics_text(), "tokenbus_proxy_queue_refusals_total{why=\"full\"}"), 1);
+  EXPECT_EQ(metric(metrics_text(), "tokenbus_proxy_rejections_total{deployment=\"demo\",reason=\"queue_full\"}"), 1);
 }
 
 TEST_F(ResilienceTest, HeaderLimits) {
@@ -316,6 +316,9 @@ TEST_F(ResilienceTest, HeaderLimits) {
   EXPECT_EQ(raw("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + std::string(9000, 'a') + "\r\n\r\n"),
             "HTTP/1.1 431 Request Header Fields Too Large");
   EXPECT_EQ(raw("GET /" + std::string(9000, 'a') + " HTTP/1.1\r\nHost: x\r\n\r\n"), "HTTP/1.1 414 URI Too Long");
+  const std::string text = metrics_text();
+  EXPECT_EQ(metric(text, "tokenbus_proxy_rejections_total{deployment=\"\",reason=\"header_too_large\"}"), 2) << text;
+  EXPECT_EQ(metric(text, "tokenbus_proxy_rejections_total{deployment=\"\",reason=\"uri_too_long\"}"), 1);
   std::string fine = "GET /healthz HTTP/1.1\r\nHost: x\r\n";
   for (int i = 0; i < 98; ++i) fine += "X-F" + std::to_string(i) + ": v\r\n";
   EXPECT_EQ(raw(fine + "X-Long: " + std::string(8000, 'a') + "\r\n\r\n"), "HTTP/1.1 200 OK");
@@ -331,7 +334,9 @@ TEST_F(ResilienceTest, ConnectionsOverTheCapAreRefused) {
   EXPECT_EQ(second.get("/healthz").status, 200);
   const Reply third = Client(port_).get("/healthz");
   EXPECT_EQ(third.status, 503) << third.error;
-  EXPECT_EQ(metric(first.get("/metrics").body, "tokenbus_proxy_connections_refused_total"), 1);
+  EXPECT_EQ(metric(first.get("/metrics").body,
+                   "tokenbus_proxy_rejections_total{deployment=\"\",reason=\"connection_limit\"}"),
+            1);
 }
 
 }  // namespace

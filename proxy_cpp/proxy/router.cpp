@@ -278,7 +278,7 @@ std::vector<ReplicaRouteView> Router::replica_views() const {
     for (const Table::Entry& e : route.entries) {
       const ReplicaHandle& h = *e.handle;
       views.push_back({name, e.replica->id, e.replica->addr, e.replica->routable(), h.ejected(now), h.in_flight(),
-                       h.routed(), h.ejections(), h.consecutive_failures(), route_score(*e.replica, h, outlier_, now)});
+                       h.routed(), h.tokens(), h.ejections(), h.consecutive_failures(), route_score(*e.replica, h, outlier_, now)});
     }
   }
   return views;

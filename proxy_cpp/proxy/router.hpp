@@ -34,6 +34,9 @@ class ReplicaHandle {
   std::int64_t in_flight() const { return in_flight_.load(std::memory_order_relaxed); }
   // Requests routed here since the address first appeared in a snapshot.
   std::uint64_t routed() const { return routed_.load(std::memory_order_relaxed); }
+  // Tokens streamed from it since the address first appeared in a snapshot.
+  std::uint64_t tokens() const { return tokens_.load(std::memory_order_relaxed); }
+  void count_tokens(std::uint64_t n) { tokens_.fetch_add(n, std::memory_order_relaxed); }
   int consecutive_failures() const { return consecutive_failures_.load(std::memory_order_relaxed); }
   std::int64_t last_failure_ns() const { return last_failure_ns_.load(std::memory_order_relaxed); }
   // Times this proxy ejected it, in all.
@@ -49,6 +52,7 @@ class ReplicaHandle {
   const std::string address_;
   std::atomic<std::int64_t> in_flight_{0};
   std::atomic<std::uint64_t> routed_{0};
+  std::atomic<std::uint64_t> tokens_{0};
   std::atomic<int> consecutive_failures_{0};
   std::atomic<std::int64_t> ejected_until_ns_{0};  // steady clock; 0: never ejected
   std::atomic<std::int64_t> last_failure_ns_{0};   // steady clock: failures older than base_ejection are forgiven
@@ -104,6 +108,7 @@ struct ReplicaRouteView {
   bool ejected = false;
   std::int64_t in_flight = 0;
   std::uint64_t routed = 0;
+  std::uint64_t tokens = 0;
   std::uint64_t ejections = 0;
   int consecutive_failures = 0;
   std::int64_t score = 0;  // what route() compares: lower wins

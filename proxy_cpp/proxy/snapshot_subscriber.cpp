@@ -11,6 +11,7 @@
 #include "common/log.hpp"
 #include "common/snapshot.hpp"
 #include "proxy/metrics.hpp"
+#include "proxy/proxy_report.hpp"
 #include "proxy/router.hpp"
 #include "proxy/snapshot_tracker.hpp"
 
@@ -56,13 +57,14 @@ bool receive_bounded(zmq::socket_t& socket, std::vector<zmq::message_t>& frames,
 
 SnapshotSubscriber::SnapshotSubscriber(Router& router, std::string pub_endpoint, std::string router_endpoint,
                                        std::chrono::milliseconds head_silence, Metrics* metrics,
-                                       std::optional<CurveClientKeys> curve)
+                                       std::optional<CurveClientKeys> curve, std::optional<ProxyIdentity> identity)
     : router_(router),
       pub_endpoint_(std::move(pub_endpoint)),
       router_endpoint_(std::move(router_endpoint)),
       head_silence_(head_silence),
       metrics_(metrics),
-      curve_(std::move(curve)) {}
+      curve_(std::move(curve)),
+      identity_(std::move(identity)) {}
 
 SnapshotSubscriber::~SnapshotSubscriber() { stop(); }
 
@@ -160,7 +162,20 @@ void SnapshotSubscriber::serve(SnapshotTracker& tracker) {
     if (d.request != nullptr) request(d.request);
   };
 
+  // At start (once a head is connected: sends to none are dropped), then every interval.
+  Clock::time_point next_report = Clock::now();
+  auto report = [&] {
+    if (!identity_ || Clock::now() < next_report) return;
+    const std::shared_ptr<const Snapshot> held = router_.snapshot();
+    const std::string payload = encode_proxy_report({identity_->proxy_id, identity_->addr, held ? held->version : 0,
+                                                     metrics_ ? metrics_->open_streams() : 0});
+    const char kind = static_cast<char>(kKindProxyReport);
+    std::array<zmq::const_buffer, 2> frames = {zmq::buffer(&kind, 1), zmq::buffer(payload)};
+    if (zmq::send_multipart(dealer, frames, zmq::send_flags::dontwait)) next_report = Clock::now() + kProxyReportInterval;
+  };
+
   request("start");
+  report();
   std::array<zmq::pollitem_t, 2> items = {zmq::pollitem_t{sub.handle(), 0, ZMQ_POLLIN, 0},
                                           zmq::pollitem_t{dealer.handle(), 0, ZMQ_POLLIN, 0}};
   std::vector<zmq::message_t> frames;
@@ -184,6 +199,7 @@ void SnapshotSubscriber::serve(SnapshotTracker& tracker) {
       }
     }
     if (const char* why = tracker.due_request(Clock::now())) request(why);
+    report();
   }
 }
 

@@ -38,6 +38,7 @@ class Client {
     http::request<http::string_body> req(verb, target, 11);
     req.set(http::field::host, "127.0.0.1");
     if (!authorization_.empty()) req.set(http::field::authorization, authorization_);
+    for (const auto& [name, value] : headers_) req.set(name, value);
     if (!body.empty() || verb == http::verb::post) {
       req.set(http::field::content_type, content_type);
       req.body() = body;
@@ -58,6 +59,8 @@ class Client {
   Reply post(const std::string& target, const std::string& body) { return send(http::verb::post, target, body); }
   // The Authorization header of the requests from now on (empty: none).
   void set_authorization(std::string value) { authorization_ = std::move(value); }
+  // Another header of the requests from now on.
+  void set_header(std::string name, std::string value) { headers_.emplace_back(std::move(name), std::move(value)); }
   Reply get(const std::string& target) { return send(http::verb::get, target); }
 
  private:
@@ -65,6 +68,7 @@ class Client {
   beast::tcp_stream stream_;
   beast::flat_buffer buffer_;
   std::string authorization_;
+  std::vector<std::pair<std::string, std::string>> headers_;
 };
 
 // Splits an SSE body into its data payloads.
