@@ -25,6 +25,7 @@
 #include <memory>
 #include <msgpack.hpp>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 #include <vector>
@@ -749,10 +750,17 @@ TEST(ReplicaBinary, PrintsMetricsAfterListeningAndServesThere) {
   const auto fds_arg = [](const ring::RingFds& fds) {
     return std::to_string(fds.mem_fd) + "," + std::to_string(fds.data_fd) + "," + std::to_string(fds.space_fd);
   };
-  const std::vector<std::string> args = {binary.string(),  "--listen",      "127.0.0.1:0",
-                                         "--replica-id",   "binary-test",   "--req-ring",
-                                         fds_arg(request_ring.fds()), "--resp-ring", fds_arg(response_ring.fds()),
-                                         "--metrics-bind", "127.0.0.1:0"};
+  const std::vector<std::string> args = {binary.string(),
+                                         "--listen",
+                                         "127.0.0.1:0",
+                                         "--replica-id",
+                                         "binary-test",
+                                         "--req-ring",
+                                         fds_arg(request_ring.fds()),
+                                         "--resp-ring",
+                                         fds_arg(response_ring.fds()),
+                                         "--metrics-bind",
+                                         "127.0.0.1:0"};
   std::vector<char*> argv;
   for (const auto& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
   argv.push_back(nullptr);
@@ -769,6 +777,13 @@ TEST(ReplicaBinary, PrintsMetricsAfterListeningAndServesThere) {
     ::_exit(127);
   }
   ::close(out[1]);
+  // a failed assertion below must not leave the replica running
+  struct Reaper {
+    pid_t pid;
+    ~Reaper() {
+      if (pid > 0 && ::kill(pid, SIGKILL) == 0) ::waitpid(pid, nullptr, 0);
+    }
+  } reaper{child};
   // the replica's stdout until it closes or shows two lines
   std::string output;
   const auto deadline = std::chrono::steady_clock::now() + kDeadline;
@@ -792,6 +807,7 @@ TEST(ReplicaBinary, PrintsMetricsAfterListeningAndServesThere) {
   ASSERT_EQ(::kill(child, SIGTERM), 0);
   int status = 0;
   ASSERT_EQ(::waitpid(child, &status, 0), child);
+  reaper.pid = 0;
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
   ::close(out[0]);
 }
