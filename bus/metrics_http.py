@@ -8,12 +8,24 @@ announces to the head, so that `tokenbus top` and Prometheus find it.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Iterable
 
-from prometheus_client import disable_created_metrics, start_http_server
+from prometheus_client import Gauge, disable_created_metrics, start_http_server
 
 from bus.endpoints import host_port
+from schemas.messages import ReplicaState
 
 log = logging.getLogger(__name__)
+
+
+def set_replica_states(gauge: Gauge, states: Iterable[ReplicaState]) -> None:
+    """Sets `gauge{state}` to how many of `states` are in each state but EXITED (lower case), 0 for a state none is in:
+    every series stays there, so a count falling to 0 is seen as 0 rather than as a series gone."""
+    counts = Counter(states)
+    for state in ReplicaState:
+        if state is not ReplicaState.EXITED:
+            gauge.labels(state.value.lower()).set(counts[state])
 
 
 def serve_metrics(host: str, port: int) -> int:

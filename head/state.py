@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from bus.liveness import Liveness
+from bus.metrics_http import set_replica_states
 from head import metrics
 from head.placement import NodeRoom
 from schemas.deployment import DeploymentSpec, Engine
@@ -405,11 +406,7 @@ class ClusterState:
         alive = sum(1 for n in self.nodes.values() if n.alive)
         metrics.NODES.labels("alive").set(alive)
         metrics.NODES.labels("lost").set(len(self.nodes) - alive)
-        counts = dict.fromkeys((s for s in ReplicaState if s is not ReplicaState.EXITED), 0)
-        for r in self.replicas.values():
-            counts[self.shown_state(r)] = counts.get(self.shown_state(r), 0) + 1
-        for state, n in counts.items():
-            metrics.REPLICAS.labels(state.value.lower()).set(n)
+        set_replica_states(metrics.REPLICAS, (self.shown_state(r) for r in self.replicas.values()))
 
     @staticmethod
     def shown_state(r: Replica) -> ReplicaState:

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from bus.metrics_http import set_replica_states
 from node_agent import metrics
 from node_agent.head_link import HeadLink
 from node_agent.replica_process import RPC_TIMEOUT_S, TERM_GRACE_S, ReplicaProcess, ReplicaSettings
@@ -196,17 +197,9 @@ class Agent:
         if replica.state is ReplicaState.EXITED:  # a re-adopted replica's exit code is its new parent's to know
             code = f" (exit code {'unknown' if replica.exit_code is None else replica.exit_code})"
         log.info("replica %s is %s%s", replica.replica_id, replica.state.value, code)
-        self._export_gauges()
+        set_replica_states(metrics.REPLICAS, (r.state for r in self._replicas.values()))
         if self._link is not None:
             self._link.send(ReplicaEvent(self.node_id, replica.status()))
-
-    def _export_gauges(self) -> None:
-        counts = dict.fromkeys((s for s in ReplicaState if s is not ReplicaState.EXITED), 0)
-        for r in self._replicas.values():
-            if r.state is not ReplicaState.EXITED:
-                counts[r.state] += 1
-        for state, n in counts.items():
-            metrics.REPLICAS.labels(state.value.lower()).set(n)
 
     def _updated(self, replica: ReplicaProcess) -> None:
         """Its load, its health verdict or its metrics addresses changed (the verdict is logged by the replica)."""
