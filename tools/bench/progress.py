@@ -7,9 +7,10 @@ import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from rich.console import Console, Group
+from rich.console import Console, RenderableType
 from rich.live import Live as RichLive
 from rich.progress_bar import ProgressBar
+from rich.table import Table
 from rich.text import Text
 
 from tools.bench.load import BenchConfig
@@ -19,23 +20,22 @@ T = TypeVar("T")
 REFRESH_S = 0.5
 
 
-def render(cfg: BenchConfig, live: Live, tokens_per_s: float, now: float) -> Group:
+def render(cfg: BenchConfig, live: Live, tokens_per_s: float, now: float) -> RenderableType:
     if live.started_at is None:
-        return Group(Text("starting..."))
+        return Text("starting...")
     stage = cfg.stages[live.stage]
     run_s = now - live.started_at
     stage_s = now - (live.stage_started_at or live.started_at)
-    return Group(
-        Text(
-            f"stage {live.stage + 1}/{len(cfg.stages)}: {stage.describe()}   {stage_s:5.1f}/{stage.duration_s:g} s"
-            f"   run {run_s:5.1f}/{cfg.duration_s:g} s"
-        ),
-        ProgressBar(total=cfg.duration_s, completed=min(run_s, cfg.duration_s), width=60),
-        Text(
-            f"in flight {live.in_flight}   requests {live.requests}   failures {live.failures}   "
-            f"{tokens_per_s:8.0f} tok/s"
-        ),
+    grid = Table.grid()
+    grid.add_row(
+        f"stage {live.stage}: {stage.describe()}   {stage_s:5.1f}/{stage.duration_s:g} s   "
+        f"run {run_s:5.1f}/{cfg.duration_s:g} s ({len(cfg.stages)} stages)"
     )
+    grid.add_row(ProgressBar(total=cfg.duration_s, completed=min(run_s, cfg.duration_s), width=60))
+    grid.add_row(
+        f"in flight {live.in_flight}   requests {live.requests}   failures {live.failures}   {tokens_per_s:8.0f} tok/s"
+    )
+    return grid
 
 
 async def with_progress(cfg: BenchConfig, live: Live, console: Console, work: Awaitable[T]) -> T:
