@@ -109,7 +109,10 @@ def result(cfg: BenchConfig, run: Run, client: str) -> dict[str, Any]:
 
 
 def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1f}"
+    """Hundredths below 10 ms: a hop of a few tens of microseconds still shows."""
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
 
 
 def summary_table(title: str, summary: dict[str, Any], lag_ms: dict[str, float | None] | None = None) -> Table:
