@@ -457,7 +457,10 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
   // After routing: a request that waited for the first snapshot is counted under the deployment it found.
   const std::string_view deployment = deployment_label(router_, job.model);
   DeploymentMetrics& series = metrics_.deployment(deployment);
-  series.observe_queue_wait(std::chrono::duration<double>(wait.waited).count());
+  // A model that does not exist never reached a queue.
+  if (route.outcome != RouteOutcome::kUnknownDeployment) {
+    series.observe_queue_wait(std::chrono::duration<double>(wait.waited).count());
+  }
   switch (route.outcome) {
     case RouteOutcome::kRouted: break;
     case RouteOutcome::kNoSnapshot:

@@ -201,6 +201,21 @@ TEST_F(ObservabilityTest, DeploymentLabelsAreOnlyThoseOfTheSnapshot) {
   EXPECT_EQ(metric(text, "tokenbus_proxy_requests_total{deployment=\"\",endpoint=\"chat_plain\",status=\"404\"}"), 1);
   EXPECT_EQ(text.find("made-up"), std::string::npos) << text;
   EXPECT_EQ(metric(text, "tokenbus_proxy_rejections_total{deployment=\"\",reason=\"unknown_model\"}"), 2);
+  EXPECT_EQ(metric(text, "tokenbus_proxy_queue_wait_seconds_count{deployment=\"\"}"), 0);  // no queue was reached
+}
+
+TEST(HopMetricsTest, ANegativeHopIsObservedAsZeroAndCountedAsSkew) {
+  Router router;
+  Metrics metrics;
+  // The replica's node is 50 ns behind the proxy's: it received the call "before" it was routed.
+  metrics.deployment("demo").observe_first_token({1000, 1100, 1050, 1060, 1500, 1510, 1600});
+  const std::string text = metrics.render(router);
+  EXPECT_NEAR(metric(text, "tokenbus_proxy_ttft_seconds_sum{deployment=\"demo\"}"), 600e-9, 1e-15) << text;
+  EXPECT_EQ(metric(text, hop_series("sum", "proxy_to_replica")), 0);
+  EXPECT_EQ(metric(text, hop_series("count", "proxy_to_replica")), 1);
+  EXPECT_EQ(metric(text, "tokenbus_proxy_hop_clock_skew_total{hop=\"proxy_to_replica\"}"), 1);
+  EXPECT_EQ(metric(text, "tokenbus_proxy_hop_clock_skew_total{hop=\"engine\"}"), 0);
+  EXPECT_NEAR(metric(text, hop_series("sum", "engine")), 440e-9, 1e-15);
 }
 
 TEST_F(ObservabilityTest, EveryRefusalIsCountedByReason) {
