@@ -19,13 +19,16 @@ from model_worker.sim_engine import sim_words
 from tests.cluster_harness import LocalCluster, replica_stats
 from tests.tmux_pane import Pane
 
+API_KEY = "chat-test-key-0123456789"
 SUMMARY_RE = re.compile(r"TTFT \d+ ms · [\d.]+ tokens/s · (\d+) tokens · prompt (\d+) tokens")
 PROMPT = "you>"  # as captured: tmux drops the space at the end of a line
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, str]]:
-    c = LocalCluster(tmp_path_factory.mktemp("chat"))
+    state = tmp_path_factory.mktemp("chat")
+    (state / "api-keys").write_text(f"{API_KEY} chat-test\n")
+    c = LocalCluster(state, api_keys=state / "api-keys")  # chat must send the key (TOKENBUS_API_KEY)
     try:
         c.start()
         # answers of 5000 tokens (100 s) unless asked for fewer: one Ctrl-C stops is still running without it
@@ -34,6 +37,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalClu
         yield c, address
     finally:
         c.stop()
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENBUS_API_KEY", API_KEY)  # the panes' environment
 
 
 def chat(cluster: LocalCluster, *flags: str) -> Pane:
@@ -91,6 +99,21 @@ def test_ctrl_c_stops_the_answer_in_the_engine_and_not_the_session(cluster: tupl
         pane.keys("/reset", "Enter")
         pane.wait_for(lambda s: "history cleared" in s and at_prompt(s), "the session going on")
         pane.keys("C-d")
+        assert pane.wait_exit() == 0
+    finally:
+        pane.close()
+
+
+def test_a_refused_question_says_why_and_the_session_goes_on(
+    cluster: tuple[LocalCluster, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TOKENBUS_API_KEY")
+    pane = chat(cluster[0])
+    try:
+        pane.wait_for(at_prompt, "the prompt")
+        pane.keys("hello", "Enter")
+        pane.wait_for(lambda s: "error: 401: " in s and at_prompt(s), "the proxy's refusal")
+        pane.keys("/quit", "Enter")
         assert pane.wait_exit() == 0
     finally:
         pane.close()

@@ -183,4 +183,6 @@ def main(opts: argparse.Namespace) -> int:
             history += [question, {"role": "assistant", "content": answer.text}]
         if answer.error:
             console.print(f"error: {answer.error}", style="red", markup=False)
-        console.print(answer.summary(), style="dim")
+        summary = answer.summary()
+        if summary:
+            console.print(summary, style="dim")
