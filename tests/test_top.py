@@ -20,6 +20,7 @@ import pytest
 
 from tests.cluster_harness import LocalCluster
 from tests.tmux_pane import Pane
+from tools.local_cluster import free_port
 from tools.top_data import ProxyView, View
 from tools.top_render import Ui, render
 from tools.top_window import History, Rates, histogram_quantile, parse, rates
@@ -271,6 +272,23 @@ def test_tab_moves_the_focus_s_changes_the_sort_q_quits(top: Pane) -> None:
     top.wait_for(lambda s: "> replicas (2)  sort: tok/s" in s, "replicas sorted by tokens/s")
     top.keys("q")
     assert top.wait_exit() == 0
+
+
+def test_a_proxy_that_cannot_be_reached_is_said(cluster: LocalCluster) -> None:
+    gone = f"127.0.0.1:{free_port()}"  # nobody listens there
+    pane = Pane([sys.executable, "-m", "tools", "top", "--head", cluster.router, "--proxy", gone])
+    proxy = cluster.proxy_url.removeprefix("http://")
+    try:
+        pane.wait_for(
+            lambda s: (
+                f"proxy {gone} {ALERT}" in s
+                and {(r.get("address"), r.get("state")) for r in table(s, "proxies")}
+                >= {(gone, "unreachable"), (proxy, "up")}
+            ),
+            "the unreachable proxy said, next to the one the head lists",
+        )
+    finally:
+        pane.close()
 
 
 def test_sigterm_gives_the_terminal_back(cluster: LocalCluster, tmp_path: Path) -> None:

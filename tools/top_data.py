@@ -139,6 +139,8 @@ class Collector:
 
     def _publish(self, head_error: str, scrape_errors: dict[str, str]) -> None:
         listed = {(p.get("metrics") or p.get("addr", "")): p for p in (self._status or {}).get("proxies", [])}
+        for gone in self._histories.keys() - scrape_errors.keys():  # a proxy the head forgot
+            del self._histories[gone]
         proxies = []
         deltas = []
         for address, error in scrape_errors.items():

@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.text import Text
 
+from tools.status_view import STATE_STYLE
 from tools.top_data import ProxyView, View
 from tools.top_window import DeploymentRates, gauge
 
@@ -51,7 +52,6 @@ class Ui:
 
 
 TABLE_NAMES = ("deployments", "replicas", "nodes", "proxies")
-STATE_STYLE = {"READY": "green", "STARTING": "yellow", "DRAINING": "magenta", "EXITED": "red"}
 MAX_ALERTS = 3
 KEYS_HINT = "tab focus  s sort  q quit"
 
