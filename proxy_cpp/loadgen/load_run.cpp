@@ -58,6 +58,9 @@ constexpr std::size_t kMaxErrorBody = 200;                 // quoted from a non-
 constexpr std::size_t kReadSize = 16 * 1024;  // one socket read
 constexpr std::size_t kMaxBuffered = 64 * 1024;  // read but unparsed bytes: a header, or an unfinished chunk header
 constexpr auto kFailureBackoff = std::chrono::milliseconds(50);  // a refusing server is not hammered
+// Servers close keep-alive connections idle for a while (uvicorn, before vLLM's API, after 5 s; the proxy after
+// 30 s), and a request written into one being closed fails: a connection idle longer than this is reopened.
+constexpr auto kMaxIdle = std::chrono::seconds(2);
 constexpr auto kProgressInterval = std::chrono::milliseconds(250);
 constexpr auto kLagProbeInterval = std::chrono::milliseconds(10);  // as the Python client's probe
 
@@ -89,9 +92,10 @@ struct Run {
 
   // Runs `task` on the loop, counted in `active`: the run ends when the last one ends.
   void spawn(Task<void> task);
-  // An idle keep-alive connection, or a new one; handed back with release() after its requests.
+  // An idle keep-alive connection (the last released: the warmest), or a new one; handed back with release()
+  // after its requests.
   Connection& acquire();
-  void release(Connection& connection) { idle.push_back(&connection); }
+  void release(Connection& connection);
   // Reports a finished request (or a refused arrival) that started at `start` in stage `stage`.
   void report(RequestOutcome& outcome, Clock::time_point start, int stage);
 
@@ -133,6 +137,12 @@ class Connection {
     co_await backoff_.async_wait(net::redirect_error(use_task, ec));
   }
 
+  void mark_idle() { idle_since_ = Clock::now(); }
+  // Before a request after a pause: closes the connection when the server may be closing it (kMaxIdle).
+  void close_if_idle_too_long() {
+    if (Clock::now() - idle_since_ > kMaxIdle) close();
+  }
+
   // The hard deadline: ends whatever this connection waits for (its request then reports "hard deadline").
   void cut() {
     error_code ec;
@@ -158,6 +168,7 @@ class Connection {
   PlainStreamCounter plain_;
   TimingParser plain_timing_;            // the plain-text endpoint's X-Tokenbus-Timing trailer
   std::string wire_;                     // the current request's bytes (its capacity is reused)
+  Clock::time_point idle_since_;
   std::array<char, kReadSize> piece_{};  // body bytes of the current read
 };
 
@@ -181,7 +192,13 @@ Connection& Run::acquire() {
   }
   Connection& connection = *idle.back();
   idle.pop_back();
+  connection.close_if_idle_too_long();
   return connection;
+}
+
+void Run::release(Connection& connection) {
+  connection.mark_idle();
+  idle.push_back(&connection);
 }
 
 void Run::report(RequestOutcome& outcome, Clock::time_point started, int stage) {

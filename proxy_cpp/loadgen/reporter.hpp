@@ -19,10 +19,10 @@
 //       itl_sum_us / (chunks - 1) when chunks >= 2.
 //       Only with --timing: hops_us {"queue_and_route","proxy_to_replica","replica_to_ring","engine",
 //       "ring_to_replica","replica_to_client": N|null} from the proxy's `: tokenbus-timing` comment (chat)
-//       or X-Tokenbus-Timing trailer (plain; timing.hpp). A hop is null when a stamp it spans was not
-//       taken, and negative under cross-node clock skew; proxy_ttft_us is the TTFT the proxy saw, which the hops add up to (to within a microsecond
-//       per hop: each is truncated to whole microseconds). Both null when the stream had no stamps, or
-//       malformed ones (logged once on stderr).
+//       or X-Tokenbus-Timing trailer (plain), see timing.hpp; a hop is null when a stamp it spans was not
+//       taken, and negative under cross-node clock skew. proxy_ttft_us: the TTFT the proxy saw, which the
+//       hops add up to (within 1 us per hop: each is truncated to whole microseconds). Both null when the
+//       stream had no stamps, or malformed ones (logged once on stderr).
 //       Open loop (--rate): an arrival while --max-in-flight requests are open is not sent, but reported
 //       here at once: ok false, error "over max-in-flight", e2e_us 0, tokens 0.
 //   {"event":"progress","elapsed_s":F,"requests":N,"failures":N,"tokens":N,"in_flight":N,"stage":I,
@@ -34,7 +34,8 @@
 //       once, last: first request start to last request end, and this process's user+system CPU
 //
 // Request lines are buffered and written together with the next progress line, so the reader wakes up
-// four times a second, not once per request; stage lines are written at once.
+// four times a second, not once per request; a stage line is written at once (after the request lines
+// buffered before it).
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
