@@ -26,7 +26,6 @@ from bus.endpoints import DEFAULT_ROUTER
 
 if TYPE_CHECKING:
     from tools.top_data import Collector
-    from tools.top_render import Ui
 
 API_KEY_ENV = "TOKENBUS_API_KEY"
 
@@ -85,22 +84,11 @@ def main(opts: argparse.Namespace) -> int:
                 for key in _wait(keys_fd, collector, timeout=FETCH_TIMEOUT_S + opts.interval):
                     if key == "q":
                         return 0
-                    _press(key, ui, collector)
+                    ui.press(key)
     except KeyboardInterrupt:
         return 0
     finally:
         collector.stop()
-
-
-def _press(key: str, ui: Ui, collector: Collector) -> None:
-    from tools.top_render import TABLE_NAMES, build_tables
-
-    if key == "\t":
-        ui.focus = (ui.focus + 1) % len(TABLE_NAMES)
-    elif key == "s":
-        name = TABLE_NAMES[ui.focus]
-        table = next(t for t in build_tables(collector.view) if t.name == name)
-        ui.sort[name] = (ui.sort.get(name, 0) + 1) % max(1, len(table.sortable))
 
 
 def _wait(keys_fd: int | None, collector: Collector, timeout: float) -> list[str]:

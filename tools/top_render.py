@@ -40,18 +40,34 @@ class Table:
     name: str
     columns: list[Column]
     rows: list[list[Cell]] = field(default_factory=list)
-    sortable: tuple[str, ...] = ()  # headers `s` cycles through
+
+
+# each table, in screen order, with the headers `s` cycles its sort through (the first is the sort at start)
+SORTABLE: dict[str, tuple[str, ...]] = {
+    "deployments": ("name", "req/s", "tok/s", "TTFT95", "err/s"),
+    "replicas": ("replica", "tok/s", "run", "wait", "KV"),
+    "nodes": ("node", "seen", "slots"),
+    "proxies": ("address", "streams", "age"),
+}
+TABLE_NAMES = tuple(SORTABLE)
 
 
 @dataclass
 class Ui:
     """What the keys change."""
 
-    focus: int = 0  # index into the tables
-    sort: dict[str, int] = field(default_factory=dict)  # table name -> index into its `sortable`
+    focus: int = 0  # index into TABLE_NAMES
+    sort: dict[str, int] = field(default_factory=dict)  # table name -> index into its SORTABLE entry
+
+    def press(self, key: str) -> None:
+        """tab focuses the next table, s sorts the focused one by its next column."""
+        if key == "\t":
+            self.focus = (self.focus + 1) % len(TABLE_NAMES)
+        elif key == "s":
+            name = TABLE_NAMES[self.focus]
+            self.sort[name] = (self.sort.get(name, 0) + 1) % len(SORTABLE[name])
 
 
-TABLE_NAMES = ("deployments", "replicas", "nodes", "proxies")
 MAX_ALERTS = 3
 KEYS_HINT = "tab focus  s sort  q quit"
 
@@ -72,7 +88,8 @@ def render(view: View, ui: Ui, width: int, height: int) -> list[Text]:
         if spare > 0:
             lines.append(Text())
             spare -= 1
-        sort_by = table.sortable[ui.sort.get(table.name, 0) % len(table.sortable)] if table.sortable else ""
+        sortable = SORTABLE[table.name]
+        sort_by = sortable[ui.sort.get(table.name, 0) % len(sortable)]
         lines += _table_lines(table, sort_by, rows, width, focused=index == focus)
     for line in lines:
         line.no_wrap = True
@@ -123,15 +140,13 @@ def _alerts(view: View) -> list[Text]:
 
 
 def _table_lines(table: Table, sort_by: str, rows: int, width: int, focused: bool) -> list[Text]:
-    if sort_by:
-        column = [c.header for c in table.columns].index(sort_by)
-        table.rows.sort(key=lambda row: _sort_key(row[column].key))
+    column = [c.header for c in table.columns].index(sort_by)
+    table.rows.sort(key=lambda row: _sort_key(row[column].key))
     visible = table.rows[:rows]
     marker = ">" if focused else " "
     title = Text(f"{marker} {table.name} ({len(table.rows)}", style="bold reverse" if focused else "bold")
     title.append(f", {rows} shown)" if rows < len(table.rows) else ")")
-    if sort_by:
-        title.append(f"  sort: {sort_by}", style="dim")
+    title.append(f"  sort: {sort_by}", style="dim")
     widths = [
         min(c.max_width, max([len(c.header), *(len(row[i].text) for row in visible)]))
         for i, c in enumerate(table.columns)
@@ -207,7 +222,6 @@ def _deployments(deployments: list[dict[str, Any]], rates: dict[str, DeploymentR
             Column("429/s", 3, right=True),
             Column("restarts", 4, right=True),
         ],
-        sortable=("name", "req/s", "tok/s", "TTFT95", "err/s"),
     )
     for d in deployments:
         r = rates.get(d["name"], DeploymentRates())
@@ -243,7 +257,6 @@ def _replicas(deployments: list[dict[str, Any]], tokens_s: dict[str, float]) -> 
             Column("KV", 3, right=True),
             Column("tok/s", 1, right=True),
         ],
-        sortable=("replica", "tok/s", "run", "wait", "KV"),
     )
     for d in deployments:
         for r in d.get("replicas_list", []):
@@ -276,7 +289,6 @@ def _nodes(nodes: list[dict[str, Any]]) -> Table:
             Column("seen", 2, right=True),
             Column("state", 1),
         ],
-        sortable=("node", "seen", "slots"),
     )
     for n in nodes:
         gpus = n.get("gpus", [])
@@ -309,7 +321,6 @@ def _proxies(proxies: list[ProxyView]) -> Table:
             Column("seen", 3, right=True),
             Column("state", 1),
         ],
-        sortable=("address", "streams", "age"),
     )
     for p in proxies:
         listed = p.listed or {}
