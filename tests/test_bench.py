@@ -501,11 +501,12 @@ def pushgateway() -> Any:
         proc.wait(10)
 
 
+@pytest.mark.parametrize("client", CLIENTS)
 async def test_bench_cli_pushes_per_stage_results_promtool_accepts(
-    server: tuple[str, FakeProxy], pushgateway: str
+    server: tuple[str, FakeProxy], pushgateway: str, client: str
 ) -> None:
     await _get_text(f"{pushgateway}/-/ready", 20.0)
-    args = ("--client", "python", "--url", server[0], "--model", "m1", "--stages", "1:0.3s,2:0.3s")
+    args = ("--client", client, "--url", server[0], "--model", "m1", "--stages", "1:0.3s,2:0.3s")
     code, out, err = await _run_cli(*args, "--max-tokens", "3", "--prompt", "ok", "--pushgateway", pushgateway)
     assert code == 0, err
     res = json.loads(out)
