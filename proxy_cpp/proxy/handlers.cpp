@@ -327,8 +327,9 @@ net::awaitable<bool> Handlers::handle(Connection& c, Request& req) {
     if (auto error = parse_openai_request(req.body(), flavor, parsed)) {
       log(LogLevel::kWarn, "proxy", "400 to %s on %s: %s", c.peer.c_str(), std::string(path).c_str(),
           error->message.c_str());
-      co_return co_await write_error(c, req, metrics_, endpoint, 400, error->message, error->param,
-                                     {.deployment = deployment_label(router_, parsed.model), .rejection = "bad_request"});
+      co_return co_await write_error(
+          c, req, metrics_, endpoint, 400, error->message, error->param,
+          {.deployment = deployment_label(router_, parsed.model), .rejection = "bad_request"});
     }
     GenerateJob job{endpoint,
                     parsed.stream ? Output::kSse : Output::kJson,
@@ -629,7 +630,9 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
         }
         if (has_text) {
           const Clock::time_point now = Clock::now();
-          if (last_text_write) series.observe_inter_token(std::chrono::duration<double>(now - *last_text_write).count());
+          if (last_text_write) {
+            series.observe_inter_token(std::chrono::duration<double>(now - *last_text_write).count());
+          }
           last_text_write = now;
         }
       }

@@ -258,7 +258,8 @@ TEST_F(ProxyTest, ModelsAndMetrics) {
   client.send(http::verb::post, "/v1/chat/demo?max_tokens=2", "hi", "text/plain");
   const Reply metrics = client.get("/metrics");
   EXPECT_EQ(metrics.status, 200);
-  EXPECT_NE(metrics.body.find("tokenbus_proxy_requests_total{deployment=\"demo\",endpoint=\"chat_plain\",status=\"200\"} 1"),
+  EXPECT_NE(metrics.body.find(
+                "tokenbus_proxy_requests_total{deployment=\"demo\",endpoint=\"chat_plain\",status=\"200\"} 1"),
             std::string::npos)
       << metrics.body;
   EXPECT_NE(metrics.body.find("tokenbus_proxy_snapshot_version 4294967297"), std::string::npos);

@@ -177,7 +177,9 @@ void Metrics::count_request(Endpoint endpoint, int status, std::string_view depl
     }
   }
   impl_->requests
-      .Add({{"endpoint", kEndpointNames[e]}, {"status", std::to_string(status)}, {"deployment", std::string(deployment)}})
+      .Add({{"endpoint", kEndpointNames[e]},
+            {"status", std::to_string(status)},
+            {"deployment", std::string(deployment)}})
       .Increment();
 }
 

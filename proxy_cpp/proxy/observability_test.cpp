@@ -194,11 +194,13 @@ TEST_F(ObservabilityTest, DeploymentLabelsAreOnlyThoseOfTheSnapshot) {
   EXPECT_EQ(client.post("/v1/chat/completions", stream_body("made-up", 1)).status, 404);
   EXPECT_EQ(client.send(http::verb::post, "/v1/chat/another-made-up", "hi", "text/plain").status, 404);
   const std::string text = client.get("/metrics").body;
-  EXPECT_EQ(metric(text, "tokenbus_proxy_requests_total{deployment=\"demo\",endpoint=\"chat_completions\",status=\"200\"}"),
-            1)
-      << text;
-  EXPECT_EQ(metric(text, "tokenbus_proxy_requests_total{deployment=\"\",endpoint=\"chat_completions\",status=\"404\"}"), 1);
-  EXPECT_EQ(metric(text, "tokenbus_proxy_requests_total{deployment=\"\",endpoint=\"chat_plain\",status=\"404\"}"), 1);
+  const auto requests = [&](std::string_view deployment, std::string_view endpoint, int status) {
+    return metric(text, "tokenbus_proxy_requests_total{deployment=\"" + std::string(deployment) + "\",endpoint=\"" +
+                            std::string(endpoint) + "\",status=\"" + std::to_string(status) + "\"}");
+  };
+  EXPECT_EQ(requests("demo", "chat_completions", 200), 1) << text;
+  EXPECT_EQ(requests("", "chat_completions", 404), 1);
+  EXPECT_EQ(requests("", "chat_plain", 404), 1);
   EXPECT_EQ(text.find("made-up"), std::string::npos) << text;
   EXPECT_EQ(metric(text, "tokenbus_proxy_rejections_total{deployment=\"\",reason=\"unknown_model\"}"), 2);
   EXPECT_EQ(metric(text, "tokenbus_proxy_queue_wait_seconds_count{deployment=\"\"}"), 0);  // no queue was reached

@@ -171,7 +171,9 @@ void SnapshotSubscriber::serve(SnapshotTracker& tracker) {
                                                      metrics_ ? metrics_->open_streams() : 0});
     const char kind = static_cast<char>(kKindProxyReport);
     std::array<zmq::const_buffer, 2> frames = {zmq::buffer(&kind, 1), zmq::buffer(payload)};
-    if (zmq::send_multipart(dealer, frames, zmq::send_flags::dontwait)) next_report = Clock::now() + kProxyReportInterval;
+    if (zmq::send_multipart(dealer, frames, zmq::send_flags::dontwait)) {
+      next_report = Clock::now() + kProxyReportInterval;
+    }
   };
 
   request("start");
