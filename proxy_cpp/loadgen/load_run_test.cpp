@@ -65,6 +65,7 @@ class FakeServer {
 
   std::uint16_t port() const { return port_; }
   int max_open() const { return max_open_; }
+  int connections() const { return connections_; }
 
  private:
   net::awaitable<void> accept() {
@@ -72,6 +73,7 @@ class FakeServer {
       error_code ec;
       tcp::socket socket = co_await acceptor_.async_accept(net::redirect_error(net::use_awaitable, ec));
       if (ec) co_return;
+      ++connections_;
       socket.set_option(tcp::no_delay(true), ec);  // each event leaves at once, as the proxy's do
       net::co_spawn(io_, serve(std::move(socket)), net::detached);
     }
@@ -137,6 +139,7 @@ class FakeServer {
   std::thread thread_;
   int open_ = 0;                   // only on the server's thread
   std::atomic<int> max_open_ = 0;  // read by the test's thread
+  std::atomic<int> connections_ = 0;
 };
 
 struct Lines {
@@ -246,6 +249,21 @@ TEST(LoadRun, PlainTextTimingComesFromTheTrailer) {
     EXPECT_EQ(r["hops_us"], expected_hops());
     EXPECT_EQ(r["proxy_ttft_us"], 21000);
   }
+}
+
+TEST(LoadRun, AConnectionIdleForLongIsReopened) {
+  FakeServer server(1, std::chrono::milliseconds(1));
+  Options opts;
+  opts.port = server.port();
+  // One client, a pause (an open-loop stage whose first seeded arrival is minutes away), one client again.
+  opts.stages = {{1, 0, 0.05}, {0, 0.001, 2.2}, {1, 0, 0.05}};
+  const auto requests = run(opts).of("request");
+  ASSERT_FALSE(requests.empty());
+  for (const auto& r : requests) {
+    ASSERT_EQ(r["ok"], true) << r;  // none of them went into a connection the server might be closing
+    ASSERT_NE(r["stage"], 1);
+  }
+  EXPECT_EQ(server.connections(), 2);  // one per busy stage: kept alive within it, reopened after the pause
 }
 
 TEST(LoadRun, OpenLoopArrivalsAreSeededAndOverTheCapFailAtOnce) {

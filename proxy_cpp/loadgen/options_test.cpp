@@ -109,9 +109,9 @@ TEST(Options, BadValuesNameTheFlag) {
       {"--grace-s", "-1"},      {"--endpoint", "grpc"},     {"--model", ""},           {"--max-tokens", "1.5"},
       {"--host", ""},           {"--stages", ""},           {"--stages", "4"},         {"--stages", "0:1s"},
       {"--stages", "4:0s"},     {"--stages", "4:1s,"},      {"--stages", "4:1m"},      {"--stages", "4:-1s"},
-      {"--stages", "a:1s"},     {"--rate", "0"},            {"--rate", "-1"},          {"--rate", "inf"},
+      {"--stages", "a:1s"},     {"--rate", "0"},            {"--rate", "0.0001"},          {"--rate", "inf"},
       {"--max-in-flight", "0"}, {"--max-tokens-dist", "x"}, {"--prompt-len-dist", "fixed:50001"},
-      {"--seed", "-1"},         {"--seed", "18446744073709551616"},
+      {"--seed", "-1"},         {"--rate", "-1"},         {"--seed", "18446744073709551616"},
   };
   for (const auto& args : bad) {
     const Parsed p = parse(args);
