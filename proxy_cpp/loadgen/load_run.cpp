@@ -52,7 +52,7 @@ using Timer = net::basic_waitable_timer<Clock, net::wait_traits<Clock>, Executor
 // Limits on what the server may send.
 constexpr std::uint32_t kHeaderLimit = 16 * 1024;
 constexpr std::uint64_t kBodyLimit = 64ull * 1024 * 1024;  // one streamed response
-constexpr std::size_t kMaxSseLine = 1 << 20;               // as tools/bench_client.py's MAX_LINE
+constexpr std::size_t kMaxSseLine = 1 << 20;               // as tools/bench/python_client.py's MAX_LINE
 constexpr std::size_t kMaxErrorBody = 200;                 // quoted from a non-200 answer
 
 constexpr std::size_t kReadSize = 16 * 1024;  // one socket read
@@ -98,6 +98,10 @@ struct Run {
   void release(Connection& connection);
   // Reports a finished request (or a refused arrival) that started at `start` in stage `stage`.
   void report(RequestOutcome& outcome, Clock::time_point start, int stage);
+  // Starts every stage whose planned start has come by `now` (and, past the last one's end, ends the closed
+  // loop). Called by the stage driver at each border and by each closed-loop client before a request, so a
+  // request started after a border belongs to the new stage even when the driver's timer fires late.
+  void enter_due_stages(Clock::time_point now);
 
   const Options& opts;
   Reporter& reporter;
@@ -106,6 +110,13 @@ struct Run {
   Rng arrivals;  // --rate's gaps
   tcp::resolver::results_type endpoints;
   Clock::time_point start;
+  // borders[i]: stage i's planned start; the last one: the last stage's planned end. Planned from the run's
+  // start, so late wake-ups do not make the stages drift.
+  std::vector<Clock::time_point> borders;
+  std::size_t next_border = 0;  // the first border not yet entered
+  int stage = 0;                // the stage running now (the last one once all have ended)
+  int target = 0;               // closed-loop clients the stage running now wants: client k runs while k < target
+  std::vector<bool> client_running;  // by client k: started and not yet ended
   Clock::time_point hard_deadline;  // requests still open now are cut
   Clock::time_point last_end;
   int active = 0;              // spawned coroutines not yet ended: the stage driver, clients, open-loop requests
@@ -384,17 +395,24 @@ Task<RequestOutcome> Connection::request(Clock::time_point start) {
   co_return out;
 }
 
-// A closed-loop client of one stage: requests one after the other on one connection, started until the
-// stage ends; the last one runs to its end and counts in this stage.
-Task<void> closed_loop_client(Run& run, int stage, Clock::time_point stage_end) {
+// Closed-loop client k: requests one after the other on one connection, across stages, while the stage
+// running when it would start the next one wants more than k clients. A shrinking stage so ends the surplus
+// clients after their current request (which counts in the stage it started in), and a growing one starts
+// only the clients not running: the streams open never exceed the larger of the two stages.
+Task<void> closed_loop_client(Run& run, int k) {
   Connection& connection = run.acquire();
-  for (Clock::time_point start = Clock::now(); start < stage_end && !run.cut; start = Clock::now()) {
+  for (;;) {
+    const Clock::time_point start = Clock::now();
+    run.enter_due_stages(start);
+    if (k >= run.target || run.cut) break;
+    const int stage = run.stage;
     ++run.in_flight;
     RequestOutcome outcome = co_await connection.request(start);
     --run.in_flight;
     run.report(outcome, start, stage);
     if (!outcome.ok && !run.cut) co_await connection.back_off();
   }
+  run.client_running[k] = false;
   run.release(connection);
 }
 
@@ -429,30 +447,44 @@ Task<void> open_loop(Run& run, int stage, double rate, Clock::time_point stage_s
   }
 }
 
-// Starts each stage at its time: its clients, or its arrival loop. The previous stage's requests still
-// running go on beside them.
+void Run::enter_due_stages(Clock::time_point now) {
+  while (next_border < borders.size() && borders[next_border] <= now) {
+    const std::size_t border = next_border++;
+    if (border == opts.stages.size()) {  // the last stage's end: the clients stop after their requests
+      target = 0;
+      break;
+    }
+    stage = static_cast<int>(border);
+    const Stage& current = opts.stages[border];
+    reporter.stage(stage, current, seconds_between(start, now));
+    target = current.concurrency;
+    if (current.rate > 0) {
+      log(LogLevel::kInfo, "loadgen", "stage %d: %.1f requests/s for %.1f s", stage, current.rate,
+          current.duration_s);
+      spawn(open_loop(*this, stage, current.rate, borders[border], borders[border + 1]));
+      continue;
+    }
+    log(LogLevel::kInfo, "loadgen", "stage %d: %d clients for %.1f s", stage, current.concurrency,
+        current.duration_s);
+    if (client_running.size() < static_cast<std::size_t>(target)) client_running.resize(target, false);
+    for (int k = 0; k < target; ++k) {
+      if (client_running[k]) continue;  // one still running from an earlier stage goes on
+      client_running[k] = true;
+      spawn(closed_loop_client(*this, k));
+    }
+  }
+}
+
+// Enters each stage at its planned start, and ends the closed loop at the last one's end; the clients
+// themselves enter a stage whose border they reach first.
 Task<void> run_stages(Run& run) {
   Timer timer(run.io.get_executor());
   error_code ec;
-  Clock::time_point stage_start = run.start;
-  for (std::size_t i = 0; i < run.opts.stages.size(); ++i) {
-    const Stage& stage = run.opts.stages[i];
-    const int index = static_cast<int>(i);
-    if (i > 0) {
-      timer.expires_at(stage_start);
-      co_await timer.async_wait(net::redirect_error(use_task, ec));
-    }
-    const Clock::time_point stage_end = stage_start + to_duration(stage.duration_s);
-    run.reporter.stage(index, stage, seconds_between(run.start, Clock::now()));
-    if (stage.rate > 0) {
-      log(LogLevel::kInfo, "loadgen", "stage %d: %.1f requests/s for %.1f s", index, stage.rate, stage.duration_s);
-      run.spawn(open_loop(run, index, stage.rate, stage_start, stage_end));
-    } else {
-      log(LogLevel::kInfo, "loadgen", "stage %d: %d clients for %.1f s", index, stage.concurrency,
-          stage.duration_s);
-      for (int c = 0; c < stage.concurrency; ++c) run.spawn(closed_loop_client(run, index, stage_end));
-    }
-    stage_start = stage_end;
+  run.enter_due_stages(Clock::now());
+  while (run.next_border < run.borders.size()) {
+    timer.expires_at(run.borders[run.next_border]);
+    co_await timer.async_wait(net::redirect_error(use_task, ec));
+    run.enter_due_stages(Clock::now());
   }
 }
 
@@ -519,7 +551,9 @@ int run_load(const Options& opts, Reporter& reporter) {
 
   reporter.start(opts.stages.front());
   run.start = Clock::now();
-  run.hard_deadline = run.start + to_duration(total_s + opts.grace_s);
+  run.borders.push_back(run.start);
+  for (const Stage& stage : opts.stages) run.borders.push_back(run.borders.back() + to_duration(stage.duration_s));
+  run.hard_deadline = run.borders.back() + to_duration(opts.grace_s);
   run.spawn(run_stages(run));
   net::co_spawn(io.get_executor(), report_progress(run), net::detached);
   net::co_spawn(io.get_executor(), probe_lag(run), net::detached);

@@ -1,5 +1,6 @@
-// The whole load loop against a tiny SSE server on loopback: closed-loop stages one after the other, the
-// open loop's seeded arrivals and its in-flight cap, and the timing comment turned into hops.
+// The whole load loop against a tiny SSE server on loopback: closed-loop stages one after the other (the
+// clients going on across a border), the open loop's seeded arrivals and its in-flight cap, and the timing
+// comment turned into hops.
 #include "loadgen/load_run.hpp"
 
 #include <gtest/gtest.h>
@@ -219,9 +220,10 @@ TEST(LoadRun, ClosedLoopStagesOneAfterTheOther) {
   EXPECT_GE(itl_sum_us / static_cast<std::int64_t>(requests.size()), 10000);
   EXPECT_GE(in_stage[0], 2u);  // every client of a stage starts at least one request
   EXPECT_GE(in_stage[1], 4u);
-  // The stage-1 clients run together; with stage 0's last requests still finishing, at most 2 + 4.
-  EXPECT_GE(server.max_open(), 4);
-  EXPECT_LE(server.max_open(), 6);
+  // Stage 0's two clients go on into stage 1 beside two new ones: four streams at most, not 2 + 4, each
+  // client on its own keep-alive connection throughout.
+  EXPECT_EQ(server.max_open(), 4);
+  EXPECT_EQ(server.connections(), 4);
 
   const auto progress = lines.of("progress");
   ASSERT_FALSE(progress.empty());
@@ -231,6 +233,36 @@ TEST(LoadRun, ClosedLoopStagesOneAfterTheOther) {
   ASSERT_EQ(end.size(), 1u);
   EXPECT_EQ(end[0]["requests"], requests.size());
   EXPECT_EQ(end[0]["failures"], 0);
+}
+
+TEST(LoadRun, AShrinkingStageEndsTheSurplusClientsAfterTheirRequest) {
+  FakeServer server(4, std::chrono::milliseconds(20));  // 80 ms a request
+  Options opts;
+  opts.port = server.port();
+  opts.stages = {{4, 0, 0.3}, {1, 0, 0.3}};
+  const Lines lines = run(opts);
+
+  const auto stages = lines.of("stage");
+  ASSERT_EQ(stages.size(), 2u);
+  const double border_s = stages[1]["start_s"].get<double>();
+  std::vector<std::pair<double, double>> kept;  // stage 1's requests: start and end, in seconds
+  for (const auto& r : lines.of("request")) {
+    ASSERT_EQ(r["ok"], true) << r;
+    const double start_s = r["start_s"].get<double>();
+    if (r["stage"] == 0) {
+      EXPECT_LT(start_s, border_s) << r;
+    } else {
+      kept.emplace_back(start_s, start_s + r["e2e_us"].get<double>() / 1e6);
+    }
+  }
+  // Only client 0 goes on: stage 1's requests follow each other (e2e_us is truncated: 1 us of room), none
+  // beside them from the three clients that stopped, and no new client beside stage 0's still finishing.
+  ASSERT_GE(kept.size(), 2u);
+  std::sort(kept.begin(), kept.end());
+  for (std::size_t i = 1; i < kept.size(); ++i) EXPECT_LE(kept[i - 1].second, kept[i].first + 1e-6) << i;
+  EXPECT_EQ(server.max_open(), 4);
+  EXPECT_EQ(server.connections(), 4);
+  EXPECT_EQ(lines.of("progress").back()["in_flight"], 0);
 }
 
 TEST(LoadRun, PlainTextTimingComesFromTheTrailer) {

@@ -1,18 +1,23 @@
 #pragma once
-// The loadgen's output on stdout, read by `tokenbus bench` (tools/bench/): one JSON object per line. This
-// comment is the protocol's definition. Times "since the run's start" count from the start line.
+// The loadgen's output on stdout, read by `tokenbus bench` (tools/bench/loadgen.py): one JSON object per
+// line. This comment is the protocol's definition. Times "since the run's start" count from the start line.
 //
 //   {"event":"start","concurrency":C|null}
 //       once, just before the first request starts (the reader starts its CPU meters here); the first
 //       stage's concurrency, null when it is open loop
 //   {"event":"stage","index":I,"concurrency":C|null,"rate":R|null,"start_s":F}
 //       when stage I (from 0) starts: closed loop with C clients (rate null) or open loop at R requests/s
-//       (concurrency null); start_s since the run's start. Stages follow each other without a gap.
+//       (concurrency null); start_s since the run's start. Stages follow each other without a gap. Closed-loop
+//       client k runs across stages while the stage running wants more than k clients: at a border to a
+//       stage of C clients, clients k < C send their next request in it, the missing ones start, and those
+//       k >= C (all of them for an open-loop stage) finish their current request and stop. So at most
+//       max(C before, C after) closed-loop requests are open across a border, C soon after it.
 //   {"event":"request","ok":B,"ttft_us":N|null,"e2e_us":N,"tokens":N,"error":"...","start_s":F,"stage":I,
 //    "itl_max_us":N,"itl_sum_us":N,"chunks":N[,"hops_us":{...}|null,"proxy_ttft_us":N|null]}
 //       one per finished request (or refused arrival, below), in the order they finished.
 //       ttft_us: null when no content arrived. error: "" when ok. start_s: when it started, since the run's
-//       start; stage: the stage it started in (a request running at a stage's end finishes and counts there).
+//       start; stage: the stage running when it started (a request running at a border finishes and counts
+//       there).
 //       chunks: the pieces of content received (chat: SSE events with content; plain: socket reads with
 //       text); itl_sum_us: from the first to the last of them; itl_max_us: the longest gap between two
 //       consecutive ones (pieces read together are 0 apart). The mean inter-token latency is

@@ -1,4 +1,4 @@
-// The output protocol as tools/bench_loadgen.py reads it: one JSON object per line, request lines batched.
+// The output protocol as tools/bench/loadgen.py reads it: one JSON object per line, request lines batched.
 #include "loadgen/reporter.hpp"
 
 #include <gtest/gtest.h>

@@ -1,7 +1,8 @@
 #pragma once
 // Token counting over a streamed response body, fed in whatever pieces the network delivers. No I/O here:
 // the load client feeds the bytes it read, these classes say how many tokens they held and whether the
-// stream ended well. They count the way tools/bench_client.py does, so both bench clients report the same.
+// stream ended well. They count the way tools/bench/python_client.py does, so both bench clients report the
+// same.
 #include <cstddef>
 #include <memory>
 #include <optional>
@@ -60,7 +61,7 @@ bool LineSplitter::feed(std::string_view bytes, OnLine&& on_line) {
 }
 
 // An OpenAI chat/completions SSE body: counts the chunks with non-empty content (`chunk_content` in
-// bench_client.py), takes `usage.completion_tokens` when the server sends it, ends at `data: [DONE]`, and reads
+// python_client.py), takes `usage.completion_tokens` when the server sends it, ends at `data: [DONE]`, and reads
 // the proxy's `: tokenbus-timing` comment (timing.hpp) when there is one.
 class ChatStreamCounter {
  public:
@@ -102,7 +103,7 @@ class ChatStreamCounter {
 };
 
 // The plain-text endpoint's body: its whitespace-separated words are the tokens (one word per sim token,
-// `len(text.split())` in bench_client.py), counted across piece boundaries without keeping the text.
+// `len(text.split())` in python_client.py), counted across piece boundaries without keeping the text.
 class PlainStreamCounter {
  public:
   // Returns the words that started in `bytes`.

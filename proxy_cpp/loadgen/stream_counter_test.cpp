@@ -136,7 +136,7 @@ TEST(ChatStreamCounter, ResetStartsTheNextRequestClean) {
 TEST(ChatStreamCounter, UsageWithoutCompletionTokensFallsBackToChunks) {
   std::string body = event(R"({"choices":[{"delta":{"content":"x"}}]})");
   body += event(R"({"choices":[],"usage":{"completion_tokens":9}})");
-  body += event(R"({"choices":[],"usage":{"prompt_tokens":1}})");  // as bench_client.py: usage_tokens = None
+  body += event(R"({"choices":[],"usage":{"prompt_tokens":1}})");  // as python_client.py: usage_tokens = None
   body += "data: [DONE]\n";
   EXPECT_EQ(count_chat({body}).tokens, 1u);
 }

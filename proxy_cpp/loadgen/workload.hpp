@@ -1,7 +1,7 @@
 #pragma once
 // The requests the loadgen sends: HTTP/1.1 bytes ready to write, each with its max_tokens (and, with
 // --prompt-len-dist, its prompt length) drawn from the seeded distributions. The n-th request built is the
-// same for a given seed whatever the timing of the run. The body is that of tools/bench_client.py.
+// same for a given seed whatever the timing of the run. The body is that of tools/bench/python_client.py.
 #include <string>
 #include <string_view>
 

@@ -1,5 +1,5 @@
-// The requests on the wire: valid HTTP/1.1 with the right length, the body of tools/bench_client.py, lengths
-// drawn from the seeded distributions, the timing header only when asked.
+// The requests on the wire: valid HTTP/1.1 with the right length, the body of tools/bench/python_client.py,
+// lengths drawn from the seeded distributions, the timing header only when asked.
 #include "loadgen/workload.hpp"
 
 #include <gtest/gtest.h>
