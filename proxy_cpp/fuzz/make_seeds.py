@@ -27,6 +27,7 @@ CORPUS = Path(__file__).resolve().parent / "corpus"
 # The worker's response records (model_worker/worker.py _send), one of each kind and shape.
 RESPONSE_RECORDS: list[list[Any]] = [
     [records.TOKENS, 7, "Hello", 1],
+    [records.TOKENS, 7, "Hello", 1, 1764500000000000000],  # a first TOKENS record: the engine-produced stamp
     [records.TOKENS, 7, " wörld ✓", 2],
     [records.TOKENS, 2**40, "", 0],
     [records.FINISH, 7, "stop", 3, 5, 0, ""],
