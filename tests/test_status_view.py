@@ -72,3 +72,18 @@ def test_shows_gpus_and_why_replicas_are_unplaced() -> None:
     assert "1/4 (A100)" in text
     assert "2 unplaced: needs 2 free GPUs on one node" in text
     assert "0,1,2" in text
+
+
+def test_shows_the_proxies_and_the_restarts() -> None:
+    data = status(synced=True)
+    data["deployments"][0] |= {"restarts": 3}
+    data["proxies"] = [
+        {"id": "edge-1", "addr": "10.0.0.5:8000", "metrics": "10.0.0.5:8000", "snapshot_version": 77}
+        | {"open_streams": 12, "last_seen_s": 0.4}
+    ]
+    text = render(data)
+    assert "edge-1" in text and "10.0.0.5:8000" in text and "0.4 s ago" in text
+    row = next(line for line in text.splitlines() if "edge-1" in line)
+    assert "12" in row and "77" in row
+    demo = next(line for line in text.splitlines() if "demo" in line and "2048" in line)
+    assert demo.rstrip(" │|").split()[-1] == "3"  # the restarts column, last

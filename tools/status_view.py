@@ -1,4 +1,4 @@
-"""The head's `status` answer as rich tables: nodes, deployments, replicas."""
+"""The head's `status` answer as rich tables: nodes, deployments, replicas, proxies."""
 
 from __future__ import annotations
 
@@ -28,7 +28,16 @@ def status_tables(data: dict[str, Any]) -> list[Table]:
         )
 
     deployments = Table(title="deployments")
-    for col in ("name", "engine", "engine args", "ready/replicas", "max concurrency", "context", "timeouts"):
+    for col in (
+        "name",
+        "engine",
+        "engine args",
+        "ready/replicas",
+        "max concurrency",
+        "context",
+        "timeouts",
+        "restarts",
+    ):
         deployments.add_column(col)
     replicas = Table(title="replicas")
     for col in ("replica", "deployment", "node", "GPUs", "state", "address", "running", "waiting", "kv usage"):
@@ -47,6 +56,7 @@ def status_tables(data: dict[str, Any]) -> list[Table]:
             str(d["max_concurrency"]),
             str(d.get("max_model_len") or "-"),
             timeouts,
+            str(d.get("restarts", 0)),
         )
         for r in d.get("replicas_list", []):
             load = r.get("load") or {}
@@ -65,7 +75,18 @@ def status_tables(data: dict[str, Any]) -> list[Table]:
                 str(load.get("waiting", 0)),
                 f"{load.get('kv_usage', 0.0):.0%}",
             )
-    return [nodes, deployments, replicas]
+    proxies = Table(title="proxies (those that reported in the last 10 s)")
+    for col in ("proxy", "address", "open streams", "snapshot", "last seen"):
+        proxies.add_column(col, no_wrap=col == "address")
+    for p in data.get("proxies", []):
+        proxies.add_row(
+            str(p["id"]),
+            str(p["addr"]),
+            str(p["open_streams"]),
+            str(p["snapshot_version"]),
+            f"{p['last_seen_s']:.1f} s ago",
+        )
+    return [nodes, deployments, replicas, proxies]
 
 
 def _gpus_free(node: dict[str, Any]) -> str:
