@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from bus.curve import CurveKeyError, add_client_args, client_keys
 from bus.endpoints import DEFAULT_ROUTER
+from tools.arg_types import positive_float
 
 if TYPE_CHECKING:
     from tools.top_data import Collector
@@ -30,17 +31,10 @@ if TYPE_CHECKING:
 API_KEY_ENV = "TOKENBUS_API_KEY"
 
 
-def positive_seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
-    return value
-
-
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("top", help="the live cluster: nodes, deployments, replicas, proxies, rates and latencies")
     p.add_argument("--head", default=DEFAULT_ROUTER, help=f"the head's ROUTER endpoint (default {DEFAULT_ROUTER})")
-    p.add_argument("--interval", type=positive_seconds, default=1.0, metavar="S", help="seconds between polls")
+    p.add_argument("--interval", type=positive_float, default=1.0, metavar="S", help="seconds between polls")
     p.add_argument(
         "--proxy",
         action="append",
