@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -16,6 +17,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.rpc import pb, pb_grpc
 from tools.local_cluster import STARTUP_DEADLINE_S, LocalCluster, free_port
@@ -42,6 +45,15 @@ async def replica_stats(address: str) -> Any:
 
     async with grpc.aio.insecure_channel(address) as channel:
         return await pb_grpc.ReplicaStub(channel).Stats(pb.StatsRequest(), timeout=5.0)
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    """{"name" or "name{labels as sorted JSON}": value} of every sample in a /metrics text."""
+    return {
+        f"{s.name}{json.dumps(s.labels, sort_keys=True) if s.labels else ''}": s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 UP_READY_S = 60.0

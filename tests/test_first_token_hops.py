@@ -9,8 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from cluster_harness import deployed_cluster
-from prometheus_client.parser import text_string_to_metric_families
+from cluster_harness import deployed_cluster, metric_samples
 
 from tools.local_cluster import LocalCluster
 
@@ -27,21 +26,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         yield c
 
 
-def proxy_series(url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    """The proxy's samples of `name`, by their labels."""
-    body = httpx.get(url + "/metrics", timeout=10.0).text
-    return {
-        tuple(sorted(s.labels.items())): s.value
-        for family in text_string_to_metric_families(body)
-        for s in family.samples
-        if s.name == name
-    }
+def proxy_samples(url: str) -> dict[str, float]:
+    return metric_samples(httpx.get(url + "/metrics", timeout=10.0).text)
 
 
 def test_the_hops_of_a_stream_add_up_to_its_ttft(cluster: LocalCluster) -> None:
     url = cluster.proxy_url
-    ttft_sum = "tokenbus_proxy_ttft_seconds_sum"
-    before = proxy_series(url, ttft_sum).get((("deployment", "demo"),), 0.0)
+    ttft_sum = 'tokenbus_proxy_ttft_seconds_sum{"deployment": "demo"}'
+    before = proxy_samples(url).get(ttft_sum, 0.0)
     body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
     stamps: dict[str, int] = {}
     client_ttft_s = None
@@ -63,11 +55,12 @@ def test_the_hops_of_a_stream_add_up_to_its_ttft(cluster: LocalCluster) -> None:
     hops_ms = {h: (b - a) / 1e6 for h, a, b in zip(HOPS, ns, ns[1:], strict=False)}
     assert hops_ms["engine"] >= PREFILL_MS * 0.9, hops_ms
     # The proxy's exported TTFT of this stream (the only one run) is the sum of its hops, within a millisecond.
-    after = proxy_series(url, ttft_sum)[(("deployment", "demo"),)]
+    after = proxy_samples(url)[ttft_sum]
     proxy_ttft_ms = (after - before) * 1e3
     assert sum(hops_ms.values()) == pytest.approx(proxy_ttft_ms, abs=1.0), (hops_ms, proxy_ttft_ms)
     # and the client, whose clock started before the proxy's and stopped after, saw at least that much
     assert client_ttft_s * 1e3 >= sum(hops_ms.values()) - 1.0, (client_ttft_s, hops_ms)
     # every hop is in the proxy's histogram for the deployment
-    hop_counts = proxy_series(url, "tokenbus_proxy_first_token_hop_seconds_count")
-    assert {dict(k)["hop"] for k, v in hop_counts.items() if dict(k).get("deployment") == "demo" and v} == set(HOPS)
+    counts = proxy_samples(url)
+    count = 'tokenbus_proxy_first_token_hop_seconds_count{{"deployment": "demo", "hop": "{}"}}'
+    assert {h for h in HOPS if counts.get(count.format(h))} == set(HOPS), counts

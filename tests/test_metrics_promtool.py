@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from cluster_harness import metric_samples
 
 from tools.local_cluster import LocalCluster
 
@@ -36,15 +36,6 @@ def fetch_metrics(address: str) -> str:
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=FETCH_TIMEOUT_S) as resp:
         assert resp.status == 200
         return resp.read().decode()
-
-
-def samples(text: str) -> dict[str, float]:
-    """{"name" or "name{labels as sorted JSON}": value} of every sample in a /metrics text."""
-    return {
-        f"{s.name}{json.dumps(s.labels, sort_keys=True) if s.labels else ''}": s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def promtool_problems(text: str) -> str:
@@ -122,21 +113,22 @@ def test_every_process_serves_metrics_that_promtool_passes(cluster: LocalCluster
 
 
 def test_the_numbers_moved(status: dict[str, Any]) -> None:
-    head = samples(fetch_metrics(status["head"]["metrics"]))
+    head = metric_samples(fetch_metrics(status["head"]["metrics"]))
     assert head['tokenbus_head_admin_requests_total{"op": "deploy", "result": "ok"}'] >= 1
     assert head['tokenbus_head_replicas{"state": "ready"}'] == 2
     assert head['tokenbus_head_nodes{"state": "alive"}'] == 1
     assert head["tokenbus_head_snapshots_published_total"] >= 1 and head["tokenbus_head_snapshot_bytes"] > 0
     (node,) = status["nodes"]
-    agent = samples(fetch_metrics(node["metrics"]))
+    agent = metric_samples(fetch_metrics(node["metrics"]))
     assert agent["tokenbus_agent_replica_starts_total"] == 2 and agent["tokenbus_agent_registered"] == 1
     assert agent['tokenbus_agent_replicas{"state": "ready"}'] == 2
-    workers = [samples(fetch_metrics(r["metrics"]["worker"])) for r in status["deployments"][0]["replicas_list"]]
+    workers = [metric_samples(fetch_metrics(r["metrics"]["worker"])) for r in status["deployments"][0]["replicas_list"]]
     # every request went to one of the two; each produced its MAX_TOKENS
     assert sum(w["tokenbus_worker_generated_tokens_total"] for w in workers) == REQUESTS * MAX_TOKENS
     assert sum(w['tokenbus_worker_requests_finished_total{"reason": "length"}'] for w in workers) == REQUESTS
     assert sum(w["tokenbus_worker_time_to_first_token_seconds_count"] for w in workers) == REQUESTS
-    replicas = [samples(fetch_metrics(r["metrics"]["replica"])) for r in status["deployments"][0]["replicas_list"]]
+    listed = status["deployments"][0]["replicas_list"]
+    replicas = [metric_samples(fetch_metrics(r["metrics"]["replica"])) for r in listed]
     assert sum(r['tokenbus_replica_generate_calls_total{"result": "length"}'] for r in replicas) == REQUESTS
 
 

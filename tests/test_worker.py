@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from cluster_harness import metric_samples
 from test_sim_engine import ManualClock, RecordingSink
 
 from model_worker.engine import Request, SamplingParams
@@ -204,12 +204,7 @@ async def scrape(log: Callable[[], str]) -> dict[str, float]:
     """The worker's /metrics, at the address of its METRICS line, as {"name{labels}": value}."""
     match = await wait_for_line(log, re.compile(r"^METRICS (\S+:\d+)$", re.M))
     async with aiohttp.ClientSession() as session, session.get(f"http://{match.group(1)}/metrics") as resp:
-        text = await resp.text()
-    return {
-        f"{s.name}{json.dumps(s.labels, sort_keys=True) if s.labels else ''}": s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+        return metric_samples(await resp.text())
 
 
 async def wait_for_line(log: Callable[[], str], pattern: re.Pattern[str]) -> re.Match[str]:
