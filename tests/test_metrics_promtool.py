@@ -28,7 +28,7 @@ PROMTOOL = shutil.which("promtool")
 REQUESTS = 6
 MAX_TOKENS = 8
 FETCH_TIMEOUT_S = 10.0
-PROXY_LISTED_S = 30.0  # the proxy reports itself to the head every second
+ADDRESSES_KNOWN_S = 30.0  # until the head knows every process's metrics address
 
 
 def fetch_metrics(address: str) -> str:
@@ -76,9 +76,11 @@ def status(cluster: LocalCluster) -> dict[str, Any]:
         spec = {"name": "demo", "engine": "sim", "engine_args": {"token_delay_ms": 2}, "replicas": 2}
         await cluster.deploy(spec)
         await asyncio.gather(*(generate(cluster.proxy_url, f"prompt {i}") for i in range(REQUESTS)))
-        deadline = time.monotonic() + PROXY_LISTED_S
-        while not (status := await cluster.admin("status"))["proxies"]:  # the proxy reports itself every second
-            assert time.monotonic() < deadline, f"the head lists no proxy after {PROXY_LISTED_S} s"
+        # An address is "" until known (C2): the proxy reports itself every second, and an agent reads a worker's
+        # METRICS line from its log file (polled) and reports it with its next heartbeat, which can be after READY.
+        deadline = time.monotonic() + ADDRESSES_KNOWN_S
+        while not ((status := await cluster.admin("status"))["proxies"] and all(endpoints(status).values())):
+            assert time.monotonic() < deadline, f"addresses unknown after {ADDRESSES_KNOWN_S} s: {endpoints(status)}"
             await asyncio.sleep(0.1)
         return status
 
