@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pynvml
 import pytest
+from cluster_harness import metric_samples
 from controlplane_helpers import (
     DEADLINE_S,
     TEST_HEARTBEAT_S,
@@ -25,7 +26,7 @@ from controlplane_helpers import (
     stopped_at_exit,
     wait_until,
 )
-from test_metrics_promtool import fetch_metrics, samples
+from test_metrics_promtool import fetch_metrics
 
 from bus.snapshot_sub import SnapshotSubscriber
 from node_agent import binaries, capacity, gpus
@@ -87,7 +88,7 @@ async def test_agent_registers_its_capacity_and_stays_alive_by_heartbeats(tmp_pa
             # its /metrics, at the address it registered with
             assert re.fullmatch(r"127\.0\.0\.1:\d+", node["metrics"]), node
             await agent.wait_for_log(rf"metrics on http://{re.escape(node['metrics'])}/metrics")
-            m = samples(fetch_metrics(node["metrics"]))
+            m = metric_samples(fetch_metrics(node["metrics"]))
             assert m["tokenbus_agent_registered"] == 1 and m["tokenbus_agent_registrations_total"] == 1
             assert m["tokenbus_agent_register_round_trip_seconds_count"] == 1
             mib = capacity.memory_bytes() >> 20
@@ -100,7 +101,8 @@ async def test_agent_registers_its_capacity_and_stays_alive_by_heartbeats(tmp_pa
                 await asyncio.sleep(TEST_HEARTBEAT_S / 2)  # the sampling period of the check
             assert "lost" not in agent.log_text()
             # the head's heartbeats, one per interval, were timed
-            assert samples(fetch_metrics(node["metrics"]))["tokenbus_agent_head_heartbeat_gap_seconds_count"] >= 5
+            gaps = metric_samples(fetch_metrics(node["metrics"]))["tokenbus_agent_head_heartbeat_gap_seconds_count"]
+            assert gaps >= 5
         assert agent.proc.returncode == 0
         assert "agent n1 stopped" in agent.log_text()
         # the head notices the agent is gone
@@ -237,7 +239,7 @@ async def test_agent_runs_real_sim_replicas_replaces_a_crashed_one_and_stops_the
                 # where its worker serves /metrics (its METRICS line) reaches the head
                 view = await wait_until(lambda: worker_metrics_known(head.router), what="the worker's metrics")
                 assert re.fullmatch(r"127\.0\.0\.1:\d+", view["metrics"]["worker"]), view
-                assert samples(fetch_metrics(view["metrics"]["worker"]))["tokenbus_worker_running_requests"] == 0
+                assert metric_samples(fetch_metrics(view["metrics"]["worker"]))["tokenbus_worker_running_requests"] == 0
 
                 # the worker dies: the agent ends the binary too, reports EXITED, and the head starts another
                 os.kill(worker_pid, signal.SIGKILL)
@@ -261,7 +263,7 @@ async def test_agent_runs_real_sim_replicas_replaces_a_crashed_one_and_stops_the
                 pids = _pids(agent, s.replicas("demo")[0].replica_id)
                 node = await node_status(head.router, "n1")
                 assert node is not None
-                m = samples(fetch_metrics(node["metrics"]))
+                m = metric_samples(fetch_metrics(node["metrics"]))
                 assert m["tokenbus_agent_replica_starts_total"] == 3
                 exits = {
                     c: m.get(f'tokenbus_agent_replica_exits_total{{"cause": "{c}"}}') for c in ("crashed", "asked")
