@@ -23,7 +23,7 @@ from test_worker import FINISH, READY, STATS, TOKENS, Replica, Rings, Running, s
 from model_worker.ring import create_ring_fds
 
 MODEL_DIR = os.environ.get("TOKENBUS_TINY_MODEL", "")
-MAX_MODEL_LEN = 2048  # the tiny model's positions: a generation long enough to cancel on a fast machine
+MAX_MODEL_LEN = 16384  # the tiny model's positions: a generation that lasts long enough to cancel (~30 s here)
 ENGINE_ARGS = {"model": MODEL_DIR, "max_model_len": MAX_MODEL_LEN, "dtype": "float32"}
 READY_DEADLINE_S = 300.0  # two engines starting at once on 2 loaded cores took 90 s
 PROMPT = "What is machine learning?"
@@ -157,7 +157,7 @@ async def test_stats_count_running_requests_and_all_complete(worker: Running) ->
 async def test_cancel_finishes_abort_and_running_returns_to_zero_within_1s(worker: Running) -> None:
     replica = worker.replica
     start = len(replica.records)
-    # Asks for more than the context holds (clamped to what is left, ~2040 tokens: seconds of work even on a fast
+    # Asks for more than the context holds (clamped to what is left, ~16k tokens: many seconds of work even on a fast
     # machine); STATS is coalesced to one per 100 ms, so 256 tokens could all be out before running=1 is reported.
     replica.sender.send(submit(21, PROMPT, MAX_MODEL_LEN))
     await replica.until(lambda recs: any(r[:2] == [STATS, 1] for r in recs[start:]))
@@ -225,7 +225,7 @@ async def test_a_dead_engine_core_fails_its_requests_and_ends_the_worker(tmp_pat
     proc = spawn_worker(rings, tmp_path / "dead.log", ENGINE_ARGS, rid="v2", engine="vllm")
     try:
         await replica.until(lambda recs: any(r[0] == READY for r in recs), READY_DEADLINE_S)
-        replica.sender.send(submit(41, PROMPT, 2000))
+        replica.sender.send(submit(41, PROMPT, MAX_MODEL_LEN))
         await replica.until(lambda recs: any(r[0] == TOKENS and r[1] == 41 for r in recs))
         core = _engine_core_of(proc.pid)
         assert core is not None, "no EngineCore child found"
