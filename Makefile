@@ -10,7 +10,7 @@ JOBS ?= $(shell nproc)
 # iproute2 and curl: `ip netns` and the README's curl, for the multi-host tests on emulated hosts.
 APT_PKGS := cmake g++ make pkg-config ccache libgrpc++-dev protobuf-compiler-grpc libzmq3-dev cppzmq-dev \
 	libmsgpack-cxx-dev libboost-dev libgtest-dev libsimdjson-dev nlohmann-json3-dev prometheus-cpp-dev prometheus-pushgateway \
-	clang libclang-rt-14-dev iproute2 curl prometheus tmux
+	clang libclang-rt-14-dev iproute2 curl prometheus tmux nginx
 
 .PHONY: all deps build up test test-cpp test-py lint bench clean test-asan test-tsan fuzz-build fuzz-short fuzz chaos
 
