@@ -1,10 +1,14 @@
 """The `sim` engine: no model, deterministic text, model-like timing, cheap at hundreds of streams.
 
-A request that gets one of `batch_capacity` slots at time `start` produces token i (1-based) at
+A request that gets one of `batch_capacity` places at time `start` is due to produce token i (1-based) at
 `start + prefill_ms + i * token_delay_ms`. Times are absolute from `start`, so late callbacks never make the
-stream drift. Each stream has exactly one timer scheduled at a time (the next token's), on an injected clock
-(the asyncio loop in the worker, a manual clock in tests), and emits straight into the sink: no task per
-request or per token. Requests beyond the capacity wait in a FIFO queue and start when a slot frees.
+stream drift. Tokens are emitted by timers on an injected clock (the asyncio loop in the worker, a manual clock in
+tests) straight into the sink: no task per request or per token. The timers are coalesced, as a model's engine
+steps all its running requests at once: every token due within the same `coalesce_ms` window (1 ms by default,
+the resolution of uvloop's clock and timers) is emitted by one timer callback at the window's end, so one loop
+wake-up and one timer serve them all; a token is never early and at most a window late (0: a timer per distinct
+due time). Within a window, tokens go out in the order they were scheduled. Requests beyond the capacity wait in a
+FIFO queue and start when a place frees.
 
 Text: token i is one word with a leading space, drawn with `random.Random` seeded from (engine seed, request
 seed), or (engine seed, prompt) when the request has no seed, so the same request always reads the same.
@@ -12,15 +16,19 @@ seed), or (engine seed, prompt) when the request has no seed, so the same reques
 
 from __future__ import annotations
 
+import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from model_worker.engine import DuplicateRequestError, EngineInfo, EngineStats, FinishReason, OutputSink, Request
 
 STEP_SAMPLE_MASK = 63  # one token in 64 reports its step (OutputSink.engine_step): a metric, kept off most tokens
+# A due time this close to a window's end (in windows) belongs to that window: the float sum that computes it may
+# land a hair past the millisecond it means (0.1 + 0.02 > 0.12), which must not cost a whole window.
+WINDOW_ROUNDING = 1e-6
 
 VOCAB: tuple[str, ...] = tuple(
     " " + w
@@ -66,6 +74,7 @@ class SimConfig:
     seed: int = 0
     max_model_len: int = 4096
     default_max_tokens: int = 64
+    coalesce_ms: float = 1.0
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> SimConfig:
@@ -82,6 +91,7 @@ class SimConfig:
             ("seed", None, (int,)),
             ("max_model_len", 1, (int,)),
             ("default_max_tokens", 1, (int,)),
+            ("coalesce_ms", 0, (int, float)),
         ):
             value = getattr(cfg, name)
             if isinstance(value, bool) or not isinstance(value, kinds):
@@ -103,7 +113,15 @@ class _Stream:
     generated: int = 0
     held: str = ""  # text not yet sent: it could be the start of a stop string
     held_tokens: int = 0  # tokens whose text is (partly) in `held`
-    timer: Cancellable | None = None
+    slot: float | None = None  # the fire time of the slot that emits its next token, while it has one
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One timer and the streams whose next token it emits, in the order they were scheduled."""
+
+    timer: Cancellable
+    streams: dict[int, _Stream] = field(default_factory=dict)
 
 
 class SimEngine:
@@ -113,6 +131,8 @@ class SimEngine:
         self._clock = clock
         self._prefill_s = self._cfg.prefill_ms / 1000.0
         self._delay_s = self._cfg.token_delay_ms / 1000.0
+        self._window_s = self._cfg.coalesce_ms / 1000.0
+        self._slots: dict[float, _Slot] = {}  # fire time -> its slot; one per window that has a token due
         self._running: dict[int, _Stream] = {}
         self._waiting: OrderedDict[int, tuple[Request, int]] = OrderedDict()  # id -> (request, prompt tokens)
         self._emitted = 0  # tokens emitted in all: picks the ones whose step is reported
@@ -148,8 +168,7 @@ class SimEngine:
     def abort(self, request_id: int) -> None:
         stream = self._running.get(request_id)
         if stream is not None:
-            if stream.timer is not None:
-                stream.timer.cancel()
+            self._unschedule(stream)
             self._end(stream, "abort")
             return
         queued = self._waiting.pop(request_id, None)
@@ -189,11 +208,38 @@ class SimEngine:
         """When token `token` (1-based) of the stream is due: absolute from its start, so lateness never adds up."""
         return stream.start + self._prefill_s + token * self._delay_s
 
+    def _fire_time(self, due: float) -> float:
+        """The end of the window `due` falls in: not before it, less than a window after it."""
+        if not self._window_s:
+            return due
+        return math.ceil(due / self._window_s - WINDOW_ROUNDING) * self._window_s
+
     def _schedule_next(self, stream: _Stream) -> None:
-        stream.timer = self._clock.call_at(self._due(stream, stream.generated + 1), self._emit, stream)
+        when = self._fire_time(self._due(stream, stream.generated + 1))
+        slot = self._slots.get(when)
+        if slot is None:
+            slot = self._slots[when] = _Slot(self._clock.call_at(when, self._fire, when))
+        slot.streams[stream.request.id] = stream
+        stream.slot = when
+
+    def _unschedule(self, stream: _Stream) -> None:
+        when, stream.slot = stream.slot, None
+        slot = self._slots.get(when) if when is not None else None
+        if slot is None or slot.streams.pop(stream.request.id, None) is None:
+            return  # no token scheduled, or its slot is firing now (and skips it)
+        if not slot.streams:
+            slot.timer.cancel()
+            del self._slots[when]
+
+    def _fire(self, when: float) -> None:
+        """Emits the next token of every stream of the slot: one callback for all the tokens due in its window."""
+        streams = self._slots.pop(when).streams
+        for stream in streams.values():
+            if stream.slot == when:  # else an output of this same slot aborted it
+                stream.slot = None
+                self._emit(stream)
 
     def _emit(self, stream: _Stream) -> None:
-        stream.timer = None
         stream.generated += 1
         self._emitted += 1
         if not self._emitted & STEP_SAMPLE_MASK:  # the sim's step: its token period, plus how late this token is

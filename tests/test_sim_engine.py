@@ -1,9 +1,11 @@
-"""The sim engine on a manual clock: scheduled times, order, determinism, stop strings, abort, queueing."""
+"""The sim engine on a manual clock: scheduled times, coalesced timers, order, determinism, stop strings, abort,
+queueing."""
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +30,7 @@ class ManualClock:
         self.now = now
         self._heap: list[tuple[float, int, ManualHandle, Callable[..., object], tuple[Any, ...]]] = []
         self._seq = itertools.count()
+        self.callbacks_run = 0  # numbers each callback: which outputs came out of the same one
 
     def time(self) -> float:
         return self.now
@@ -45,6 +48,7 @@ class ManualClock:
             when, _, handle, callback, args = heapq.heappop(self._heap)
             if not handle.cancelled:
                 self.now = max(self.now, when)
+                self.callbacks_run += 1
                 callback(*args)
         if until != float("inf"):
             self.now = max(self.now, until)
@@ -56,9 +60,14 @@ class RecordingSink:
         self.events: list[tuple[Any, ...]] = []
         self.load_changes = 0
         self.steps: list[float] = []
+        self.callback_of_tokens: list[int] = []  # the clock callback each tokens event came from, in order
+        self.on_tokens: Callable[[int], object] | None = None  # called with the request id after each tokens event
 
     def tokens(self, request_id: int, text: str, n_tokens: int) -> None:
         self.events.append(("tokens", request_id, text, n_tokens, round(self.clock.now, 9)))
+        self.callback_of_tokens.append(self.clock.callbacks_run)
+        if self.on_tokens is not None:
+            self.on_tokens(request_id)
 
     def finish(
         self,
@@ -320,8 +329,102 @@ def test_load_changes_are_reported() -> None:
         ({"batch_capacity": 0}, "batch_capacity must be >= 1"),
         ({"token_delay_ms": "fast"}, "token_delay_ms must be int/float"),
         ({"seed": True}, "seed must be int"),
+        ({"coalesce_ms": -1}, "coalesce_ms must be >= 0"),
     ],
 )
 def test_bad_engine_args(args: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SimConfig.from_args(args)
+
+
+def test_tokens_due_in_the_same_millisecond_come_from_one_callback() -> None:
+    engine, sink, clock = make(token_delay_ms=20)
+    for rid in range(100):  # started 8 us apart within (0, 1 ms): every round of tokens is due within one millisecond
+        clock.advance(0.0001 + rid * 0.000008)
+        engine.submit(req(rid, max_tokens=4))
+    assert clock.pending() == 1
+    clock.advance()
+    rounds = itertools.groupby(
+        zip(sink.callback_of_tokens, (e for e in sink.events if e[0] == "tokens"), strict=True), key=lambda x: x[0]
+    )
+    batches = [[event for _, event in group] for _, group in rounds]
+    assert [len(batch) for batch in batches] == [100] * 4
+    for k, batch in enumerate(batches, start=1):
+        assert [e[1] for e in batch] == list(range(100))  # in the order they were scheduled
+        assert {e[4] for e in batch} == {round(0.001 + k * 0.02, 9)}  # the end of the millisecond they are due in
+    assert {sink.finish_of(rid)[2:5] for rid in range(100)} == {("length", 3, 4)}
+    assert clock.pending() == 0
+
+
+@pytest.mark.parametrize("coalesce_ms", [1, 5])
+def test_no_token_early_and_none_a_window_late(coalesce_ms: float) -> None:
+    engine, sink, clock = make(prefill_ms=3.3, token_delay_ms=7.7, coalesce_ms=coalesce_ms)
+    draw = random.Random(9)
+    starts = {}
+    for rid in range(60):
+        clock.advance(clock.now + draw.uniform(0, 0.004))
+        starts[rid] = clock.now
+        engine.submit(req(rid, max_tokens=draw.randint(1, 12)))
+    clock.advance()
+    assert sink.finish_of(0)  # every stream finished
+    for rid, start in starts.items():
+        times = [e[4] for e in sink.tokens_of(rid)]
+        assert len(times) == sink.finish_of(rid)[4]
+        for k, at in enumerate(times, start=1):
+            due = start + 0.0033 + k * 0.0077
+            assert due - 1e-9 <= at < due + coalesce_ms / 1000
+    # the coalescing: far fewer callbacks than tokens
+    assert len(set(sink.callback_of_tokens)) < len(sink.callback_of_tokens) / 2
+
+
+def test_coalesce_0_emits_every_token_at_its_own_time() -> None:
+    engine, sink, clock = make(prefill_ms=3.3, token_delay_ms=7.7, coalesce_ms=0)
+    engine.submit(req(1, max_tokens=3))
+    clock.advance(0.0004)
+    engine.submit(req(2, max_tokens=3))
+    clock.advance()
+    assert [e[4] for e in sink.tokens_of(1)] == [round(0.0033 + k * 0.0077, 9) for k in (1, 2, 3)]
+    assert [e[4] for e in sink.tokens_of(2)] == [round(0.0004 + 0.0033 + k * 0.0077, 9) for k in (1, 2, 3)]
+    assert len(set(sink.callback_of_tokens)) == 6
+
+
+def test_abort_in_a_shared_slot_keeps_the_others_and_the_last_one_cancels_its_timer() -> None:
+    engine, sink, clock = make(token_delay_ms=10)
+    for rid in (1, 2, 3):
+        engine.submit(req(rid, max_tokens=3))
+    assert clock.pending() == 1
+    engine.abort(2)
+    clock.advance()
+    assert len(sink.tokens_of(1)) == len(sink.tokens_of(3)) == 3 and sink.tokens_of(2) == []
+    engine.submit(req(4, max_tokens=3))
+    engine.submit(req(5, max_tokens=3))
+    engine.abort(4)
+    engine.abort(5)
+    assert clock.pending() == 0
+
+
+def test_abort_by_an_output_of_the_same_slot_skips_the_aborted_stream() -> None:
+    engine, sink, clock = make(token_delay_ms=10)
+    for rid in (1, 2, 3):
+        engine.submit(req(rid, max_tokens=3))
+    sink.on_tokens = lambda rid: engine.abort(2) if rid == 1 else None
+    clock.advance()
+    assert sink.tokens_of(2) == [] and sink.finish_of(2)[2:5] == ("abort", 3, 0)
+    assert len(sink.tokens_of(1)) == len(sink.tokens_of(3)) == 3
+    assert clock.pending() == 0
+
+
+def test_zero_token_delay_emits_one_token_per_callback() -> None:
+    # a stream must not run to its end inside one callback: each next token waits for the next loop turn
+    engine, sink, clock = make(token_delay_ms=0)
+    engine.submit(req(1, max_tokens=3))
+    clock.advance()
+    assert len(set(sink.callback_of_tokens)) == 3 and sink.finish_of(1)[2] == "length"
+
+
+def test_a_due_time_a_float_hair_past_its_millisecond_is_emitted_at_that_millisecond() -> None:
+    # 1.0 + 0.1 + 3 * 0.02 is 1.1600000000000001: a whole window late were it taken literally
+    engine, sink, clock = make(ManualClock(1.0), prefill_ms=100, token_delay_ms=20)
+    engine.submit(req(1, max_tokens=7))
+    clock.advance()
+    assert [e[4] for e in sink.tokens_of(1)] == [1.12, 1.14, 1.16, 1.18, 1.2, 1.22, 1.24]
