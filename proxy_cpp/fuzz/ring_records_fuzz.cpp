@@ -13,7 +13,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (const auto* tokens = std::get_if<tokenbus::replica::TokensRecord>(&record)) {
     for (const char c : tokens->text) touched += static_cast<unsigned char>(c);
   } else if (const auto* finish = std::get_if<tokenbus::replica::FinishRecord>(&record)) {
-    for (const char c : finish->finish_reason) touched += static_cast<unsigned char>(c);
+    touched += static_cast<std::size_t>(finish->finish_reason);
     for (const char c : finish->error_message) touched += static_cast<unsigned char>(c);
   } else if (const auto* ready = std::get_if<tokenbus::replica::ReadyRecord>(&record)) {
     for (const char c : ready->engine) touched += static_cast<unsigned char>(c);

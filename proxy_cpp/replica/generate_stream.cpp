@@ -1,10 +1,10 @@
-#include "replica/generate_call.hpp"
+#include "replica/generate_stream.hpp"
 
 #include "replica/request_writer.hpp"
 
 namespace tokenbus::replica {
 
-bool CallRegistry::add(std::uint64_t id, GenerateCall* call) {
+bool CallRegistry::add(std::uint64_t id, GenerateStream* call) {
   std::lock_guard lock(mutex_);
   if (closed_) return false;
   calls_.emplace(id, call);
@@ -21,13 +21,13 @@ std::size_t CallRegistry::size() {
   return calls_.size();
 }
 
-GenerateCall::GenerateCall(CallRegistry& registry, RequestWriter& writer, ReplicaMetrics& metrics, std::uint64_t id,
+GenerateStream::GenerateStream(CallRegistry& registry, RequestWriter& writer, ReplicaMetrics& metrics, std::uint64_t id,
                            std::uint64_t received_ns)
     : registry_(registry), writer_(writer), metrics_(metrics), id_(id), received_ns_(received_ns) {
   metrics_.call_started();
 }
 
-void GenerateCall::fail(grpc::Status status, CallResult result) {
+void GenerateStream::fail(grpc::Status status, CallResult result) {
   {
     std::lock_guard lock(mutex_);
     worker_done_ = true;
@@ -37,7 +37,7 @@ void GenerateCall::fail(grpc::Status status, CallResult result) {
   Finish(std::move(status));
 }
 
-void GenerateCall::on_tokens(const TokensRecord& tokens, std::uint64_t read_ns) {
+void GenerateStream::on_tokens(const TokensRecord& tokens, std::uint64_t read_ns) {
   std::unique_lock lock(mutex_);
   if (abandoned_ || final_) return;
   if (!tokens_seen_) {
@@ -50,26 +50,26 @@ void GenerateCall::on_tokens(const TokensRecord& tokens, std::uint64_t read_ns) 
   pump(std::move(lock));
 }
 
-void GenerateCall::on_finish(const FinishRecord& finish, CallResult result) {
+void GenerateStream::on_finish(const FinishRecord& finish, CallResult result) {
   std::unique_lock lock(mutex_);
   worker_done_ = true;
   if (final_) return;  // a duplicate FINISH changes nothing
-  final_ = Final{std::string(finish.finish_reason), finish.prompt_tokens,
+  final_ = Final{finish.finish_reason, finish.prompt_tokens,
                  finish.completion_tokens,          finish.error_code,
                  std::string(finish.error_message), result};
   pump(std::move(lock));
 }
 
-void GenerateCall::OnWriteDone(bool ok) {
+void GenerateStream::OnWriteDone(bool ok) {
   std::unique_lock lock(mutex_);
   write_in_flight_ = false;
   if (!ok) return abandon(std::move(lock));
   pump(std::move(lock));
 }
 
-void GenerateCall::OnCancel() { abandon(std::unique_lock(mutex_)); }
+void GenerateStream::OnCancel() { abandon(std::unique_lock(mutex_)); }
 
-void GenerateCall::OnDone() {
+void GenerateStream::OnDone() {
   registry_.remove(id_);  // waits for a reader inside this call to leave
   CallResult result;
   {
@@ -80,7 +80,7 @@ void GenerateCall::OnDone() {
   delete this;
 }
 
-void GenerateCall::abandon(std::unique_lock<std::mutex> lock) {
+void GenerateStream::abandon(std::unique_lock<std::mutex> lock) {
   abandoned_ = true;
   const bool send_cancel = !worker_done_;
   worker_done_ = true;  // one CANCEL at most
@@ -89,7 +89,7 @@ void GenerateCall::abandon(std::unique_lock<std::mutex> lock) {
   if (send_cancel) writer_.cancel(id_);
 }
 
-void GenerateCall::pump(std::unique_lock<std::mutex> lock) {
+void GenerateStream::pump(std::unique_lock<std::mutex> lock) {
   if (finish_called_ || write_in_flight_) return;
   if (abandoned_) {
     finish_called_ = true;

@@ -20,13 +20,13 @@
 
 namespace tokenbus::replica {
 
-class GenerateCall;
+class GenerateStream;
 class RequestWriter;
 
 class CallRegistry {
  public:
   // False once closed (the worker is gone): the caller fails the call instead.
-  bool add(std::uint64_t id, GenerateCall* call);
+  bool add(std::uint64_t id, GenerateStream* call);
   void remove(std::uint64_t id);
   // Runs fn(call) under the registry lock; false when no open call has that id (it finished or was cancelled).
   template <class Fn>
@@ -49,16 +49,16 @@ class CallRegistry {
 
  private:
   std::mutex mutex_;
-  std::unordered_map<std::uint64_t, GenerateCall*> calls_;
+  std::unordered_map<std::uint64_t, GenerateStream*> calls_;
   bool closed_ = false;
 };
 
 // The first chunk that carries text also carries the first token's stamps (tokenbus.proto FirstTokenTimes):
 // the handler's entry, the SUBMIT's write, and those of the call's first TOKENS record.
-class GenerateCall final : public grpc::ServerWriteReactor<tokenbus::v1::GenerateChunk> {
+class GenerateStream final : public grpc::ServerWriteReactor<tokenbus::v1::GenerateChunk> {
  public:
   // `received_ns`: the wall clock at the Generate handler's entry. Counts itself open in `metrics` until OnDone.
-  GenerateCall(CallRegistry& registry, RequestWriter& writer, ReplicaMetrics& metrics, std::uint64_t id,
+  GenerateStream(CallRegistry& registry, RequestWriter& writer, ReplicaMetrics& metrics, std::uint64_t id,
                std::uint64_t received_ns);
 
   // RequestWriter::submit stamps it.
@@ -76,7 +76,7 @@ class GenerateCall final : public grpc::ServerWriteReactor<tokenbus::v1::Generat
 
  private:
   struct Final {
-    std::string finish_reason;
+    tokenbus::v1::FinishReason finish_reason;
     std::uint32_t prompt_tokens;
     std::uint32_t completion_tokens;
     std::uint32_t error_code;

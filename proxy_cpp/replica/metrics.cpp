@@ -25,11 +25,13 @@ double seconds(std::uint64_t ns) { return static_cast<double>(ns) / 1e9; }
 
 }  // namespace
 
-CallResult result_of_finish(std::string_view finish_reason) {
-  if (finish_reason == "stop") return CallResult::kStop;
-  if (finish_reason == "length") return CallResult::kLength;
-  if (finish_reason == "abort") return CallResult::kAbort;
-  return CallResult::kError;
+CallResult result_of_finish(tokenbus::v1::FinishReason finish_reason) {
+  switch (finish_reason) {
+    case tokenbus::v1::FINISH_REASON_STOP: return CallResult::kStop;
+    case tokenbus::v1::FINISH_REASON_LENGTH: return CallResult::kLength;
+    case tokenbus::v1::FINISH_REASON_ABORT: return CallResult::kAbort;
+    default: return CallResult::kError;
+  }
 }
 
 ReplicaMetrics::ReplicaMetrics()

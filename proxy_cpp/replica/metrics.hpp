@@ -16,6 +16,7 @@
 
 namespace tokenbus::v1 {
 class FirstTokenTimes;
+enum FinishReason : int;  // tokenbus.proto
 }
 
 namespace tokenbus::replica {
@@ -33,7 +34,7 @@ enum class CallResult {
 };
 inline constexpr std::size_t kCallResults = 8;
 
-CallResult result_of_finish(std::string_view finish_reason);
+CallResult result_of_finish(tokenbus::v1::FinishReason finish_reason);
 
 // Records and payload bytes (the MessagePack record, without the ring's length word and padding) through
 // one ring.

@@ -12,7 +12,7 @@
 #include <variant>
 
 #include "common/log.hpp"
-#include "replica/generate_call.hpp"
+#include "replica/generate_stream.hpp"
 #include "replica/metrics.hpp"
 #include "replica/metrics_endpoint.hpp"
 #include "replica/request_writer.hpp"
@@ -53,7 +53,7 @@ struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService
       grpc::CallbackServerContext* context, const tokenbus::v1::GenerateRequest* request) override {
     const std::uint64_t received_ns = wall_clock_ns();
     const std::uint64_t request_id = next_id_.fetch_add(1, std::memory_order_relaxed);
-    auto* call = new GenerateCall(calls_, writer_, metrics_, request_id, received_ns);  // deletes itself in OnDone
+    auto* call = new GenerateStream(calls_, writer_, metrics_, request_id, received_ns);  // deletes itself in OnDone
     // Registered before SUBMIT is written, so no TOKENS can arrive for an unknown id.
     if (!calls_.add(request_id, call)) {
       call->fail(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model worker is gone"), CallResult::kWorkerGone);
@@ -133,12 +133,12 @@ struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService
 
   void handle(const TokensRecord& tokens) {
     const std::uint64_t read_ns = wall_clock_ns();  // the ring_read stamp, if this is the call's first record
-    calls_.with_call(tokens.id, [&](GenerateCall& call) { call.on_tokens(tokens, read_ns); });
+    calls_.with_call(tokens.id, [&](GenerateStream& call) { call.on_tokens(tokens, read_ns); });
   }
 
   void handle(const FinishRecord& finish) {
     calls_.with_call(finish.id,
-                     [&](GenerateCall& call) { call.on_finish(finish, result_of_finish(finish.finish_reason)); });
+                     [&](GenerateStream& call) { call.on_finish(finish, result_of_finish(finish.finish_reason)); });
   }
 
   void handle(const StatsRecord& stats) {
@@ -172,9 +172,9 @@ struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService
       std::lock_guard lock(health_mutex_);
       serving_ = false;
     }
-    const FinishRecord failure{0, "error", 0, 0, 500, "the model worker exited"};
+    const FinishRecord failure{0, tokenbus::v1::FINISH_REASON_ERROR, 0, 0, 500, "the model worker exited"};
     const std::size_t failed =
-        calls_.close([&](GenerateCall& call) { call.on_finish(failure, CallResult::kWorkerGone); });
+        calls_.close([&](GenerateStream& call) { call.on_finish(failure, CallResult::kWorkerGone); });
     log(LogLevel::kError, "replica", "replica %s: model worker gone (%s): failed %zu open streams", id(), why.c_str(),
         failed);
     ring::signal_eventfd(worker_gone_fd_);

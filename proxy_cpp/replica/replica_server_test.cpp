@@ -349,11 +349,13 @@ TEST_F(ReplicaServerTest, StreamsTheTokensThenTheFinalChunk) {
   EXPECT_EQ(stream.text(), "tok0 tok1 tok2 tok3 tok4 ");
   EXPECT_EQ(stream.tokens(), static_cast<std::uint32_t>(kTokensPerRequest));
   const GenerateChunk& last = stream.chunks.back();
-  EXPECT_EQ(last.finish_reason(), "length");
+  EXPECT_EQ(last.finish_reason(), tokenbus::v1::FINISH_REASON_LENGTH);
   EXPECT_EQ(last.prompt_tokens(), 7u);
   EXPECT_EQ(last.completion_tokens(), static_cast<std::uint32_t>(kTokensPerRequest));
   EXPECT_EQ(last.error_code(), 0u);
-  for (std::size_t i = 0; i + 1 < stream.chunks.size(); ++i) EXPECT_EQ(stream.chunks[i].finish_reason(), "");
+  for (std::size_t i = 0; i + 1 < stream.chunks.size(); ++i) {
+    EXPECT_EQ(stream.chunks[i].finish_reason(), tokenbus::v1::FINISH_REASON_NONE);
+  }
 }
 
 TEST_F(ReplicaServerTest, TheFirstTextChunkCarriesTheFirstTokensStampsInOrder) {
@@ -380,7 +382,7 @@ TEST_F(ReplicaServerTest, FourFieldTokensRecordsStillStreamWithoutTheEngineStamp
   const Stream stream = generate(prompt_request("unstamped"));
   ASSERT_TRUE(stream.status.ok()) << stream.status.error_message();
   EXPECT_EQ(stream.text(), "tok0 tok1 tok2 tok3 tok4 ");
-  EXPECT_EQ(stream.chunks.back().finish_reason(), "length");
+  EXPECT_EQ(stream.chunks.back().finish_reason(), tokenbus::v1::FINISH_REASON_LENGTH);
   ASSERT_TRUE(stream.chunks.front().has_first_token_times());
   const auto& times = stream.chunks.front().first_token_times();
   EXPECT_EQ(times.engine_produced_ns(), 0u);  // not known: the proxy leaves the engine's hops out
@@ -443,7 +445,6 @@ TEST_F(ReplicaServerTest, TheSubmitRecordCarriesTheRequest) {
   auto* params = request.mutable_params();
   params->set_max_tokens(32);
   params->set_temperature(0.5f);
-  params->set_has_seed(true);
   params->set_seed(42);
   params->add_stop("\n");
   params->set_ignore_eos(true);
@@ -475,7 +476,7 @@ TEST_F(ReplicaServerTest, AnEngineErrorEndsTheStreamWithItsCodeAndMessage) {
   const Stream stream = generate(prompt_request("error"));
   ASSERT_TRUE(stream.status.ok());
   ASSERT_EQ(stream.chunks.size(), 1u);
-  EXPECT_EQ(stream.chunks[0].finish_reason(), "error");
+  EXPECT_EQ(stream.chunks[0].finish_reason(), tokenbus::v1::FINISH_REASON_ERROR);
   EXPECT_EQ(stream.chunks[0].error_code(), 400u);
   EXPECT_EQ(stream.chunks[0].error_message(), "prompt too long");
 }
@@ -598,7 +599,8 @@ TEST_F(ReplicaServerTest, ConcurrentStreamsEachGetTheirOwnTokens) {
       for (int i = 0; i < 10; ++i) {
         const Stream stream = generate(prompt_request("c" + std::to_string(t) + "-" + std::to_string(i)));
         if (stream.status.ok() && stream.text() == "tok0 tok1 tok2 tok3 tok4 " &&
-            stream.chunks.back().finish_reason() == "length" && stream.chunks_with_first_token_times() == 1 &&
+            stream.chunks.back().finish_reason() == tokenbus::v1::FINISH_REASON_LENGTH &&
+            stream.chunks_with_first_token_times() == 1 &&
             stream.chunks.front().has_first_token_times()) {
           ++good;
         }
@@ -724,7 +726,7 @@ TEST(ReplicaWorkerGone, OpenStreamsFailAndTheServerSaysSo) {
   ASSERT_EQ(::waitpid(child, nullptr, 0), child);
   GenerateChunk chunk;
   ASSERT_TRUE(reader->Read(&chunk));
-  EXPECT_EQ(chunk.finish_reason(), "error");
+  EXPECT_EQ(chunk.finish_reason(), tokenbus::v1::FINISH_REASON_ERROR);
   EXPECT_EQ(chunk.error_code(), 500u);
   EXPECT_FALSE(reader->Read(&chunk));
   EXPECT_TRUE(reader->Finish().ok());

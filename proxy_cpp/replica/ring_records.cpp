@@ -209,6 +209,22 @@ ResponseRecord decode_ready(Reader& r) {
 
 }  // namespace
 
+tokenbus::v1::FinishReason finish_reason_from_ring(std::string_view reason) {
+  if (reason == "stop") return tokenbus::v1::FINISH_REASON_STOP;
+  if (reason == "length") return tokenbus::v1::FINISH_REASON_LENGTH;
+  if (reason == "abort") return tokenbus::v1::FINISH_REASON_ABORT;
+  return tokenbus::v1::FINISH_REASON_ERROR;
+}
+
+std::string_view finish_reason_to_ring(tokenbus::v1::FinishReason reason) {
+  switch (reason) {
+    case tokenbus::v1::FINISH_REASON_STOP: return "stop";
+    case tokenbus::v1::FINISH_REASON_LENGTH: return "length";
+    case tokenbus::v1::FINISH_REASON_ABORT: return "abort";
+    default: return "error";
+  }
+}
+
 void encode_submit(std::string& out, std::uint64_t id, const tokenbus::v1::GenerateRequest& request) {
   StringSink sink{out};
   msgpack::packer<StringSink> pk(sink);
@@ -282,11 +298,13 @@ ResponseRecord decode_response(std::span<const std::byte> payload) {
     }
     case kFinish: {
       FinishRecord finish{};
-      if (size != 7 || !r.uint(finish.id) || !r.str(finish.finish_reason) || !r.uint32(finish.prompt_tokens) ||
+      std::string_view reason;
+      if (size != 7 || !r.uint(finish.id) || !r.str(reason) || !r.uint32(finish.prompt_tokens) ||
           !r.uint32(finish.completion_tokens) || !r.uint32(finish.error_code) || !r.str_or_nil(finish.error_message)) {
         return DecodeError{
             "FINISH must be [2, id, reason, prompt_tokens, completion_tokens, error_code, error_message]"};
       }
+      finish.finish_reason = finish_reason_from_ring(reason);
       record = finish;
       break;
     }

@@ -11,6 +11,7 @@
 
 namespace tokenbus::v1 {
 class GenerateRequest;
+enum FinishReason : int;  // tokenbus.proto
 }
 
 namespace tokenbus::replica {
@@ -48,9 +49,14 @@ struct TokensRecord {
   // clock ns since the epoch); 0 on later records and from a worker that does not stamp.
   std::uint64_t produced_ns;
 };
+// The ring carries the finish reason as a string ("stop", "length", "abort", "error"); these two are the one
+// place it meets the proto's enum. A string this replica does not know reads as FINISH_REASON_ERROR.
+tokenbus::v1::FinishReason finish_reason_from_ring(std::string_view reason);
+std::string_view finish_reason_to_ring(tokenbus::v1::FinishReason reason);
+
 struct FinishRecord {
   std::uint64_t id;
-  std::string_view finish_reason;
+  tokenbus::v1::FinishReason finish_reason;
   std::uint32_t prompt_tokens;
   std::uint32_t completion_tokens;
   std::uint32_t error_code;
