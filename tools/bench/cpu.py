@@ -164,6 +164,27 @@ def parse_pids(spec: str, port: int | None = None) -> list[Proc]:
     return procs
 
 
+def descendants(root: int) -> list[int]:
+    """The processes now descended from `root` (nginx's workers from its master), found by their parents."""
+    by_parent: dict[int, list[int]] = {}
+    for entry in PROC.iterdir():
+        if entry.name.isdigit() and (parent := _ppid(int(entry.name))) is not None:
+            by_parent.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], list(by_parent.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(by_parent.get(pid, []))
+    return sorted(found)
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all cores since boot, from /proc/stat (idle and iowait are not busy)."""
+    fields = [int(v) for v in (PROC / "stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return total - fields[3] - fields[4], total
+
+
 def cpu_seconds(pid: int) -> float | None:
     """utime + stime of a process in seconds; None once it is gone."""
     try:

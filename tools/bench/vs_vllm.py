@@ -35,7 +35,8 @@ READY_DEADLINE_S = 600.0
 DEPLOYMENT = "demo"
 
 
-async def _wait_http_ok(url: str, deadline: float, children: Children) -> None:
+async def wait_http_ok(url: str, deadline: float, children: Children) -> None:
+    """Polls `url` until it answers 200; RuntimeError when a child exits first (its log's tail) or at `deadline`."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
         while time.monotonic() < deadline:
             if (dead := children.first_exited()) is not None:
@@ -88,7 +89,7 @@ async def bench_vllm_server(opts: argparse.Namespace, state_dir: Path, console: 
     try:
         url = f"http://127.0.0.1:{port}"
         with console.status("vLLM server: waiting for /health"):
-            await _wait_http_ok(f"{url}/health", time.monotonic() + READY_DEADLINE_S, children)
+            await wait_http_ok(f"{url}/health", time.monotonic() + READY_DEADLINE_S, children)
         with console.status(f"vLLM server: {opts.concurrency} streams for {opts.duration:.0f} s"):
             return await _bench(url, opts)
     finally:
