@@ -21,13 +21,13 @@ class FakeReplica::Writer final : public grpc::ServerWriteReactor<v1::GenerateCh
     } else if (text == "unavailable") {
       end_status_ = grpc::Status(grpc::StatusCode::UNAVAILABLE, "replica unavailable");
     } else if (text == "abort") {
-      finish("abort", 0);
+      finish(v1::FINISH_REASON_ABORT, 0);
     } else if (text == "abort-mid") {
       add("one ", 1);
-      finish("abort", 1);
+      finish(v1::FINISH_REASON_ABORT, 1);
     } else if (text == "error400") {
       v1::GenerateChunk& last = add("", 0);
-      last.set_finish_reason("error");
+      last.set_finish_reason(v1::FINISH_REASON_ERROR);
       last.set_error_code(400);
       last.set_error_message("prompt too long");
     } else if (text == "fail-mid") {
@@ -36,11 +36,11 @@ class FakeReplica::Writer final : public grpc::ServerWriteReactor<v1::GenerateCh
       end_status_ = grpc::Status(grpc::StatusCode::UNAVAILABLE, "replica died");
     } else if (text == "quote") {
       add(kFakeQuoteText, 1);
-      finish("stop", 1);
+      finish(v1::FINISH_REASON_STOP, 1);
     } else {
       const std::uint32_t n = request.params().max_tokens() == 0 ? 8 : request.params().max_tokens();
       for (std::uint32_t i = 0; i < n; ++i) add("tok" + std::to_string(i) + " ", 1);
-      finish("length", n);
+      finish(v1::FINISH_REASON_LENGTH, n);
     }
     if (stamp) stamp_first_text();
     next();
@@ -96,7 +96,7 @@ class FakeReplica::Writer final : public grpc::ServerWriteReactor<v1::GenerateCh
     }
   }
 
-  void finish(const char* reason, std::uint32_t completion_tokens) {
+  void finish(v1::FinishReason reason, std::uint32_t completion_tokens) {
     v1::GenerateChunk& last = add("", 0);
     last.set_finish_reason(reason);
     last.set_prompt_tokens(kFakePromptTokens);

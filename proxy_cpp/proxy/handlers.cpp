@@ -15,7 +15,7 @@
 #include "proxy/metrics.hpp"
 #include "proxy/openai_request.hpp"
 #include "proxy/openai_response.hpp"
-#include "proxy/replica_stream.hpp"
+#include "proxy/replica_call.hpp"
 #include "proxy/router.hpp"
 #include "proxy/slot_queue.hpp"
 
@@ -203,7 +203,7 @@ class ClientWatch {
   }
 
   bool gone() const { return gone_; }
-  void attach(GenerateCall* call) { call_ = call; }
+  void attach(ReplicaCall* call) { call_ = call; }
 
   // Stops watching; returns once the read has completed. Await before destruction.
   net::awaitable<void> stop() {
@@ -215,7 +215,7 @@ class ClientWatch {
 
  private:
   Connection& c_;
-  GenerateCall* call_ = nullptr;
+  ReplicaCall* call_ = nullptr;
   net::steady_timer signal_;  // cancelled when the read completes
   bool pending_ = false;
   bool gone_ = false;
@@ -240,16 +240,18 @@ struct AttemptEnd {
   RetryKind retry;
 };
 
-AttemptEnd classify_end(const CallStatus& status, bool final_seen, std::string_view finish_reason,
+AttemptEnd classify_end(const CallStatus& status, bool final_seen, v1::FinishReason finish_reason,
                         std::uint32_t engine_error, const std::string& engine_message) {
   if (final_seen) {
-    if (finish_reason == "error") {
+    if (finish_reason == v1::FINISH_REASON_ERROR) {
       const int code = engine_error >= 400 && engine_error <= 599 ? static_cast<int>(engine_error) : 500;
       const bool engine_fault = engine_error >= 500;  // 4xx: the request itself is wrong
       return {std::pair(code, engine_message.empty() ? "the engine failed" : engine_message), engine_fault,
               engine_fault ? RetryKind{"engine_error"} : RetryKind{}};
     }
-    if (finish_reason == "abort") return {std::pair(503, "the engine aborted the request"), true, {"engine_abort"}};
+    if (finish_reason == v1::FINISH_REASON_ABORT) {
+      return {std::pair(503, "the engine aborted the request"), true, {"engine_abort"}};
+    }
     return {};
   }
   if (status.ok()) return {std::pair(502, "replica ended the stream without a final chunk"), false, {"no_final_chunk"}};
@@ -540,7 +542,7 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
   bool finish_sent = false;  // the SSE event carrying finish_reason went out
   bool text_seen = false;    // some text came from a replica: from here on, no retry
   bool client_gone = false;
-  std::string finish_reason;
+  v1::FinishReason finish_reason = v1::FINISH_REASON_NONE;
   Usage usage;
   std::optional<Clock::time_point> last_text_write;  // of a streamed response: the base of the next inter-token gap
   // A failure: the engine's final chunk said so, the call ended without a final chunk, or a timeout.
@@ -553,10 +555,10 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
     bool timed_out = false;
     std::uint32_t engine_error = 0;
     std::string engine_message;
-    finish_reason.clear();
+    finish_reason = v1::FINISH_REASON_NONE;
     ReplicaHandle& replica = *route.lease.replica();
     tried.push_back(&replica);
-    GenerateCall call(replica, job.request, c.stream.get_executor(), limits_.max_stream_duration);
+    ReplicaCall call(replica, job.request, c.stream.get_executor(), limits_.max_stream_duration);
     watch.attach(&call);
     Clock::time_point last_event = Clock::now();
 
@@ -564,20 +566,20 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
       // Before the first text the deployment's time to first token applies, after it the idle time.
       const double limit_s = text_seen ? limits.idle_timeout_s : limits.first_token_timeout_s;
       const Clock::time_point deadline = limit_s > 0 ? last_event + seconds(limit_s) : Clock::time_point::max();
-      const GenerateCall::Event event = co_await call.next(deadline);
-      if (event == GenerateCall::Event::kWoken) {
+      const ReplicaCall::Event event = co_await call.next(deadline);
+      if (event == ReplicaCall::Event::kWoken) {
         if (!watch.gone()) continue;
         client_gone = true;
         break;
       }
-      if (event == GenerateCall::Event::kTimeout) {
+      if (event == ReplicaCall::Event::kTimeout) {
         timed_out = true;
         metrics_.count_stream_timeout(text_seen ? "idle" : "first_token");
         failure.emplace(504, text_seen ? "no token from the replica for " + std::to_string(limit_s) + " s"
                                        : "no first token from the replica within " + std::to_string(limit_s) + " s");
         break;
       }
-      if (event == GenerateCall::Event::kEnd) break;
+      if (event == ReplicaCall::Event::kEnd) break;
       last_event = Clock::now();
 
       const v1::GenerateChunk& chunk = call.chunk();
@@ -593,7 +595,7 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
         stamps[kEngineProduced] = times.engine_produced_ns();
         stamps[kRingRead] = times.ring_read_ns();
       }
-      if (!chunk.finish_reason().empty()) {
+      if (chunk.finish_reason() != v1::FINISH_REASON_NONE) {
         final_seen = true;
         finish_reason = chunk.finish_reason();
         usage = Usage{chunk.prompt_tokens(), chunk.completion_tokens()};
@@ -601,7 +603,8 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
         engine_message = chunk.error_message();
       }
       // "abort" was not asked for (a client that left is handled above): the engine gave up on it.
-      const bool failed = final_seen && (finish_reason == "error" || finish_reason == "abort");
+      const bool failed =
+          final_seen && (finish_reason == v1::FINISH_REASON_ERROR || finish_reason == v1::FINISH_REASON_ABORT);
       c.out.clear();
       if (job.output == Output::kJson) {
         text.append(chunk.text());
@@ -670,7 +673,8 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
       AttemptEnd end = classify_end(status, final_seen, finish_reason, engine_error, engine_message);
       if (end.replica_failed) {
         router_.report_failure(job.model, replica,
-                               final_seen ? "finish_reason " + finish_reason : "gRPC status " + std::to_string(status.code));
+                               final_seen ? "finish_reason " + v1::FinishReason_Name(finish_reason)
+                                          : "gRPC status " + std::to_string(status.code));
       } else if (status.ok() || final_seen) {
         router_.report_success(replica);
       }

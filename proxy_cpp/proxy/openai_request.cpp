@@ -151,7 +151,6 @@ std::optional<RequestError> read_field(std::string_view key, dom::element value,
   if (key == "seed") {
     std::int64_t seed = 0;
     if (value.get_int64().get(seed)) return field_error(key, "must be an integer");
-    params.set_has_seed(true);
     params.set_seed(static_cast<std::uint64_t>(seed));
     return std::nullopt;
   }

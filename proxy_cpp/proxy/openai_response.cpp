@@ -73,8 +73,8 @@ std::string models_json(const Snapshot* snapshot) {
   return ordered{{"object", "list"}, {"data", std::move(data)}}.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
-std::string_view openai_finish_reason(std::string_view engine_reason) {
-  return engine_reason == "length" ? "length" : "stop";
+std::string_view openai_finish_reason(v1::FinishReason engine_reason) {
+  return engine_reason == v1::FINISH_REASON_LENGTH ? "length" : "stop";
 }
 
 CompletionFormatter::CompletionFormatter(ApiFlavor flavor, std::string_view id, std::string_view model,

@@ -24,8 +24,8 @@ std::string error_json(int status, std::string_view message, std::string_view pa
 // GET /v1/models: the deployments of the snapshot.
 std::string models_json(const Snapshot* snapshot);
 
-// OpenAI's finish_reason for the engine's: "stop" and "length" as they are; "abort" ends like "stop".
-std::string_view openai_finish_reason(std::string_view engine_reason);
+// OpenAI's finish_reason for the engine's: "stop" and "length" as they are; any other ends like "stop".
+std::string_view openai_finish_reason(v1::FinishReason engine_reason);
 
 // Formats the responses of one request. Not thread-safe; one per request.
 class CompletionFormatter {

@@ -1,4 +1,4 @@
-#include "proxy/replica_stream.hpp"
+#include "proxy/replica_call.hpp"
 
 #include <grpcpp/grpcpp.h>
 
@@ -38,7 +38,7 @@ ReplicaHandle::~ReplicaHandle() {
 }
 
 // State shared by the reactor (gRPC threads) and the coroutine (its executor's thread).
-struct GenerateCall::Shared {
+struct ReplicaCall::Shared {
   explicit Shared(net::any_io_executor executor) : timer(executor, net::steady_timer::time_point::max()) {}
 
   std::mutex mutex;
@@ -50,7 +50,7 @@ struct GenerateCall::Shared {
   net::steady_timer timer;  // used only on the executor's thread
 };
 
-class GenerateCall::Reactor final : public grpc::ClientReadReactor<v1::GenerateChunk> {
+class ReplicaCall::Reactor final : public grpc::ClientReadReactor<v1::GenerateChunk> {
  public:
   Reactor(std::shared_ptr<Shared> shared, const v1::GenerateRequest& request, std::chrono::milliseconds max_duration)
       : shared_(std::move(shared)), request_(request) {
@@ -112,27 +112,27 @@ class GenerateCall::Reactor final : public grpc::ClientReadReactor<v1::GenerateC
   v1::GenerateChunk chunk_;  // reused for every message: no allocation per token once warm
 };
 
-GenerateCall::GenerateCall(ReplicaHandle& replica, const v1::GenerateRequest& request, net::any_io_executor executor,
+ReplicaCall::ReplicaCall(ReplicaHandle& replica, const v1::GenerateRequest& request, net::any_io_executor executor,
                            std::chrono::milliseconds max_duration)
     : shared_(std::make_shared<Shared>(std::move(executor))), reactor_(new Reactor(shared_, request, max_duration)) {
   reactor_->start(*replica.channel().stub);
 }
 
-GenerateCall::~GenerateCall() {
+ReplicaCall::~ReplicaCall() {
   if (reactor_ != nullptr) {
     reactor_->context().TryCancel();
     std::exchange(reactor_, nullptr)->RemoveHold();
   }
 }
 
-net::awaitable<bool> GenerateCall::park(std::chrono::steady_clock::time_point deadline) {
+net::awaitable<bool> ReplicaCall::park(std::chrono::steady_clock::time_point deadline) {
   boost::system::error_code ec;  // operation_aborted is the wake-up itself
   shared_->timer.expires_at(deadline);
   co_await shared_->timer.async_wait(net::redirect_error(net::use_awaitable, ec));
   co_return ec == net::error::operation_aborted;
 }
 
-net::awaitable<GenerateCall::Event> GenerateCall::next(std::chrono::steady_clock::time_point deadline) {
+net::awaitable<ReplicaCall::Event> ReplicaCall::next(std::chrono::steady_clock::time_point deadline) {
   for (;;) {
     if (std::exchange(woken_, false)) co_return Event::kWoken;
     std::optional<Event> event;
@@ -156,16 +156,16 @@ net::awaitable<GenerateCall::Event> GenerateCall::next(std::chrono::steady_clock
   }
 }
 
-const v1::GenerateChunk& GenerateCall::chunk() const { return reactor_->chunk(); }
+const v1::GenerateChunk& ReplicaCall::chunk() const { return reactor_->chunk(); }
 
-void GenerateCall::read_next() { reactor_->read_next(); }
+void ReplicaCall::read_next() { reactor_->read_next(); }
 
-void GenerateCall::wake() {
+void ReplicaCall::wake() {
   woken_ = true;
   shared_->timer.cancel();
 }
 
-net::awaitable<CallStatus> GenerateCall::finish() {
+net::awaitable<CallStatus> ReplicaCall::finish() {
   if (!ended_) reactor_->context().TryCancel();
   // After RemoveHold the reactor may run OnDone (and delete itself) at any moment, even inline.
   std::exchange(reactor_, nullptr)->RemoveHold();

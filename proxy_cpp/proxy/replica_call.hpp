@@ -25,7 +25,7 @@ struct CallStatus {
   bool ok() const { return code == 0; }
 };
 
-class GenerateCall {
+class ReplicaCall {
  public:
   enum class Event {
     kChunk,  // chunk() holds a new message
@@ -36,12 +36,12 @@ class GenerateCall {
 
   // Starts the call on `replica`'s channel with a gRPC deadline `max_duration` from now; events are
   // delivered on `executor` (the connection's thread). The request is copied: a retry sends it again.
-  GenerateCall(ReplicaHandle& replica, const v1::GenerateRequest& request, boost::asio::any_io_executor executor,
+  ReplicaCall(ReplicaHandle& replica, const v1::GenerateRequest& request, boost::asio::any_io_executor executor,
                std::chrono::milliseconds max_duration);
   // Cancels the call if finish() was not awaited (the coroutine was torn down early).
-  ~GenerateCall();
-  GenerateCall(const GenerateCall&) = delete;
-  GenerateCall& operator=(const GenerateCall&) = delete;
+  ~ReplicaCall();
+  ReplicaCall(const ReplicaCall&) = delete;
+  ReplicaCall& operator=(const ReplicaCall&) = delete;
 
   // Waits for the next event until `deadline`. After kChunk, read chunk() and then call read_next().
   boost::asio::awaitable<Event> next(std::chrono::steady_clock::time_point deadline);

@@ -19,7 +19,7 @@
 
 namespace tokenbus::proxy {
 
-struct ReplicaChannel;  // the gRPC channel and stub of one replica; defined by replica_stream.cpp
+struct ReplicaChannel;  // the gRPC channel and stub of one replica; defined by replica_call.cpp
 class SlotQueue;        // a deployment's waiting requests; defined by slot_queue.hpp
 
 // What the proxy keeps about one replica address across snapshots.
@@ -43,7 +43,7 @@ class ReplicaHandle {
   std::uint64_t ejections() const { return ejections_total_.load(std::memory_order_relaxed); }
   bool ejected(std::int64_t now_ns) const { return now_ns < ejected_until_ns_.load(std::memory_order_relaxed); }
 
-  // The replica's channel, created on first use and reused by every later request (replica_stream.cpp).
+  // The replica's channel, created on first use and reused by every later request (replica_call.cpp).
   ReplicaChannel& channel();
 
  private:
