@@ -165,9 +165,16 @@ class RingSender:
         self._wake: asyncio.Handle | None = None  # the pending wake-up of the consumer, one per loop iteration
         self._gone = False
 
-    def send(self, record: Any) -> None:
+    @property
+    def max_payload(self) -> int:
+        """The largest record the ring takes, in bytes (capacity / 4)."""
+        return self._producer.max_payload
+
+    def send(self, record: Any, *, wake_now: bool = False) -> None:
         """Packs and writes `record` now, or queues it behind earlier ones when the ring is full.
 
+        The consumer is woken once after this loop iteration's callbacks, or at once with `wake_now` (for a
+        record written last in its iteration, such as the worker's batch of the iteration's tokens).
         Raises ValueError for a record larger than the ring's largest, PeerGone once the consumer is known gone.
         """
         if self._gone:
@@ -179,6 +186,8 @@ class RingSender:
             self._queue.append(data)
             if len(self._queue) == 1:
                 self._start_waiting()
+        elif wake_now:
+            self._producer.wake_consumer()
         elif self._wake is None:
             # One wake-up for everything this loop iteration writes (the sim engine's tokens due together, a
             # vLLM step's outputs): the consumer, if asleep, is woken once, right after the iteration's callbacks.

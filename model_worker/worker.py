@@ -6,10 +6,16 @@ the response ring. Load goes out as STATS when it changes, coalesced to at most 
 once every STATS_MAX_GAP_S even when nothing changes: the replica reports the age of the last one, so a worker that
 is alive but stuck (or SIGSTOPped) shows a growing age that its agent's health check catches.
 
-The first TOKENS record of each request carries a fifth field, the wall-clock time (ns since the epoch) at which the
-engine's output with its first token reached the worker: the proxy's per-hop first-token timing reads it as the
-"engine produced" stamp. The worker serves its metrics (model_worker/metrics.py) on `--metrics-host`, a free port,
-and prints `METRICS host:port` on stdout, which is its log file: its agent reads the line there.
+Tokens travel batched (schemas/README.md section 3): every token the engine reports in one event-loop iteration, for
+all requests, goes out as one TOKENS record of groups `id, text, n_tokens, produced_ns`, written at the iteration's end
+(a callback scheduled by its first token) with one wake-up of the replica. A request's FINISH first flushes the batch
+when it holds that request's groups, so its tokens always precede it; a batch that would outgrow the ring's largest
+record is sent and a new one started. The first group of each request carries the wall-clock time (ns since the
+epoch) at which the engine's output with its first token reached the worker (0 in later groups): the proxy's per-hop
+first-token timing reads it as the "engine produced" stamp.
+
+The worker serves its metrics (model_worker/metrics.py) on `--metrics-host`, a free port, and prints
+`METRICS host:port` on stdout, which is its log file: its agent reads the line there.
 """
 
 from __future__ import annotations
@@ -30,6 +36,12 @@ from model_worker.ring import PeerGone, RingReceiver, RingSender, parse_ring_fds
 from model_worker.sim_engine import SimEngine
 
 log = logging.getLogger("model_worker")
+
+# Bounds of a TOKENS record's packed size, so the batch is split before it outgrows the ring's largest record without
+# packing it twice: the array header, and per group the text's at most 4 UTF-8 bytes a character plus its header (5)
+# and three uint64s (9 each).
+TOKENS_RECORD_OVERHEAD = 6
+TOKENS_GROUP_OVERHEAD = 32
 
 STATS_INTERVAL_S = 0.1
 STATS_MAX_GAP_S = 1.0  # schemas/README.md section 3: the longest time between two STATS records
@@ -53,11 +65,18 @@ class Worker:
         # requests with no TOKENS record yet -> loop time their SUBMIT was read: the first one is stamped (C1)
         self._awaiting_first: dict[int, float] = {}
         self.engine_dead = asyncio.Event()  # set when the engine reports it can serve nothing more
+        # this iteration's TOKENS record: the kind, then the groups; the ids it names; its size bound; its tokens
+        self._batch: list[Any] = [records.TOKENS]
+        self._batch_ids: set[int] = set()
+        self._batch_bytes = TOKENS_RECORD_OVERHEAD
+        self._batch_tokens = 0
+        self._max_record = sender.max_payload
+        self._flush_handle: asyncio.Handle | None = None
 
-    def _send(self, record: list[Any]) -> None:
+    def _send(self, record: list[Any], *, wake_now: bool = False) -> None:
         # called from engine callbacks: a failure here must not escape into the engine's bookkeeping
         try:
-            self._sender.send(record)
+            self._sender.send(record, wake_now=wake_now)
         except PeerGone:
             self.replica_gone.set()
         except ValueError as e:  # larger than the ring's largest record: drop it, loudly
@@ -70,11 +89,11 @@ class Worker:
         self._keepalive()
 
     def close(self) -> None:
-        """Cancels the STATS timers (the worker is stopping)."""
-        for timer in (self._stats_timer, self._keepalive_timer):
+        """Cancels the STATS timers and the batch's flush (the worker is stopping)."""
+        for timer in (self._stats_timer, self._keepalive_timer, self._flush_handle):
             if timer is not None:
                 timer.cancel()
-        self._stats_timer = self._keepalive_timer = None
+        self._stats_timer = self._keepalive_timer = self._flush_handle = None
 
     # --- OutputSink -------------------------------------------------------------------------------------
     def engine_failed(self, message: str) -> None:
@@ -83,12 +102,32 @@ class Worker:
 
     def tokens(self, request_id: int, text: str, n_tokens: int) -> None:
         submitted = self._awaiting_first.pop(request_id, None)
-        if submitted is None:
-            self._send([records.TOKENS, request_id, text, n_tokens])
-        else:
-            self._send([records.TOKENS, request_id, text, n_tokens, time.time_ns()])
+        produced_ns = 0
+        if submitted is not None:
+            produced_ns = time.time_ns()
             metrics.TIME_TO_FIRST_TOKEN.observe(self._loop.time() - submitted)
-        metrics.GENERATED_TOKENS.inc(n_tokens)
+        size = 4 * len(text) + TOKENS_GROUP_OVERHEAD
+        if self._batch_ids and self._batch_bytes + size > self._max_record:
+            self._flush_tokens()
+        self._batch += (request_id, text, n_tokens, produced_ns)
+        self._batch_ids.add(request_id)
+        self._batch_bytes += size
+        self._batch_tokens += n_tokens
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush_tokens)
+
+    def _flush_tokens(self) -> None:
+        """Sends the batch of TOKENS groups, if any, and wakes the replica."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._batch_ids:
+            return
+        record = self._batch
+        metrics.GENERATED_TOKENS.inc(self._batch_tokens)
+        self._batch, self._batch_ids = [records.TOKENS], set()
+        self._batch_bytes, self._batch_tokens = TOKENS_RECORD_OVERHEAD, 0
+        self._send(record, wake_now=True)
 
     def finish(
         self,
@@ -100,6 +139,8 @@ class Worker:
         error_message: str = "",
     ) -> None:
         self._awaiting_first.pop(request_id, None)
+        if request_id in self._batch_ids:  # its tokens go first
+            self._flush_tokens()
         self._send([records.FINISH, request_id, reason, prompt_tokens, completion_tokens, error_code, error_message])
         metrics.FINISHED[reason].inc()
 

@@ -53,20 +53,34 @@ def spawn_worker(
         return subprocess.Popen(cmd, pass_fds=(*rings.req, *rings.resp), stdout=log, stderr=log, start_new_session=True)
 
 
+def per_request(record: list[Any]) -> list[list[Any]]:
+    """A record as the tests read it: a batched TOKENS record `[1, id, text, n, produced_ns, ...]` becomes one
+    `[1, id, text, n]` per group, with `produced_ns` as a fifth field on a request's first group (the one stamped);
+    any other record is itself."""
+    if not (isinstance(record, list) and record and record[0] == TOKENS):
+        return [record]
+    assert len(record) > 1 and (len(record) - 1) % 4 == 0, record
+    groups = [record[i : i + 4] for i in range(1, len(record), 4)]
+    return [[TOKENS, rid, text, n, stamp] if stamp else [TOKENS, rid, text, n] for rid, text, n, stamp in groups]
+
+
 class Replica:
     """The replica's ends of the rings: it produces requests and consumes responses."""
 
     def __init__(self, rings: Rings) -> None:
         self.sender = RingSender(rings.req)
         self.receiver = RingReceiver(rings.resp)
-        self.records: list[list[Any]] = []
+        self.raw: list[Any] = []  # the records as they came through the ring
+        self.records: list[list[Any]] = []  # the same, TOKENS split per request (per_request)
 
     async def until(self, done: Callable[[list[list[Any]]], bool], deadline_s: float = DEADLINE_S) -> list[list[Any]]:
         """Read responses until `done(all records so far)`; fails at the deadline."""
 
         async def read() -> None:
             while not done(self.records):
-                self.records.extend(await self.receiver.next_batch())
+                for record in await self.receiver.next_batch():
+                    self.raw.append(record)
+                    self.records.extend(per_request(record))
 
         await asyncio.wait_for(read(), deadline_s)
         return self.records
@@ -151,6 +165,34 @@ async def test_many_streams_each_complete_and_ordered(worker: Running) -> None:
         kinds = [r[0] for r in replica.of(i)]
         assert kinds == [TOKENS] * 8 + [FINISH], i
         assert [len(r) for r in replica.of(i)[:-1]] == [5] + [4] * 7, i  # each request's first token is stamped
+
+
+async def test_a_burst_of_streams_travels_in_fewer_records_than_tokens(worker: Running) -> None:
+    replica = worker.replica
+    await replica.until(lambda recs: len(recs) >= 1)  # READY: the engine runs before the burst comes
+    for i in range(1, 41):
+        replica.sender.send(submit(i, f"prompt number {i}", 8))
+    await replica.until(lambda recs: sum(r[0] == FINISH for r in recs) == 40)
+    tokens = [r for r in replica.raw if r[0] == TOKENS]
+    groups = sum((len(r) - 1) // 4 for r in tokens)
+    assert groups == 40 * 8  # every token in a group of its own: one per request and engine step
+    # the engine steps all 40 together: each step's tokens share a record (a loaded machine batches more, never less)
+    assert len(tokens) <= groups // 4
+    assert any(len({r[i] for i in range(1, len(r), 4)}) > 1 for r in tokens)  # one record, many requests
+    for i in range(1, 41):  # a request's tokens, in order, before its FINISH
+        records = replica.of(i)
+        assert [r[0] for r in records] == [TOKENS] * 8 + [FINISH], i
+
+
+async def test_a_finish_follows_the_tokens_of_its_request_batched_before_it(worker: Running) -> None:
+    replica = worker.replica
+    for i in (1, 2, 3):
+        replica.sender.send(submit(i, f"short {i}", 1 + i))
+    await replica.until(lambda recs: sum(r[0] == FINISH for r in recs) == 3)
+    for i in (1, 2, 3):
+        finish = next(n for n, r in enumerate(replica.raw) if r[0] == FINISH and r[1] == i)
+        last_tokens = max(n for n, r in enumerate(replica.raw) if r[0] == TOKENS and i in r[1::4])
+        assert last_tokens < finish, i
 
 
 async def test_an_idle_worker_still_sends_stats_every_second(worker: Running) -> None:

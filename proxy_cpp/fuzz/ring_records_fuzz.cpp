@@ -11,7 +11,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   // The views of a decoded record point into the payload: touch them so ASan checks their bounds.
   std::size_t touched = 0;
   if (const auto* tokens = std::get_if<tokenbus::replica::TokensRecord>(&record)) {
-    for (const char c : tokens->text) touched += static_cast<unsigned char>(c);
+    tokens->for_each([&](const tokenbus::replica::TokensGroup& group) {
+      for (const char c : group.text) touched += static_cast<unsigned char>(c);
+    });
   } else if (const auto* finish = std::get_if<tokenbus::replica::FinishRecord>(&record)) {
     touched += static_cast<std::size_t>(finish->finish_reason);
     for (const char c : finish->error_message) touched += static_cast<unsigned char>(c);

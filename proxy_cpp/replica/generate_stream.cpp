@@ -37,7 +37,7 @@ void GenerateStream::fail(grpc::Status status, CallResult result) {
   Finish(std::move(status));
 }
 
-void GenerateStream::on_tokens(const TokensRecord& tokens, std::uint64_t read_ns) {
+void GenerateStream::on_tokens(const TokensGroup& tokens, std::uint64_t read_ns) {
   std::unique_lock lock(mutex_);
   if (abandoned_ || final_) return;
   if (!tokens_seen_) {

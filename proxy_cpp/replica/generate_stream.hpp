@@ -67,7 +67,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<tokenbus::v1::Gener
   // Ends a call the worker never saw (refused before or at SUBMIT) with a gRPC error status.
   void fail(grpc::Status status, CallResult result);
   // From the response reader, under the registry lock. `read_ns`: when the reader took the record.
-  void on_tokens(const TokensRecord& tokens, std::uint64_t read_ns);
+  void on_tokens(const TokensGroup& tokens, std::uint64_t read_ns);
   void on_finish(const FinishRecord& finish, CallResult result);
 
   void OnWriteDone(bool ok) override;

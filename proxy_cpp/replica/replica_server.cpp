@@ -132,8 +132,10 @@ struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService
   }
 
   void handle(const TokensRecord& tokens) {
-    const std::uint64_t read_ns = wall_clock_ns();  // the ring_read stamp, if this is the call's first record
-    calls_.with_call(tokens.id, [&](GenerateStream& call) { call.on_tokens(tokens, read_ns); });
+    const std::uint64_t read_ns = wall_clock_ns();  // the ring_read stamp of each call whose first group is here
+    tokens.for_each([&](const TokensGroup& group) {
+      calls_.with_call(group.id, [&](GenerateStream& call) { call.on_tokens(group, read_ns); });
+    });
   }
 
   void handle(const FinishRecord& finish) {

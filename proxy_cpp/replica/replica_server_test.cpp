@@ -27,7 +27,10 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <span>
+#include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "replica/ring_records.hpp"
@@ -106,11 +109,10 @@ double sample(const std::string& body, const std::string& series) {
   return -1;
 }
 
-// The other ends of both rings. It answers each SUBMIT by its prompt: "hold" gets one TOKENS and stays open
-// until cancelled, "error" a FINISH with error 400, anything else kTokensPerRequest TOKENS and a FINISH.
-// Like the model worker, it stamps its first TOKENS record of a request with the time it produced it
-// (`[1, id, text, n, produced_ns]`), except for prompts starting with "unstamped", answered as by an older
-// worker (4-field records only).
+// The other ends of both rings. It answers each SUBMIT by its prompt: one starting with "hold" gets one TOKENS
+// and stays open until cancelled, "error" a FINISH with error 400, anything else kTokensPerRequest TOKENS and a
+// FINISH. Like the model worker, it stamps the first TOKENS group of a request with the time it produced it
+// (`[1, id, text, n, produced_ns]`), except for prompts starting with "unstamped" (produced_ns 0 throughout).
 class FakeWorker {
  public:
   FakeWorker(const ring::RingFds& requests, const ring::RingFds& responses)
@@ -147,16 +149,15 @@ class FakeWorker {
     std::lock_guard lock(send_mutex_);
     while (!responses_.try_write(data, size)) responses_.wait_for_space(100ms);
   }
-  // `produced_ns` 0: a 4-field record.
-  void send_tokens(std::uint64_t id, const std::string& text, int n, std::uint64_t produced_ns = 0) {
-    send([&](auto& pk) {
-      pk.pack_array(produced_ns ? 5 : 4);
-      pk.pack(1);
-      pk.pack(id);
-      pk.pack(text);
-      pk.pack(n);
-      if (produced_ns) pk.pack(produced_ns);
-    });
+  // One TOKENS record of these groups, as the worker batches an event-loop iteration's tokens.
+  void send_tokens(std::span<const TokensGroup> groups) {
+    std::string record;
+    encode_tokens(record, groups);
+    send_raw(record.data(), record.size());
+  }
+  void send_tokens(std::uint64_t id, const std::string& text, std::uint32_t n, std::uint64_t produced_ns = 0) {
+    const TokensGroup group{id, text, n, produced_ns};
+    send_tokens(std::span(&group, 1));
   }
   void send_finish(std::uint64_t id, const std::string& reason, int prompt, int completion, int code,
                    const std::string& message) {
@@ -233,7 +234,7 @@ class FakeWorker {
   void answer(const Submit& submit) {
     const std::string prompt = submit.prompt();
     const bool stamped = prompt.rfind("unstamped", 0) != 0;
-    if (prompt == "hold") {
+    if (prompt.rfind("hold", 0) == 0) {
       send_tokens(submit.id, "first", 1, wall_clock_ns());
     } else if (prompt == "error") {
       send_finish(submit.id, "error", 0, 0, 400, "prompt too long");
@@ -574,6 +575,39 @@ TEST_F(ReplicaServerTest, CancellingTheCallWritesCancelForItsId) {
   while (reader->Read(&chunk)) {
   }
   EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+}
+
+TEST_F(ReplicaServerTest, OneTokensRecordFeedsEveryStreamItNamesInOrder) {
+  start_worker();
+  grpc::ClientContext context_a;
+  grpc::ClientContext context_b;
+  context_a.set_deadline(std::chrono::system_clock::now() + kDeadline);
+  context_b.set_deadline(std::chrono::system_clock::now() + kDeadline);
+  auto reader_a = stub_->Generate(&context_a, prompt_request("hold-a"));
+  auto reader_b = stub_->Generate(&context_b, prompt_request("hold-b"));
+  GenerateChunk chunk;
+  ASSERT_TRUE(reader_a->Read(&chunk));
+  ASSERT_TRUE(reader_b->Read(&chunk));
+  const auto a = worker_->submit_with_prompt("hold-a");
+  const auto b = worker_->submit_with_prompt("hold-b");
+  ASSERT_TRUE(a && b);
+  const std::vector<TokensGroup> groups = {{a->id, "x", 1, 0}, {b->id, "yy", 2, 0}, {a->id, "z", 1, 0}};
+  worker_->send_tokens(groups);
+  worker_->send_finish(a->id, "length", 3, 3, 0, "");
+  worker_->send_finish(b->id, "stop", 3, 3, 0, "");
+  const auto drain = [&](auto& reader, const std::string& first) {
+    std::string text = first;
+    std::uint32_t tokens = 1;
+    GenerateChunk last;
+    while (reader->Read(&last)) {
+      text += last.text();
+      tokens += last.tokens();
+    }
+    EXPECT_TRUE(reader->Finish().ok());
+    return std::make_tuple(text, tokens, last.finish_reason());
+  };
+  EXPECT_EQ(drain(reader_a, "first"), std::make_tuple(std::string("firstxz"), 3u, tokenbus::v1::FINISH_REASON_LENGTH));
+  EXPECT_EQ(drain(reader_b, "first"), std::make_tuple(std::string("firstyy"), 3u, tokenbus::v1::FINISH_REASON_STOP));
 }
 
 TEST_F(ReplicaServerTest, AMalformedResponseRecordIsDroppedAndStreamingContinues) {

@@ -26,6 +26,7 @@ class Reader {
       : at_(reinterpret_cast<const std::uint8_t*>(bytes.data())), end_(at_ + bytes.size()) {}
 
   bool at_end() const { return at_ == end_; }
+  const std::uint8_t* position() const { return at_; }
 
   bool array(std::uint32_t& size) { return header(size, 0x90, 0xdc, 0xdd); }
   bool map(std::uint32_t& size) { return header(size, 0x80, 0xde, 0xdf); }
@@ -185,6 +186,11 @@ class Reader {
   const std::uint8_t* end_;
 };
 
+// One TOKENS group: id, text, n_tokens, produced_ns.
+bool read_tokens_group(Reader& r, TokensGroup& group) {
+  return r.uint(group.id) && r.str(group.text) && r.uint32(group.tokens) && r.uint(group.produced_ns);
+}
+
 ResponseRecord decode_ready(Reader& r) {
   ReadyRecord ready{};
   std::uint32_t fields;
@@ -272,6 +278,26 @@ void encode_submit(std::string& out, std::uint64_t id, const tokenbus::v1::Gener
   }
 }
 
+std::size_t TokensRecord::read_group(std::size_t offset, TokensGroup& group) const {
+  const auto rest = groups_.subspan(offset);
+  Reader r(rest);
+  read_tokens_group(r, group);  // validated by decode_response
+  return offset + static_cast<std::size_t>(r.position() - reinterpret_cast<const std::uint8_t*>(rest.data()));
+}
+
+void encode_tokens(std::string& out, std::span<const TokensGroup> groups) {
+  StringSink sink{out};
+  msgpack::packer<StringSink> pk(sink);
+  pk.pack_array(static_cast<std::uint32_t>(1 + 4 * groups.size()));
+  pk.pack_uint8(kTokens);
+  for (const auto& group : groups) {
+    pk.pack_uint64(group.id);
+    pack_str(pk, group.text);
+    pk.pack_uint32(group.tokens);
+    pk.pack_uint64(group.produced_ns);
+  }
+}
+
 void encode_cancel(std::string& out, std::uint64_t id) {
   StringSink sink{out};
   msgpack::packer<StringSink> pk(sink);
@@ -288,12 +314,16 @@ ResponseRecord decode_response(std::span<const std::byte> payload) {
   ResponseRecord record;
   switch (kind) {
     case kTokens: {
-      TokensRecord tokens{};
-      if ((size != 4 && size != 5) || !r.uint(tokens.id) || !r.str(tokens.text) || !r.uint32(tokens.tokens) ||
-          (size == 5 && !r.uint(tokens.produced_ns))) {
-        return DecodeError{"TOKENS must be [1, id, text, n_tokens] or [1, id, text, n_tokens, produced_ns]"};
-      }
-      record = tokens;
+      const auto* groups_start = r.position();
+      const std::uint32_t count = (size - 1) / 4;
+      TokensGroup group;
+      bool ok = size > 1 && (size - 1) % 4 == 0;
+      for (std::uint32_t i = 0; ok && i < count; ++i) ok = read_tokens_group(r, group);
+      if (!ok) return DecodeError{"TOKENS must be [1, id, text, n_tokens, produced_ns, ...] (groups of four)"};
+      const auto offset = groups_start - reinterpret_cast<const std::uint8_t*>(payload.data());
+      record = TokensRecord(payload.subspan(static_cast<std::size_t>(offset),
+                                            static_cast<std::size_t>(r.position() - groups_start)),
+                            count);
       break;
     }
     case kFinish: {

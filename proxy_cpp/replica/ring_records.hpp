@@ -41,13 +41,44 @@ void encode_submit(std::string& out, std::uint64_t id, const tokenbus::v1::Gener
 void encode_cancel(std::string& out, std::uint64_t id);
 
 // Decoded response records; string_views point into the ring record and live until it is released.
-struct TokensRecord {
+
+// One group of a TOKENS record: new text of one request.
+struct TokensGroup {
   std::uint64_t id;
   std::string_view text;
   std::uint32_t tokens;
-  // The worker's first TOKENS record of a request carries when its engine produced the first token (wall
-  // clock ns since the epoch); 0 on later records and from a worker that does not stamp.
+  // The first group of a request carries when its engine produced the first token (wall clock ns since the
+  // epoch); 0 in its later groups.
   std::uint64_t produced_ns;
+};
+
+// A TOKENS record `[1, id, text, n_tokens, produced_ns, id, ...]`: the tokens of one worker event-loop iteration,
+// for every request that had some. A view over the record's groups, validated whole by decode_response (so a
+// malformed record dispatches nothing) and decoded again as it is iterated: nothing is allocated per group.
+class TokensRecord {
+ public:
+  TokensRecord() = default;
+  TokensRecord(std::span<const std::byte> groups, std::uint32_t count) : groups_(groups), count_(count) {}
+
+  std::uint32_t size() const { return count_; }
+
+  // Calls fn(const TokensGroup&) for each group, in the record's order.
+  template <class Fn>
+  void for_each(Fn&& fn) const {
+    TokensGroup group{};
+    std::size_t offset = 0;
+    for (std::uint32_t i = 0; i < count_; ++i) {
+      offset = read_group(offset, group);
+      fn(group);
+    }
+  }
+
+ private:
+  // Decodes the (validated) group at `offset` of groups_; returns the offset of the next one.
+  std::size_t read_group(std::size_t offset, TokensGroup& group) const;
+
+  std::span<const std::byte> groups_;
+  std::uint32_t count_ = 0;
 };
 // The ring carries the finish reason as a string ("stop", "length", "abort", "error"); these two are the one
 // place it meets the proto's enum. A string this replica does not know reads as FINISH_REASON_ERROR.
@@ -78,5 +109,8 @@ struct DecodeError {
 using ResponseRecord = std::variant<TokensRecord, FinishRecord, StatsRecord, ReadyRecord, DecodeError>;
 
 ResponseRecord decode_response(std::span<const std::byte> payload);
+
+// [1, id, text, n_tokens, produced_ns, ...]: the groups in order (at least one). Appends to `out`.
+void encode_tokens(std::string& out, std::span<const TokensGroup> groups);
 
 }  // namespace tokenbus::replica
