@@ -249,17 +249,18 @@ async def test_the_replica_binary_serves_a_python_worker(replica_rings: tuple[Ri
         kind, request_id, prompt, messages, params = submit
         assert (kind, prompt, messages, params["max_tokens"], params["seed"]) == (1, "hi", None, 3, None)
         assert params["top_p"] == pytest.approx(0.9)
-        for word in ["a ", "b ", "c"]:
-            sender.send([1, request_id, word, 1])
+        sender.send([1, request_id, "a ", 1, 0, request_id, "b ", 1, 0])  # a batched TOKENS record: two groups
+        sender.send([1, request_id, "c", 1, 0])
         sender.send([2, request_id, "length", 1, 3, 0, ""])
         chunks = [chunk async for chunk in call]
         assert "".join(c.text for c in chunks) == "a b c"
         assert sum(c.tokens for c in chunks) == 3
-        assert (chunks[-1].finish_reason, chunks[-1].prompt_tokens, chunks[-1].completion_tokens) == ("length", 1, 3)
+        last = chunks[-1]
+        assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == (pb.FINISH_REASON_LENGTH, 1, 3)
 
         held = stub.Generate(pb.GenerateRequest(prompt="held"))
         [submit] = await asyncio.wait_for(receiver.next_batch(), DEADLINE)
-        sender.send([1, submit[1], "x", 1])
+        sender.send([1, submit[1], "x", 1, 0])
         assert (await held.read()).text == "x"
         held.cancel()
         assert await asyncio.wait_for(receiver.next_batch(), DEADLINE) == [[2, submit[1]]]
