@@ -240,6 +240,8 @@ def test_unsupported_completion_options_are_400(client: OpenAI, param: str, valu
         ("temperature", "hot"),
         ("seed", "x"),
         ("stop", [1]),
+        ("stop", [""]),  # each stop string holds at least one character (schemas/request_limits.json)
+        ("top_p", 0),  # vLLM refuses 0: the minimum is exclusive
     ],
 )
 def test_out_of_range_parameters_are_400(client: OpenAI, param: str, value: Any) -> None:

@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <limits>
 
+#include "proxy/request_limits.hpp"  // generated from schemas/request_limits.json
+
 namespace tokenbus::proxy {
 namespace {
 
@@ -26,17 +28,30 @@ std::optional<RequestError> read_bool(dom::element value, std::string_view field
   return std::nullopt;
 }
 
-std::optional<RequestError> read_number(dom::element value, std::string_view field, double lo, double hi,
-                                        v1::SamplingParams& params, void (v1::SamplingParams::*set)(float)) {
+std::optional<RequestError> read_number(dom::element value, std::string_view field,
+                                        const request_limits::NumberLimit& limit, v1::SamplingParams& params,
+                                        void (v1::SamplingParams::*set)(float)) {
   double d = 0;
   if (value.get_double().get(d)) return field_error(field, "must be a number");
-  if (!(d >= lo && d <= hi)) {
-    char range[64];
-    std::snprintf(range, sizeof(range), "must be between %g and %g", lo, hi);
+  // The value checked is the one sent: a double just above an exclusive minimum can round to it as a float.
+  const float f = static_cast<float>(d);
+  const bool above_min = limit.min_exclusive ? f > limit.min : f >= limit.min;
+  if (!above_min || !(f <= limit.max)) {
+    char range[80];
+    std::snprintf(range, sizeof(range),
+                  limit.min_exclusive ? "must be over %g and at most %g" : "must be between %g and %g", limit.min,
+                  limit.max);
     return field_error(field, range);
   }
-  (params.*set)(static_cast<float>(d));
+  (params.*set)(f);
   return std::nullopt;
+}
+
+// Unicode code points of valid UTF-8 (simdjson has checked it): every byte but the continuation bytes.
+std::size_t code_points(std::string_view utf8) {
+  std::size_t n = 0;
+  for (const char c : utf8) n += (static_cast<unsigned char>(c) & 0xC0) != 0x80;
+  return n;
 }
 
 std::optional<RequestError> read_max_tokens(dom::element value, std::string_view field, std::uint32_t& out) {
@@ -70,7 +85,9 @@ std::optional<RequestError> read_messages(dom::element value, v1::GenerateReques
   dom::array messages;
   if (value.get_array().get(messages)) return field_error("messages", "must be an array");
   if (messages.size() == 0) return field_error("messages", "must not be empty");
-  if (messages.size() > kMaxMessages) return field_error("messages", "has too many entries");
+  if (messages.size() > request_limits::kMaxMessages) {
+    return field_error("messages", "has more than " + std::to_string(request_limits::kMaxMessages) + " entries");
+  }
   for (dom::element m : messages) {
     dom::object obj;
     if (m.get_object().get(obj)) return field_error("messages", "entries must be objects");
@@ -109,13 +126,26 @@ bool is_false(dom::element value) {
   return !value.get_bool().get(b) && !b;
 }
 
+std::optional<RequestError> read_stop_string(dom::element value, v1::SamplingParams& params) {
+  std::string& stop = *params.add_stop();
+  if (auto err = read_string(value, "stop", stop)) return err;
+  const std::size_t chars = code_points(stop);
+  if (chars == 0 || chars > request_limits::kMaxStopChars) {
+    return field_error("stop", "strings must hold 1 to " + std::to_string(request_limits::kMaxStopChars) +
+                                   " characters");
+  }
+  return std::nullopt;
+}
+
 std::optional<RequestError> read_stop(dom::element value, v1::SamplingParams& params) {
-  if (value.is_string()) return read_string(value, "stop", *params.add_stop());
+  if (value.is_string()) return read_stop_string(value, params);
   dom::array list;
   if (value.get_array().get(list)) return field_error("stop", "must be a string or an array of strings");
-  if (list.size() > kMaxStopStrings) return field_error("stop", "has too many entries");
+  if (list.size() > request_limits::kMaxStopStrings) {
+    return field_error("stop", "has more than " + std::to_string(request_limits::kMaxStopStrings) + " entries");
+  }
   for (dom::element s : list) {
-    if (auto err = read_string(s, "stop", *params.add_stop())) return err;
+    if (auto err = read_stop_string(s, params)) return err;
   }
   return std::nullopt;
 }
@@ -144,10 +174,15 @@ std::optional<RequestError> read_field(std::string_view key, dom::element value,
     return std::nullopt;
   }
   using P = v1::SamplingParams;
-  if (key == "temperature") return read_number(value, key, 0.0, 2.0, params, &P::set_temperature);
-  if (key == "top_p") return read_number(value, key, 0.0, 1.0, params, &P::set_top_p);
-  if (key == "presence_penalty") return read_number(value, key, -2.0, 2.0, params, &P::set_presence_penalty);
-  if (key == "frequency_penalty") return read_number(value, key, -2.0, 2.0, params, &P::set_frequency_penalty);
+  namespace limits = request_limits;
+  if (key == "temperature") return read_number(value, key, limits::kTemperature, params, &P::set_temperature);
+  if (key == "top_p") return read_number(value, key, limits::kTopP, params, &P::set_top_p);
+  if (key == "presence_penalty") {
+    return read_number(value, key, limits::kPresencePenalty, params, &P::set_presence_penalty);
+  }
+  if (key == "frequency_penalty") {
+    return read_number(value, key, limits::kFrequencyPenalty, params, &P::set_frequency_penalty);
+  }
   if (key == "seed") {
     std::int64_t seed = 0;
     if (value.get_int64().get(seed)) return field_error(key, "must be an integer");
@@ -178,8 +213,10 @@ std::optional<RequestError> read_field(std::string_view key, dom::element value,
 
 void set_default_params(v1::SamplingParams& params) {
   params.set_max_tokens(0);
-  params.set_temperature(1.0f);
-  params.set_top_p(1.0f);
+  params.set_temperature(static_cast<float>(request_limits::kTemperature.default_value));
+  params.set_top_p(static_cast<float>(request_limits::kTopP.default_value));
+  params.set_presence_penalty(static_cast<float>(request_limits::kPresencePenalty.default_value));
+  params.set_frequency_penalty(static_cast<float>(request_limits::kFrequencyPenalty.default_value));
 }
 
 std::optional<RequestError> parse_openai_request(std::string_view body, ApiFlavor flavor, OpenAiRequest& out) {

@@ -1,7 +1,7 @@
 #pragma once
 // Parsing of OpenAI-compatible request bodies (/v1/chat/completions, /v1/completions) into a
-// GenerateRequest. Network-facing: every field is type-checked and bounded, and bad input becomes a 400
-// with a message naming the field.
+// GenerateRequest. Network-facing: every field is type-checked and bounded (schemas/request_limits.json, through
+// the generated proxy/request_limits.hpp), and bad input becomes a 400 with a message naming the field.
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -25,11 +25,7 @@ struct RequestError {
   std::string param;  // the offending field, empty when the body as a whole is wrong
 };
 
-// Limits on what a request may carry (the body itself is already capped at 1 MiB).
-inline constexpr std::size_t kMaxMessages = 4096;
-inline constexpr std::size_t kMaxStopStrings = 16;
-
-// The sampling defaults of every endpoint: the engine's max_tokens (0), temperature 1, top_p 1.
+// The sampling defaults of every endpoint (schemas/request_limits.json), and max_tokens 0: the engine's.
 void set_default_params(v1::SamplingParams& params);
 
 std::optional<RequestError> parse_openai_request(std::string_view body, ApiFlavor flavor, OpenAiRequest& out);

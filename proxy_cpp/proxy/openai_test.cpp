@@ -3,8 +3,13 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cmath>
+#include <cstdio>
+#include <limits>
+
 #include "proxy/openai_request.hpp"
 #include "proxy/openai_response.hpp"
+#include "proxy/request_limits.hpp"
 
 namespace tokenbus::proxy {
 namespace {
@@ -132,14 +137,85 @@ TEST(OpenAiRequest, AcceptsUnsupportedFeaturesAtTheirNeutralValues) {
       ApiFlavor::kCompletion, completion));
 }
 
-TEST(OpenAiRequest, BoundsTheStopList) {
-  std::string body = R"({"model": "demo", "prompt": "a", "stop": [)";
-  for (std::size_t i = 0; i <= kMaxStopStrings; ++i) body += std::string(i ? "," : "") + "\"s\"";
-  body += "]}";
+// Every limit of schemas/request_limits.json, through the generated header: the value on the limit passes, the
+// first one past it is refused naming the field.
+struct LimitCase {
+  std::string field;
+  std::string fields;  // what the body adds after the model and messages, starting with ','
+};
+
+std::optional<RequestError> parse_chat(const std::string& fields) {
   OpenAiRequest r;
-  const auto error = parse_openai_request(body, ApiFlavor::kCompletion, r);
-  ASSERT_TRUE(error);
-  EXPECT_EQ(error->param, "stop");
+  return parse_openai_request(R"({"model": "demo", "messages": [{"role": "user", "content": "hi"}])" + fields + "}",
+                              ApiFlavor::kChat, r);
+}
+
+std::string number(float value) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.9g", static_cast<double>(value));  // round-trips a float
+  return text;
+}
+
+TEST(OpenAiRequest, EveryLimitHoldsJustInsideAndIsRefusedJustOutside) {
+  namespace limits = request_limits;
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  std::vector<LimitCase> inside;
+  std::vector<LimitCase> outside;
+  const std::pair<const char*, limits::NumberLimit> numbers[] = {{"temperature", limits::kTemperature},
+                                                                 {"top_p", limits::kTopP},
+                                                                 {"presence_penalty", limits::kPresencePenalty},
+                                                                 {"frequency_penalty", limits::kFrequencyPenalty}};
+  for (const auto& [field, limit] : numbers) {
+    const auto set = [&](float value) {
+      return LimitCase{field, ", \"" + std::string(field) + "\": " + number(value)};
+    };
+    const float min = static_cast<float>(limit.min);
+    const float max = static_cast<float>(limit.max);
+    inside.push_back(set(limit.min_exclusive ? std::nextafter(min, kInf) : min));
+    inside.push_back(set(max));
+    outside.push_back(set(limit.min_exclusive ? min : std::nextafter(min, -kInf)));
+    outside.push_back(set(std::nextafter(max, kInf)));
+  }
+  const auto stops = [](std::size_t count, const std::string& each) {
+    std::string list;
+    for (std::size_t i = 0; i < count; ++i) list += (i ? ",\"" : "\"") + each + "\"";
+    return LimitCase{"stop", ", \"stop\": [" + list + "]"};
+  };
+  inside.push_back(stops(limits::kMaxStopStrings, "s"));
+  outside.push_back(stops(limits::kMaxStopStrings + 1, "s"));
+  std::string longest;  // counted in characters, not bytes: each is two bytes of UTF-8
+  for (std::size_t i = 0; i < limits::kMaxStopChars; ++i) longest += "\xc3\xa9";
+  inside.push_back(stops(1, longest));
+  outside.push_back(stops(1, longest + "x"));
+  outside.push_back(stops(1, ""));
+  outside.push_back({"stop", R"(, "stop": "")"});
+  const auto messages = [](std::size_t count) {
+    std::string list;
+    for (std::size_t i = 0; i < count; ++i) list += std::string(i ? "," : "") + R"({"role": "user", "content": "m"})";
+    return LimitCase{"messages", ", \"messages\": [" + list + "]"};
+  };
+  inside.push_back(messages(limits::kMaxMessages));
+  outside.push_back(messages(limits::kMaxMessages + 1));
+
+  for (const LimitCase& c : inside) {
+    const auto error = parse_chat(c.fields);
+    EXPECT_FALSE(error) << c.fields.substr(0, 200) << ": " << error->message;
+  }
+  for (const LimitCase& c : outside) {
+    const auto error = parse_chat(c.fields);
+    ASSERT_TRUE(error) << c.fields.substr(0, 200);
+    EXPECT_EQ(error->param, c.field) << error->message;
+  }
+}
+
+TEST(OpenAiRequest, DefaultsAreTheSchemas) {
+  OpenAiRequest r;
+  ASSERT_FALSE(parse_openai_request(R"({"model": "demo", "prompt": "a"})", ApiFlavor::kCompletion, r));
+  const v1::SamplingParams& p = r.generate.params();
+  EXPECT_EQ(p.temperature(), static_cast<float>(request_limits::kTemperature.default_value));
+  EXPECT_EQ(p.top_p(), static_cast<float>(request_limits::kTopP.default_value));
+  EXPECT_EQ(p.presence_penalty(), static_cast<float>(request_limits::kPresencePenalty.default_value));
+  EXPECT_EQ(p.frequency_penalty(), static_cast<float>(request_limits::kFrequencyPenalty.default_value));
 }
 
 // Splits "data: {...}\n\n" events into their JSON.
