@@ -34,6 +34,7 @@ from model_worker import metrics, records
 from model_worker.engine import DuplicateRequestError, Engine, EngineInfo, EngineStats, FinishReason, Request
 from model_worker.ring import PeerGone, RingReceiver, RingSender, parse_ring_fds
 from model_worker.sim_engine import SimEngine
+from schemas import ring
 
 log = logging.getLogger("model_worker")
 
@@ -66,7 +67,7 @@ class Worker:
         self._awaiting_first: dict[int, float] = {}
         self.engine_dead = asyncio.Event()  # set when the engine reports it can serve nothing more
         # this iteration's TOKENS record: the kind, then the groups; the ids it names; its size bound; its tokens
-        self._batch: list[Any] = [records.TOKENS]
+        self._batch: list[Any] = [ring.TOKENS]
         self._batch_ids: set[int] = set()
         self._batch_bytes = TOKENS_RECORD_OVERHEAD
         self._batch_tokens = 0
@@ -84,7 +85,7 @@ class Worker:
 
     def ready(self, info: EngineInfo) -> None:
         """READY, then a first STATS, so the replica knows the load from the start."""
-        self._send([records.READY, dict(info)])
+        self._send(ring.ready_record(ring.Ready(info["engine"], info["model"], info["max_model_len"])))
         self.load_changed()
         self._keepalive()
 
@@ -125,7 +126,7 @@ class Worker:
             return
         record = self._batch
         metrics.GENERATED_TOKENS.inc(self._batch_tokens)
-        self._batch, self._batch_ids = [records.TOKENS], set()
+        self._batch, self._batch_ids = [ring.TOKENS], set()
         self._batch_bytes, self._batch_tokens = TOKENS_RECORD_OVERHEAD, 0
         self._send(record, wake_now=True)
 
@@ -141,7 +142,11 @@ class Worker:
         self._awaiting_first.pop(request_id, None)
         if request_id in self._batch_ids:  # its tokens go first
             self._flush_tokens()
-        self._send([records.FINISH, request_id, reason, prompt_tokens, completion_tokens, error_code, error_message])
+        self._send(
+            ring.finish_record(
+                ring.Finish(request_id, reason, prompt_tokens, completion_tokens, error_code, error_message)
+            )
+        )
         metrics.FINISHED[reason].inc()
 
     def load_changed(self) -> None:
@@ -157,7 +162,7 @@ class Worker:
         assert self.engine is not None
         stats = self.engine.stats()
         if unchanged_too or stats != self._stats_sent:
-            self._send([records.STATS, stats.running, stats.waiting, float(stats.kv_usage)])
+            self._send(ring.stats_record(ring.Stats(stats.running, stats.waiting, stats.kv_usage)))
             self._stats_sent, self._stats_sent_at = stats, self._loop.time()
             metrics.RUNNING.set(stats.running)
             metrics.WAITING.set(stats.waiting)
@@ -183,10 +188,8 @@ class Worker:
         try:
             if kind == records.SUBMIT:
                 self._submit(records.decode_submit(record))
-            elif kind == records.CANCEL:
+            else:  # a CANCEL, or a RecordError naming what it is not
                 self.engine.abort(records.decode_cancel(record))
-            else:
-                raise records.RecordError(f"unknown record kind {kind!r}", records.request_id_of(record))
         except records.RecordError as e:
             log.warning("worker %s bad record from replica (kind %r): %s", self._replica_id, kind, e)
             if kind == records.SUBMIT and e.request_id is not None:

@@ -147,7 +147,7 @@ struct ReplicaServer::Impl final : public tokenbus::v1::Replica::CallbackService
     last_stats_ns_.store(now_ns(), std::memory_order_relaxed);
     running_.store(stats.running, std::memory_order_relaxed);
     waiting_.store(stats.waiting, std::memory_order_relaxed);
-    kv_usage_.store(stats.kv_usage, std::memory_order_relaxed);
+    kv_usage_.store(static_cast<float>(stats.kv_usage), std::memory_order_relaxed);
   }
 
   void handle(const ReadyRecord& ready) {

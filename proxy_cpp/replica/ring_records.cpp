@@ -14,6 +14,15 @@ struct StringSink {
   void write(const char* data, std::size_t size) { out.append(data, size); }
 };
 
+// Always a float64, as the contract (and Python's msgpack) has it: msgpack-cxx's pack_double packs an integral
+// value (a temperature of 0) as an integer. The packer writes through to `out` at once, so this may interleave.
+void pack_float64(std::string& out, double value) {
+  std::uint64_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  out.push_back(static_cast<char>(0xcb));
+  for (int shift = 56; shift >= 0; shift -= 8) out.push_back(static_cast<char>(bits >> shift));
+}
+
 void pack_str(msgpack::packer<StringSink>& pk, std::string_view text) {
   pk.pack_str(static_cast<std::uint32_t>(text.size()));
   pk.pack_str_body(text.data(), static_cast<std::uint32_t>(text.size()));
@@ -99,12 +108,24 @@ class Reader {
   }
 
   bool str_or_nil(std::string_view& text) {
-    if (at_ != end_ && *at_ == 0xc0) {
-      ++at_;
+    if (nil()) {
       text = {};
       return true;
     }
     return str(text);
+  }
+
+  // True (and consumed) when the next value is nil.
+  bool nil() {
+    if (at_ == end_ || *at_ != 0xc0) return false;
+    ++at_;
+    return true;
+  }
+
+  bool boolean(bool& value) {
+    if (at_ == end_ || (*at_ != 0xc2 && *at_ != 0xc3)) return false;
+    value = *at_++ == 0xc3;
+    return true;
   }
 
   // Skips one value of any type, nesting at most `depth` containers.
@@ -191,6 +212,52 @@ bool read_tokens_group(Reader& r, TokensGroup& group) {
   return r.uint(group.id) && r.str(group.text) && r.uint32(group.tokens) && r.uint(group.produced_ns);
 }
 
+// SUBMIT's params map into `params`; unknown keys are skipped (a newer replica's extra field).
+bool read_params(Reader& r, tokenbus::v1::SamplingParams& params) {
+  std::uint32_t fields;
+  if (!r.map(fields)) return false;
+  for (std::uint32_t i = 0; i < fields; ++i) {
+    std::string_view key;
+    if (!r.str(key)) return false;
+    double number = 0;
+    bool ok = true;
+    if (key == "max_tokens") {
+      std::uint32_t max_tokens = 0;
+      ok = r.uint32(max_tokens);
+      params.set_max_tokens(max_tokens);
+    } else if (key == "temperature" || key == "top_p" || key == "presence_penalty" || key == "frequency_penalty") {
+      ok = r.number(number);
+      const auto value = static_cast<float>(number);  // float in the proto
+      if (key == "temperature") params.set_temperature(value);
+      if (key == "top_p") params.set_top_p(value);
+      if (key == "presence_penalty") params.set_presence_penalty(value);
+      if (key == "frequency_penalty") params.set_frequency_penalty(value);
+    } else if (key == "seed") {
+      std::uint64_t seed = 0;
+      if (!r.nil()) {
+        ok = r.uint(seed);
+        params.set_seed(seed);
+      }
+    } else if (key == "stop") {
+      std::uint32_t count;
+      ok = r.array(count);
+      for (std::uint32_t s = 0; ok && s < count; ++s) {
+        std::string_view stop;
+        ok = r.str(stop);
+        params.add_stop(std::string(stop));
+      }
+    } else if (key == "ignore_eos") {
+      bool ignore_eos = false;
+      ok = r.boolean(ignore_eos);
+      params.set_ignore_eos(ignore_eos);
+    } else {
+      ok = r.skip();
+    }
+    if (!ok) return false;
+  }
+  return true;
+}
+
 ResponseRecord decode_ready(Reader& r) {
   ReadyRecord ready{};
   std::uint32_t fields;
@@ -253,10 +320,10 @@ void encode_submit(std::string& out, std::uint64_t id, const tokenbus::v1::Gener
   pack_str(pk, "max_tokens");
   pk.pack_uint32(params.max_tokens());
   pack_str(pk, "temperature");
-  pk.pack_double(params.temperature());
+  pack_float64(out, params.temperature());
   pack_str(pk, "top_p");
   // proto3 cannot tell an unset top_p from 0, and 0 would leave nucleus sampling nothing: read it as "off"
-  pk.pack_double(params.top_p() > 0 ? params.top_p() : 1.0);
+  pack_float64(out, params.top_p() > 0 ? params.top_p() : 1.0);
   pack_str(pk, "seed");
   if (params.has_seed()) {
     pk.pack_uint64(params.seed());
@@ -267,9 +334,9 @@ void encode_submit(std::string& out, std::uint64_t id, const tokenbus::v1::Gener
   pk.pack_array(static_cast<std::uint32_t>(params.stop_size()));
   for (const auto& stop : params.stop()) pack_str(pk, stop);
   pack_str(pk, "presence_penalty");
-  pk.pack_double(params.presence_penalty());
+  pack_float64(out, params.presence_penalty());
   pack_str(pk, "frequency_penalty");
-  pk.pack_double(params.frequency_penalty());
+  pack_float64(out, params.frequency_penalty());
   pack_str(pk, "ignore_eos");
   if (params.ignore_eos()) {
     pk.pack_true();
@@ -296,6 +363,43 @@ void encode_tokens(std::string& out, std::span<const TokensGroup> groups) {
     pk.pack_uint32(group.tokens);
     pk.pack_uint64(group.produced_ns);
   }
+}
+
+void encode_finish(std::string& out, const FinishRecord& finish) {
+  StringSink sink{out};
+  msgpack::packer<StringSink> pk(sink);
+  pk.pack_array(7);
+  pk.pack_uint8(kFinish);
+  pk.pack_uint64(finish.id);
+  pack_str(pk, finish_reason_to_ring(finish.finish_reason));
+  pk.pack_uint32(finish.prompt_tokens);
+  pk.pack_uint32(finish.completion_tokens);
+  pk.pack_uint32(finish.error_code);
+  pack_str(pk, finish.error_message);
+}
+
+void encode_stats(std::string& out, const StatsRecord& stats) {
+  StringSink sink{out};
+  msgpack::packer<StringSink> pk(sink);
+  pk.pack_array(4);
+  pk.pack_uint8(kStats);
+  pk.pack_uint32(stats.running);
+  pk.pack_uint32(stats.waiting);
+  pack_float64(out, stats.kv_usage);
+}
+
+void encode_ready(std::string& out, const ReadyRecord& ready) {
+  StringSink sink{out};
+  msgpack::packer<StringSink> pk(sink);
+  pk.pack_array(2);
+  pk.pack_uint8(kReady);
+  pk.pack_map(3);
+  pack_str(pk, "engine");
+  pack_str(pk, ready.engine);
+  pack_str(pk, "model");
+  pack_str(pk, ready.model);
+  pack_str(pk, "max_model_len");
+  pk.pack_uint32(ready.max_model_len);
 }
 
 void encode_cancel(std::string& out, std::uint64_t id) {
@@ -340,11 +444,9 @@ ResponseRecord decode_response(std::span<const std::byte> payload) {
     }
     case kStats: {
       StatsRecord stats{};
-      double kv_usage;
-      if (size != 4 || !r.uint32(stats.running) || !r.uint32(stats.waiting) || !r.number(kv_usage)) {
+      if (size != 4 || !r.uint32(stats.running) || !r.uint32(stats.waiting) || !r.number(stats.kv_usage)) {
         return DecodeError{"STATS must be [3, running, waiting, kv_usage]"};
       }
-      stats.kv_usage = static_cast<float>(kv_usage);
       record = stats;
       break;
     }
@@ -353,6 +455,47 @@ ResponseRecord decode_response(std::span<const std::byte> payload) {
       record = decode_ready(r);
       if (std::holds_alternative<DecodeError>(record)) return record;
       break;
+    default:
+      return DecodeError{"unknown record kind " + std::to_string(kind)};
+  }
+  if (!r.at_end()) return DecodeError{"trailing bytes after the record"};
+  return record;
+}
+
+RequestRecord decode_request(std::span<const std::byte> payload) {
+  Reader r(payload);
+  std::uint32_t size;
+  std::uint64_t kind;
+  if (!r.array(size) || size == 0 || !r.uint(kind)) return DecodeError{"not an array starting with a record kind"};
+  RequestRecord record;
+  switch (kind) {
+    case kSubmit: {
+      SubmitRecord submit{};
+      std::string_view prompt;
+      std::uint32_t messages = 0;
+      bool ok = size == 5 && r.uint(submit.id) && r.str(prompt) && (r.nil() || r.array(messages));
+      submit.request.set_prompt(std::string(prompt));
+      for (std::uint32_t i = 0; ok && i < messages; ++i) {
+        std::uint32_t pair;
+        std::string_view role;
+        std::string_view content;
+        ok = r.array(pair) && pair == 2 && r.str(role) && r.str(content);
+        auto* message = submit.request.add_messages();
+        message->set_role(std::string(role));
+        message->set_content(std::string(content));
+      }
+      if (!ok || !read_params(r, *submit.request.mutable_params())) {
+        return DecodeError{"SUBMIT must be [1, id, prompt, messages | nil, params]"};
+      }
+      record = std::move(submit);
+      break;
+    }
+    case kCancel: {
+      CancelRecord cancel{};
+      if (size != 2 || !r.uint(cancel.id)) return DecodeError{"CANCEL must be [2, id]"};
+      record = cancel;
+      break;
+    }
     default:
       return DecodeError{"unknown record kind " + std::to_string(kind)};
   }

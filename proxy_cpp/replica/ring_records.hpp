@@ -1,5 +1,9 @@
 #pragma once
-// The ring records the replica writes (request ring) and reads (response ring): schemas/README.md section 3.
+// The ring records (schemas/README.md section 3), mirroring their one declaration in schemas/ring.py: an encoder
+// and a decoder for every kind. The replica writes the request ring (SUBMIT, CANCEL) and reads the response ring
+// (TOKENS, FINISH, STATS, READY); the other directions serve the tests (which re-encode the golden vectors
+// schemas/golden/ring_*.msgpack byte-identically) and the fuzz targets. Integers are packed in their smallest form
+// and floats as float64, as Python's msgpack does.
 // Encoding uses msgpack-cxx; decoding is a small non-throwing reader, because the response ring is the hot
 // path and its input comes from another process: a malformed record is an error value, never an exception.
 #include <chrono>
@@ -9,10 +13,7 @@
 #include <string_view>
 #include <variant>
 
-namespace tokenbus::v1 {
-class GenerateRequest;
-enum FinishReason : int;  // tokenbus.proto
-}
+#include "tokenbus.pb.h"
 
 namespace tokenbus::replica {
 
@@ -96,7 +97,7 @@ struct FinishRecord {
 struct StatsRecord {
   std::uint32_t running;
   std::uint32_t waiting;
-  float kv_usage;
+  double kv_usage;  // a float64 on the ring
 };
 struct ReadyRecord {
   std::string_view engine;
@@ -109,6 +110,26 @@ struct DecodeError {
 using ResponseRecord = std::variant<TokensRecord, FinishRecord, StatsRecord, ReadyRecord, DecodeError>;
 
 ResponseRecord decode_response(std::span<const std::byte> payload);
+
+// Request-ring records as the worker reads them (tests and fuzzing: the replica only writes them).
+struct SubmitRecord {
+  std::uint64_t id;
+  tokenbus::v1::GenerateRequest request;  // prompt, messages and params, as encode_submit takes them
+};
+struct CancelRecord {
+  std::uint64_t id;
+};
+using RequestRecord = std::variant<SubmitRecord, CancelRecord, DecodeError>;
+
+RequestRecord decode_request(std::span<const std::byte> payload);
+
+// Response-ring encoders (the worker's side: tests). Each appends to `out`.
+// [2, id, finish_reason, prompt_tokens, completion_tokens, error_code, error_message]
+void encode_finish(std::string& out, const FinishRecord& finish);
+// [3, running, waiting, kv_usage]
+void encode_stats(std::string& out, const StatsRecord& stats);
+// [4, {"engine": ..., "model": ..., "max_model_len": ...}]
+void encode_ready(std::string& out, const ReadyRecord& ready);
 
 // [1, id, text, n_tokens, produced_ns, ...]: the groups in order (at least one). Appends to `out`.
 void encode_tokens(std::string& out, std::span<const TokensGroup> groups);

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import msgpack
 
 from schemas.messages import (
     GpuInfo,
@@ -19,6 +22,20 @@ from schemas.messages import (
     SnapshotReplica,
     StartReplica,
     StopReplica,
+)
+from schemas.ring import (
+    Finish,
+    Ready,
+    Stats,
+    Submit,
+    SubmitParams,
+    TokensGroup,
+    cancel_record,
+    finish_record,
+    ready_record,
+    stats_record,
+    submit_record,
+    tokens_record,
 )
 
 HERE = Path(__file__).parent
@@ -81,12 +98,65 @@ GOLDEN: dict[str, Message] = {
 }
 
 
+# Ring records (schemas/ring.py), by file name: (ring, kind, record). Every float is exact in float32 (the proto's
+# SamplingParams are float), so the C++ codec re-encodes them to the same float64 bytes.
+RING_GOLDEN: dict[str, tuple[str, str, list[Any]]] = {
+    "ring_submit": (
+        "request",
+        "SUBMIT",
+        submit_record(
+            Submit(42, "What is machine learning?", None, SubmitParams(64, 0.5, 0.875, None, ("\n\n",), 0.25, -0.5))
+        ),
+    ),
+    "ring_submit_chat_seed": (
+        "request",
+        "SUBMIT",
+        submit_record(
+            Submit(
+                (1 << 40) + 1,
+                "",
+                (("system", "be brief"), ("user", "héllo ✓")),
+                SubmitParams(4096, 0.0, 1.0, (1 << 63) + 5, (), 0.0, 0.0, True),
+            )
+        ),
+    ),
+    "ring_cancel": ("request", "CANCEL", cancel_record(42)),
+    "ring_tokens": ("response", "TOKENS", tokens_record([TokensGroup(42, "Hello", 1, 1764500000123456789)])),
+    "ring_tokens_multi": (
+        "response",
+        "TOKENS",
+        tokens_record(
+            [
+                TokensGroup(42, " wörld", 2, 0),
+                TokensGroup(7, "Hi", 1, 1764500000200000000),
+                TokensGroup(1 << 40, "✓ done", 3, 0),
+                TokensGroup(42, "!", 1, 0),
+            ]
+        ),
+    ),
+    "ring_finish": ("response", "FINISH", finish_record(Finish(42, "length", 5, 64))),
+    "ring_finish_error": (
+        "response",
+        "FINISH",
+        finish_record(Finish(7, "error", 4097, 0, 400, "the prompt is longer than the context (4097 > 4096 tokens)")),
+    ),
+    "ring_stats": ("response", "STATS", stats_record(Stats(3, 1, 0.375))),
+    "ring_ready": ("response", "READY", ready_record(Ready("sim", "sim", 4096))),
+}
+
+
 def main() -> None:
     for name, msg in GOLDEN.items():
         kind, payload = msg.encode()
         (HERE / f"{name}.msgpack").write_bytes(payload)
+    for name, (_, _, record) in RING_GOLDEN.items():
+        (HERE / f"{name}.msgpack").write_bytes(msgpack.packb(record))
     lines = [f"{name}.msgpack\t{msg.KIND.name}" for name, msg in GOLDEN.items()]
-    (HERE / "README").write_text("One payload (frame 2) per file; its kind:\n" + "\n".join(lines) + "\n")
+    lines += [f"{name}.msgpack\tring {ring} {kind}" for name, (ring, kind, _) in RING_GOLDEN.items()]
+    (HERE / "README").write_text(
+        "One payload per file; its kind: a bus message's (frame 2), or `ring <request|response> <KIND>` for a "
+        "shared-memory ring record (schemas/ring.py):\n" + "\n".join(lines) + "\n"
+    )
 
 
 if __name__ == "__main__":
