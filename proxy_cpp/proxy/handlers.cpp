@@ -266,6 +266,118 @@ AttemptEnd classify_end(const CallStatus& status, bool final_seen, v1::FinishRea
   return end;
 }
 
+
+// The response head of a streamed answer, sent with its first bytes (a retry before them is invisible but for
+// the attempts header).
+struct StreamHead {
+  std::string_view content_type;  // with its CRLF-ended header lines
+  std::string_view request_id;
+  bool chunked = true;  // HTTP/1.1: chunked transfer coding; HTTP/1.0: the body ends by closing
+  bool keep_alive = true;
+  bool trailer = false;  // the body ends with the timing trailer (declared here)
+
+  void append(std::string& out, int attempts) const {
+    out += chunked ? "HTTP/1.1 200 OK\r\n" : "HTTP/1.0 200 OK\r\n";
+    out += content_type;
+    out += "X-Request-Id: ";
+    out += request_id;
+    out += "\r\n";
+    out += kAttemptsHeader;
+    out += ": ";
+    out += std::to_string(attempts);
+    out += chunked ? "\r\nTransfer-Encoding: chunked\r\n" : "\r\n";
+    if (trailer) {
+      out += "Trailer: ";
+      out += kTimingHeader;
+      out += "\r\n";
+    }
+    if (!keep_alive) out += "Connection: close\r\n";
+    out += "\r\n";
+  }
+};
+
+}  // namespace
+
+// How an output format turns the replica's chunks into bytes for the client; the attempt loop writes them.
+class ChunkWriter {
+ public:
+  virtual ~ChunkWriter() = default;
+  // Appends to `out` what the client gets for a chunk's `text` (maybe empty). `finish` is the engine's reason
+  // on the final chunk of a stream that ended well, else FINISH_REASON_NONE. `attempts`: replicas tried so far.
+  virtual void append(std::string& out, std::string_view text, v1::FinishReason finish, int attempts) = 0;
+  // Appends what follows the first text once it is written (its stamps are complete then), if anything.
+  virtual void append_after_first_text(std::string& out, const FirstTokenStamps& stamps) {}
+  // Whether the response head went out: from then on a failure can no longer be an HTTP error status.
+  bool head_sent() const { return head_sent_; }
+
+ protected:
+  bool head_sent_ = false;
+};
+
+namespace {
+
+// SSE: one OpenAI chunk event per chunk with text, the finish reason in the last one.
+class SseWriter final : public ChunkWriter {
+ public:
+  SseWriter(CompletionFormatter& formatter, const StreamHead& head, bool timing)
+      : formatter_(formatter), head_(head), timing_(timing) {}
+
+  void append(std::string& out, std::string_view text, v1::FinishReason finish, int attempts) override {
+    const bool finishing = finish != v1::FINISH_REASON_NONE;
+    if (text.empty() && !finishing) return;
+    if (!std::exchange(head_sent_, true)) head_.append(out, attempts);
+    ChunkFrame frame(out, head_.chunked);
+    formatter_.append_event(out, text, finishing ? openai_finish_reason(finish) : "");
+    finish_sent_ = finishing;
+    frame.close();
+  }
+
+  void append_after_first_text(std::string& out, const FirstTokenStamps& stamps) override {
+    if (!timing_) return;
+    ChunkFrame frame(out, head_.chunked);
+    out += ": tokenbus-timing ";
+    out += timing_json(stamps);
+    out += "\n\n";
+    frame.close();
+  }
+
+  // The event carrying finish_reason went out.
+  bool finish_sent() const { return finish_sent_; }
+
+ private:
+  CompletionFormatter& formatter_;
+  const StreamHead& head_;
+  const bool timing_;
+  bool finish_sent_ = false;
+};
+
+// Plain text: each chunk's text as it is.
+class PlainWriter final : public ChunkWriter {
+ public:
+  explicit PlainWriter(const StreamHead& head) : head_(head) {}
+
+  void append(std::string& out, std::string_view text, v1::FinishReason finish, int attempts) override {
+    if (text.empty() && finish == v1::FINISH_REASON_NONE) return;
+    if (!std::exchange(head_sent_, true)) head_.append(out, attempts);
+    ChunkFrame frame(out, head_.chunked);
+    out.append(text);
+    frame.close();
+  }
+
+ private:
+  const StreamHead& head_;
+};
+
+// A non-streamed JSON body: the text is held to the end.
+class JsonWriter final : public ChunkWriter {
+ public:
+  void append(std::string&, std::string_view text, v1::FinishReason, int) override { text_.append(text); }
+  const std::string& text() const { return text_; }
+
+ private:
+  std::string text_;
+};
+
 }  // namespace
 
 enum class Output { kPlain, kSse, kJson };
@@ -452,11 +564,29 @@ net::awaitable<RouteResult> Handlers::route(const GenerateJob& job, std::span<co
   }
 }
 
+// The state of one generate request across its attempts: what the attempt loop leaves for the output format's end.
+struct Handlers::Stream {
+  const GenerateJob& job;
+  std::string_view deployment;  // its label
+  DeploymentMetrics& series;
+  RouteResult route;
+  DeploymentLimits limits;
+  std::string request_id;
+  FirstTokenStamps stamps{};
+  int attempts = 1;
+  bool client_gone = false;
+  v1::FinishReason finish_reason = v1::FINISH_REASON_NONE;
+  Usage usage;
+  // A failure: the engine's final chunk said so, the call ended without a final chunk, or a timeout.
+  std::optional<std::pair<int, std::string>> failure;
+
+  std::string timing() const;  // the X-Tokenbus-Timing value: the first token's stamps as JSON, or ""
+};
+
 net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, GenerateJob job) {
   RetryBudget::Active active(retry_budget_);
-  std::vector<const ReplicaHandle*> tried;
   QueueWait wait;
-  RouteResult route = co_await this->route(job, tried, c.stream.get_executor(), wait);
+  RouteResult route = co_await this->route(job, {}, c.stream.get_executor(), wait);
   // After routing: a request that waited for the first snapshot is counted under the deployment it found.
   const std::string_view deployment = deployment_label(router_, job.model);
   DeploymentMetrics& series = metrics_.deployment(deployment);
@@ -484,9 +614,6 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
                                      {.retry_after = route.retry_after, .deployment = deployment,
                                       .rejection = wait.refusal.empty() ? "queue_full" : wait.refusal});
   }
-  FirstTokenStamps stamps{};
-  stamps[kProxyReceived] = job.received_ns;
-  stamps[kRouted] = wall_clock_ns();
   const DeploymentLimits limits = route.limits;
   const std::uint32_t max_tokens = job.request.params().max_tokens();
   if (limits.max_model_len > 0 && max_tokens > limits.max_model_len) {
@@ -498,55 +625,29 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
                                    "max_tokens", {.deployment = deployment, .rejection = "context_length"});
   }
 
-  const std::string request_id = next_request_id();
-  job.request.set_request_id(request_id);
-  const bool chunked = req.version() >= 11;
-  const bool keep_alive = req.keep_alive() && chunked;  // an HTTP/1.0 stream ends by closing
-  std::optional<CompletionFormatter> formatter;
-  if (job.output != Output::kPlain) {
-    const char* prefix = job.flavor == ApiFlavor::kChat ? "chatcmpl-" : "cmpl-";
-    const std::int64_t created =
-        std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
-    formatter.emplace(job.flavor, prefix + request_id, job.model, created);
-  }
-  int attempts = 1;
-  // Plain text carries the first token's stamps in a trailer, which only a chunked body has.
-  const bool plain_trailer = job.timing && job.output == Output::kPlain && chunked;
-  auto append_head = [&](std::string& out) {
-    out += chunked ? "HTTP/1.1 200 OK\r\n" : "HTTP/1.0 200 OK\r\n";
-    out += job.output == Output::kSse ? "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-                                      : "Content-Type: text/plain; charset=utf-8\r\n";
-    out += "X-Request-Id: ";
-    out += request_id;
-    out += "\r\n";
-    out += kAttemptsHeader;
-    out += ": ";
-    out += std::to_string(attempts);
-    out += chunked ? "\r\nTransfer-Encoding: chunked\r\n" : "\r\n";
-    if (plain_trailer) {
-      out += "Trailer: ";
-      out += kTimingHeader;
-      out += "\r\n";
-    }
-    if (!keep_alive) out += "Connection: close\r\n";
-    out += "\r\n";
-  };
-  const auto seconds = [](double s) {
-    return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
-  };
+  Stream s{job, deployment, series, std::move(route), limits, next_request_id()};
+  s.stamps[kProxyReceived] = job.received_ns;
+  s.stamps[kRouted] = wall_clock_ns();
+  job.request.set_request_id(s.request_id);
+  if (job.output == Output::kPlain) co_return co_await stream_plain(c, req, s);
+  const char* prefix = job.flavor == ApiFlavor::kChat ? "chatcmpl-" : "cmpl-";
+  const std::int64_t created =
+      std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+  CompletionFormatter formatter(job.flavor, prefix + s.request_id, job.model, created);
+  if (job.output == Output::kSse) co_return co_await stream_sse(c, req, s, formatter);
+  co_return co_await answer_json(c, req, s, formatter);
+}
 
+net::awaitable<void> Handlers::attempts(Connection& c, Stream& s, ChunkWriter& writer) {
+  const GenerateJob& job = s.job;
+  const auto seconds = [](double v) {
+    return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(v));
+  };
+  std::vector<const ReplicaHandle*> tried;
   metrics_.stream_started();
   ClientWatch watch(c);
-  std::string text;  // the whole text of a non-streamed response
-  bool headers_sent = false;
-  bool finish_sent = false;  // the SSE event carrying finish_reason went out
-  bool text_seen = false;    // some text came from a replica: from here on, no retry
-  bool client_gone = false;
-  v1::FinishReason finish_reason = v1::FINISH_REASON_NONE;
-  Usage usage;
+  bool text_seen = false;  // some text came from a replica: from here on, no retry
   std::optional<Clock::time_point> last_text_write;  // of a streamed response: the base of the next inter-token gap
-  // A failure: the engine's final chunk said so, the call ended without a final chunk, or a timeout.
-  std::optional<std::pair<int, std::string>> failure;
   RetryBudget::Retry retry;  // the budget slot of the retry running, if any
   error_code ec;
 
@@ -555,8 +656,8 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
     bool timed_out = false;
     std::uint32_t engine_error = 0;
     std::string engine_message;
-    finish_reason = v1::FINISH_REASON_NONE;
-    ReplicaHandle& replica = *route.lease.replica();
+    s.finish_reason = v1::FINISH_REASON_NONE;
+    ReplicaHandle& replica = *s.route.lease.replica();
     tried.push_back(&replica);
     ReplicaCall call(replica, job.request, c.stream.get_executor(), limits_.max_stream_duration);
     watch.attach(&call);
@@ -564,96 +665,78 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
 
     for (;;) {
       // Before the first text the deployment's time to first token applies, after it the idle time.
-      const double limit_s = text_seen ? limits.idle_timeout_s : limits.first_token_timeout_s;
+      const double limit_s = text_seen ? s.limits.idle_timeout_s : s.limits.first_token_timeout_s;
       const Clock::time_point deadline = limit_s > 0 ? last_event + seconds(limit_s) : Clock::time_point::max();
       const ReplicaCall::Event event = co_await call.next(deadline);
       if (event == ReplicaCall::Event::kWoken) {
         if (!watch.gone()) continue;
-        client_gone = true;
+        s.client_gone = true;
         break;
       }
       if (event == ReplicaCall::Event::kTimeout) {
         timed_out = true;
         metrics_.count_stream_timeout(text_seen ? "idle" : "first_token");
-        failure.emplace(504, text_seen ? "no token from the replica for " + std::to_string(limit_s) + " s"
-                                       : "no first token from the replica within " + std::to_string(limit_s) + " s");
+        s.failure.emplace(504, text_seen
+                                   ? "no token from the replica for " + std::to_string(limit_s) + " s"
+                                   : "no first token from the replica within " + std::to_string(limit_s) + " s");
         break;
       }
       if (event == ReplicaCall::Event::kEnd) break;
       last_event = Clock::now();
 
       const v1::GenerateChunk& chunk = call.chunk();
-      series.count_tokens(chunk.tokens());
+      s.series.count_tokens(chunk.tokens());
       replica.count_tokens(chunk.tokens());
       const bool has_text = !chunk.text().empty();
       const bool first_text = has_text && !text_seen;
       if (first_text) {
         text_seen = true;
         const v1::FirstTokenTimes& times = chunk.first_token_times();
-        stamps[kReplicaReceived] = times.replica_received_ns();
-        stamps[kRingWritten] = times.ring_written_ns();
-        stamps[kEngineProduced] = times.engine_produced_ns();
-        stamps[kRingRead] = times.ring_read_ns();
+        s.stamps[kReplicaReceived] = times.replica_received_ns();
+        s.stamps[kRingWritten] = times.ring_written_ns();
+        s.stamps[kEngineProduced] = times.engine_produced_ns();
+        s.stamps[kRingRead] = times.ring_read_ns();
       }
       if (chunk.finish_reason() != v1::FINISH_REASON_NONE) {
         final_seen = true;
-        finish_reason = chunk.finish_reason();
-        usage = Usage{chunk.prompt_tokens(), chunk.completion_tokens()};
+        s.finish_reason = chunk.finish_reason();
+        s.usage = Usage{chunk.prompt_tokens(), chunk.completion_tokens()};
         engine_error = chunk.error_code();
         engine_message = chunk.error_message();
       }
       // "abort" was not asked for (a client that left is handled above): the engine gave up on it.
-      const bool failed =
-          final_seen && (finish_reason == v1::FINISH_REASON_ERROR || finish_reason == v1::FINISH_REASON_ABORT);
+      const bool failed = final_seen && (s.finish_reason == v1::FINISH_REASON_ERROR ||
+                                         s.finish_reason == v1::FINISH_REASON_ABORT);
       c.out.clear();
-      if (job.output == Output::kJson) {
-        text.append(chunk.text());
-      } else if (!chunk.text().empty() || (final_seen && !failed)) {
-        if (!headers_sent) {
-          append_head(c.out);
-          headers_sent = true;
-        }
-        ChunkFrame frame(c.out, chunked);
-        if (job.output == Output::kPlain) {
-          c.out.append(chunk.text());
-        } else {
-          const bool finishing = final_seen && !failed;
-          formatter->append_event(c.out, chunk.text(), finishing ? openai_finish_reason(finish_reason) : "");
-          finish_sent = finishing;
-        }
-        frame.close();
-      }
+      writer.append(c.out, chunk.text(), final_seen && !failed ? s.finish_reason : v1::FINISH_REASON_NONE,
+                    s.attempts);
       call.read_next();  // the replica sends the next message while this one is written
       if (!c.out.empty()) {
         c.stream.expires_after(kIoTimeout);
         co_await net::async_write(c.stream, net::buffer(c.out), net::redirect_error(net::use_awaitable, ec));
         if (ec) {
-          client_gone = true;
+          s.client_gone = true;
           break;
         }
         if (has_text) {
           const Clock::time_point now = Clock::now();
           if (last_text_write) {
-            series.observe_inter_token(std::chrono::duration<double>(now - *last_text_write).count());
+            s.series.observe_inter_token(std::chrono::duration<double>(now - *last_text_write).count());
           }
           last_text_write = now;
         }
       }
       if (first_text) {
         // Written (a JSON body holds it to the end: there, when the proxy had it).
-        stamps[kProxySent] = wall_clock_ns();
-        series.observe_first_token(stamps);
-        if (job.timing && job.output == Output::kSse) {
-          c.out.clear();
-          ChunkFrame frame(c.out, chunked);
-          c.out += ": tokenbus-timing ";
-          c.out += timing_json(stamps);
-          c.out += "\n\n";
-          frame.close();
+        s.stamps[kProxySent] = wall_clock_ns();
+        s.series.observe_first_token(s.stamps);
+        c.out.clear();
+        writer.append_after_first_text(c.out, s.stamps);
+        if (!c.out.empty()) {
           c.stream.expires_after(kIoTimeout);
           co_await net::async_write(c.stream, net::buffer(c.out), net::redirect_error(net::use_awaitable, ec));
           if (ec) {
-            client_gone = true;
+            s.client_gone = true;
             break;
           }
         }
@@ -662,7 +745,7 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
 
     const CallStatus status = co_await call.finish();
     watch.attach(nullptr);
-    if (client_gone) break;  // the call was cancelled by finish(); nothing more can be said to the client
+    if (s.client_gone) break;  // the call was cancelled by finish(); nothing more can be said to the client
 
     RetryKind kind;
     if (timed_out) {  // `failure` already says which timeout
@@ -670,23 +753,23 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
       if (text_seen) break;
       kind = {"first_token_timeout", true};
     } else {
-      AttemptEnd end = classify_end(status, final_seen, finish_reason, engine_error, engine_message);
+      AttemptEnd end = classify_end(status, final_seen, s.finish_reason, engine_error, engine_message);
       if (end.replica_failed) {
         router_.report_failure(job.model, replica,
-                               final_seen ? "finish_reason " + v1::FinishReason_Name(finish_reason)
+                               final_seen ? "finish_reason " + v1::FinishReason_Name(s.finish_reason)
                                           : "gRPC status " + std::to_string(status.code));
       } else if (status.ok() || final_seen) {
         router_.report_success(replica);
       }
-      failure = std::move(end.failure);
+      s.failure = std::move(end.failure);
       kind = end.retry;
     }
-    if (!failure || text_seen) break;
+    if (!s.failure || text_seen) break;
 
     // No text reached the client: another replica may serve it, within the per-request cap and the budget.
     const std::string_view reason = kind.reason;
     if (reason.empty()) break;
-    if (attempts > retry_budget_.policy().max_retries) {
+    if (s.attempts > retry_budget_.policy().max_retries) {
       metrics_.count_retry_refused("max_retries");
       break;
     }
@@ -701,67 +784,108 @@ net::awaitable<bool> Handlers::generate(Connection& c, const Request& req, Gener
     // engine has requests waiting.
     if (kind.budgeted && next.queued > 0 && !(retry = retry_budget_.try_retry())) {
       metrics_.count_retry_refused("budget");
-      log(LogLevel::kWarn, "proxy", "%s: not retried (%.*s): retry budget spent", request_id.c_str(),
+      log(LogLevel::kWarn, "proxy", "%s: not retried (%.*s): retry budget spent", s.request_id.c_str(),
           static_cast<int>(reason.size()), reason.data());
       break;
     }
-    log(LogLevel::kInfo, "proxy", "%s: retrying on %s after %.*s from %s: %s", request_id.c_str(),
+    log(LogLevel::kInfo, "proxy", "%s: retrying on %s after %.*s from %s: %s", s.request_id.c_str(),
         next.lease.replica()->address().c_str(), static_cast<int>(reason.size()), reason.data(),
-        replica.address().c_str(), failure->second.c_str());
+        replica.address().c_str(), s.failure->second.c_str());
     metrics_.count_retry(reason);
-    route = std::move(next);  // releases the failed replica's lease
-    stamps[kRouted] = wall_clock_ns();
-    ++attempts;
+    s.route = std::move(next);  // releases the failed replica's lease
+    s.stamps[kRouted] = wall_clock_ns();
+    ++s.attempts;
   }
 
   co_await watch.stop();
   metrics_.stream_ended();
-  if (client_gone) {
-    metrics_.count_request(job.endpoint, headers_sent ? 200 : 499, deployment);
-    co_return false;
-  }
-  if (failure && !headers_sent) {
-    log(LogLevel::kWarn, "proxy", "%s: %d after %d attempt(s): %s", request_id.c_str(), failure->first, attempts,
-        failure->second.c_str());
-    const std::chrono::seconds retry_after = failure->first == 503 ? kNoReplicaRetryAfter : std::chrono::seconds(0);
-    co_return co_await write_error(c, req, metrics_, job.endpoint, failure->first, failure->second, {},
-                                   {.retry_after = retry_after, .attempts = attempts, .deployment = deployment});
-  }
-  series.observe_e2e(seconds_since(job.start));
-  // Only a request that asked, and whose first token went out, carries its stamps.
-  const std::string timing = job.timing && stamps[kProxySent] != 0 ? timing_json(stamps) : std::string();
-  if (failure) log(LogLevel::kWarn, "proxy", "%s: failed mid-stream: %s", request_id.c_str(), failure->second.c_str());
-  if (job.output == Output::kJson) {
-    co_return co_await write_response(c, req, metrics_, job.endpoint, 200,
-                                      formatter->body(text, openai_finish_reason(finish_reason), usage),
-                                      "application/json",
-                                      {.attempts = attempts, .deployment = deployment, .timing = timing});
-  }
-  if (failure && job.output == Output::kPlain) {
-    // Plain text has no way to say "failed": the body ends without its last chunk, and the client sees a
-    // truncated response.
-    metrics_.count_request(job.endpoint, 200, deployment);
-    co_return false;
-  }
+}
 
-  c.out.clear();
-  if (!headers_sent) append_head(c.out);
-  if (job.output == Output::kSse) {
-    ChunkFrame frame(c.out, chunked);
-    if (failure) {
-      CompletionFormatter::append_error_event(c.out, failure->first, failure->second);
-    } else {
-      if (!finish_sent) formatter->append_event(c.out, "", openai_finish_reason(finish_reason));
-      if (job.include_usage) formatter->append_usage_event(c.out, usage);
-    }
-    CompletionFormatter::append_done(c.out);
-    frame.close();
+net::awaitable<std::optional<bool>> Handlers::end_unless_done(Connection& c, const Request& req, const Stream& s,
+                                                              bool head_sent) {
+  if (s.client_gone) {
+    metrics_.count_request(s.job.endpoint, head_sent ? 200 : 499, s.deployment);
+    co_return false;
   }
-  append_last_chunk(c.out, chunked, plain_trailer ? std::string_view(timing) : std::string_view());
+  if (s.failure && !head_sent) {
+    log(LogLevel::kWarn, "proxy", "%s: %d after %d attempt(s): %s", s.request_id.c_str(), s.failure->first,
+        s.attempts, s.failure->second.c_str());
+    const std::chrono::seconds retry_after = s.failure->first == 503 ? kNoReplicaRetryAfter : std::chrono::seconds(0);
+    co_return co_await write_error(c, req, metrics_, s.job.endpoint, s.failure->first, s.failure->second, {},
+                                   {.retry_after = retry_after, .attempts = s.attempts, .deployment = s.deployment});
+  }
+  s.series.observe_e2e(seconds_since(s.job.start));
+  if (s.failure) {
+    log(LogLevel::kWarn, "proxy", "%s: failed mid-stream: %s", s.request_id.c_str(), s.failure->second.c_str());
+  }
+  co_return std::nullopt;
+}
+
+net::awaitable<bool> Handlers::write_end(Connection& c, const Stream& s, bool keep_alive) {
+  error_code ec;
   c.stream.expires_after(kIoTimeout);
   co_await net::async_write(c.stream, net::buffer(c.out), net::redirect_error(net::use_awaitable, ec));
-  metrics_.count_request(job.endpoint, 200, deployment);
+  metrics_.count_request(s.job.endpoint, 200, s.deployment);
   co_return !ec && keep_alive;
+}
+
+// Only a request that asked, and whose first token went out, carries its stamps.
+std::string Handlers::Stream::timing() const {
+  return job.timing && stamps[kProxySent] != 0 ? timing_json(stamps) : std::string();
+}
+
+net::awaitable<bool> Handlers::stream_sse(Connection& c, const Request& req, Stream& s,
+                                          CompletionFormatter& formatter) {
+  const bool chunked = req.version() >= 11;
+  const StreamHead head{"Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n", s.request_id, chunked,
+                        req.keep_alive() && chunked};
+  SseWriter writer(formatter, head, s.job.timing);
+  co_await attempts(c, s, writer);
+  if (const auto done = co_await end_unless_done(c, req, s, writer.head_sent())) co_return *done;
+  c.out.clear();
+  if (!writer.head_sent()) head.append(c.out, s.attempts);
+  ChunkFrame frame(c.out, chunked);
+  if (s.failure) {
+    CompletionFormatter::append_error_event(c.out, s.failure->first, s.failure->second);
+  } else {
+    if (!writer.finish_sent()) formatter.append_event(c.out, "", openai_finish_reason(s.finish_reason));
+    if (s.job.include_usage) formatter.append_usage_event(c.out, s.usage);
+  }
+  CompletionFormatter::append_done(c.out);
+  frame.close();
+  append_last_chunk(c.out, chunked);
+  co_return co_await write_end(c, s, head.keep_alive);
+}
+
+net::awaitable<bool> Handlers::stream_plain(Connection& c, const Request& req, Stream& s) {
+  const bool chunked = req.version() >= 11;
+  // The first token's stamps go in a trailer, which only a chunked body has.
+  const StreamHead head{"Content-Type: text/plain; charset=utf-8\r\n", s.request_id, chunked,
+                        req.keep_alive() && chunked, s.job.timing && chunked};
+  PlainWriter writer(head);
+  co_await attempts(c, s, writer);
+  if (const auto done = co_await end_unless_done(c, req, s, writer.head_sent())) co_return *done;
+  if (s.failure) {
+    // Plain text has no way to say "failed": the body ends without its last chunk, and the client sees a
+    // truncated response.
+    metrics_.count_request(s.job.endpoint, 200, s.deployment);
+    co_return false;
+  }
+  c.out.clear();
+  if (!writer.head_sent()) head.append(c.out, s.attempts);
+  append_last_chunk(c.out, chunked, head.trailer ? s.timing() : std::string());
+  co_return co_await write_end(c, s, head.keep_alive);
+}
+
+net::awaitable<bool> Handlers::answer_json(Connection& c, const Request& req, Stream& s,
+                                           const CompletionFormatter& formatter) {
+  JsonWriter writer;
+  co_await attempts(c, s, writer);
+  if (const auto done = co_await end_unless_done(c, req, s, false)) co_return *done;
+  co_return co_await write_response(c, req, metrics_, s.job.endpoint, 200,
+                                    formatter.body(writer.text(), openai_finish_reason(s.finish_reason), s.usage),
+                                    "application/json",
+                                    {.attempts = s.attempts, .deployment = s.deployment, .timing = s.timing()});
 }
 
 }  // namespace tokenbus::proxy

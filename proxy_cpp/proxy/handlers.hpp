@@ -2,6 +2,7 @@
 // The proxy's HTTP endpoints (DESIGN.md "HTTP API of the proxy"): dispatch, the simple endpoints, and the
 // generate flow that routes a request to a replica and streams its chunks back.
 #include <atomic>
+#include <optional>
 #include <span>
 #include <string_view>
 
@@ -14,6 +15,8 @@
 
 namespace tokenbus::proxy {
 
+class ChunkWriter;
+class CompletionFormatter;
 class Metrics;
 
 class Handlers {
@@ -34,7 +37,25 @@ class Handlers {
  private:
   struct GenerateJob;
   struct QueueWait;
+  struct Stream;
+  // Routes the request and answers it in its output format: one function per format around one attempt loop.
   net::awaitable<bool> generate(Connection& connection, const Request& request, GenerateJob job);
+  net::awaitable<bool> stream_sse(Connection& connection, const Request& request, Stream& stream,
+                                  CompletionFormatter& formatter);
+  net::awaitable<bool> stream_plain(Connection& connection, const Request& request, Stream& stream);
+  net::awaitable<bool> answer_json(Connection& connection, const Request& request, Stream& stream,
+                                   const CompletionFormatter& formatter);
+  // The attempt loop: calls a replica and hands each chunk to `writer` (whose bytes it writes), until the stream
+  // ends, fails after its first text, the client leaves, or no retry is left (a timeout, an error or a refusal
+  // before the first text: another replica, within the per-request cap and the retry budget).
+  net::awaitable<void> attempts(Connection& connection, Stream& stream, ChunkWriter& writer);
+  // What every format does first once the attempts are over: answers a client that left (counted, nothing
+  // written), a failure before the head went out (an error status), and returns whether the connection may
+  // carry another request; nullopt when the format's own end follows.
+  net::awaitable<std::optional<bool>> end_unless_done(Connection& connection, const Request& request,
+                                                      const Stream& stream, bool head_sent);
+  // Writes the connection's `out` (the end of a streamed body) and counts the request as answered.
+  net::awaitable<bool> write_end(Connection& connection, const Stream& stream, bool keep_alive);
   // Routes `job` away from the replicas it `tried`, waiting in the deployment's queue while all are busy;
   // `wait` says how long it waited there and, when refused, why.
   net::awaitable<RouteResult> route(const GenerateJob& job, std::span<const ReplicaHandle* const> tried,
