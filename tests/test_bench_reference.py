@@ -46,6 +46,7 @@ def test_three_systems_measured_with_every_token_and_the_cpu_of_every_group(tmp_
             assert s["processes"][group] >= at_least, (system, s["processes"])
         assert set(s["cpu_pct"]) == set(GROUPS[system]), system
         assert s["cpu_total_pct"] > 0, system
+        assert s["client_cpu_pct"] > 0 and isinstance(s["others_cpu_pct"], float), system
     for system in SYSTEMS[1:]:
         for metric in ("ttft_ms", "e2e_ms"):
             expected = {q: round(run[system][metric][q] - run["direct"][metric][q], 3) for q in ("p50", "p95", "p99")}
