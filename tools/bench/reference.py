@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import uvloop
 from rich.console import Console
 from rich.table import Table
@@ -40,7 +41,6 @@ from tools.bench.python_client import run_python
 from tools.bench.records import Live
 from tools.bench.report import QUANTILES, result
 from tools.bench.run import HARD_DEADLINE_EXTRA_S
-from tools.bench.vs_vllm import wait_http_ok
 from tools.local_cluster import LocalCluster, free_port
 from tools.procs import Children
 
@@ -78,6 +78,32 @@ def parse_scenarios(spec: str) -> tuple[Scenario, ...]:
             raise argparse.ArgumentTypeError(f"{part!r}: wants streams >= 1 and a token interval > 0 ms")
         scenarios.append(scenario)
     return tuple(scenarios)
+
+
+async def wait_http_ok(url: str, deadline: float, children: Children) -> None:
+    """Polls `url` until it answers 200; RuntimeError when a child exits first (its log's tail) or at `deadline`."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
+        while time.monotonic() < deadline:
+            if (dead := children.first_exited()) is not None:
+                raise RuntimeError(f"{dead.name} exited ({dead.proc.returncode}):\n{dead.log_tail()}")
+            try:
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.5)
+    raise RuntimeError(f"{url} not ready in time")
+
+
+def add_quiet_args(p: argparse.ArgumentParser) -> None:
+    """--quiet-busy and --quiet-deadline, which wait_quiet reads."""
+    p.add_argument(
+        "--quiet-busy", type=positive_float, default=0.2, help="a quiet machine: less than this share of all cores busy"
+    )
+    p.add_argument(
+        "--quiet-deadline", type=float, default=60.0, help="seconds to wait for a quiet machine (0: one look)"
+    )
 
 
 async def wait_quiet(what: str, opts: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -290,12 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=positive_int, default=1, help="repeat every scenario this many times")
     p.add_argument("--max-tokens", type=positive_int, default=32, help="tokens per request")
     p.add_argument("--prefill-ms", type=float, default=0.0, help="before the first token (the sim's prefill_ms)")
-    p.add_argument(
-        "--quiet-busy", type=positive_float, default=0.2, help="a quiet machine: less than this share of all cores busy"
-    )
-    p.add_argument(
-        "--quiet-deadline", type=float, default=60.0, help="seconds to wait for a quiet machine (0: one look)"
-    )
+    add_quiet_args(p)
     p.add_argument("--json", metavar="FILE.json", help="write the numbers here")
     opts = p.parse_args(argv)
     if not nginx.NGINX.exists():

@@ -21,15 +21,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from rich.console import Console
 from rich.table import Table
 
 from node_agent.replica_process import READY_TIMEOUT_ARG
 from tools.bench.load import BenchConfig, LengthDist, Stage
 from tools.bench.loadgen import loadgen_path, run_loadgen
+from tools.bench.progress import with_progress
 from tools.bench.python_client import run_python
 from tools.bench.records import Live
+from tools.bench.reference import add_quiet_args, wait_http_ok, wait_quiet
 from tools.bench.report import result
 from tools.bench.run import HARD_DEADLINE_EXTRA_S
 from tools.local_cluster import LocalCluster, free_port
@@ -40,30 +41,19 @@ READY_DEADLINE_S = 600.0
 DEPLOYMENT = "demo"
 
 
-async def wait_http_ok(url: str, deadline: float, children: Children) -> None:
-    """Polls `url` until it answers 200; RuntimeError when a child exits first (its log's tail) or at `deadline`."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
-        while time.monotonic() < deadline:
-            if (dead := children.first_exited()) is not None:
-                raise RuntimeError(f"{dead.name} exited ({dead.proc.returncode}):\n{dead.log_tail()}")
-            try:
-                async with session.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            await asyncio.sleep(0.5)
-    raise RuntimeError(f"{url} not ready in time")
-
-
-async def _bench(url: str, opts: argparse.Namespace) -> dict[str, Any]:
-    """The overall result of one run by the client `tokenbus bench` uses (the loadgen when it is built)."""
+async def _bench(what: str, url: str, opts: argparse.Namespace, console: Console) -> dict[str, Any]:
+    """The overall result of one run by the client `tokenbus bench` uses (the loadgen when it is built), after a
+    wait for a quiet machine."""
+    await wait_quiet(what, opts, console)
     stages = (Stage(opts.duration, concurrency=opts.concurrency),)
     cfg = BenchConfig(url, DEPLOYMENT, stages, max_tokens=LengthDist("fixed", (opts.max_tokens,)))
+    live = Live()
     if loadgen_path().exists():  # the C++ client, as `tokenbus bench` uses by default: it measures, not queues
-        run = await run_loadgen(loadgen_path(), cfg, HARD_DEADLINE_EXTRA_S, Live())
-        return result(cfg, run, "cpp")["overall"]
-    return result(cfg, await run_python(cfg, HARD_DEADLINE_EXTRA_S, Live()), "python")["overall"]
+        client, work = "cpp", run_loadgen(loadgen_path(), cfg, HARD_DEADLINE_EXTRA_S, live)
+    else:
+        client, work = "python", run_python(cfg, HARD_DEADLINE_EXTRA_S, live)
+    console.print(f"{what}: {stages[0].describe()} for {opts.duration:g} s")
+    return result(cfg, await with_progress(cfg, live, console, work), client)["overall"]
 
 
 def _engine_args(opts: argparse.Namespace) -> dict[str, Any]:
@@ -91,8 +81,7 @@ async def bench_tokenbus(opts: argparse.Namespace, state_dir: Path, console: Con
         spec |= {"gpus_per_replica": tiny_model_gpus()}
         with console.status("tokenbus: waiting for the vLLM replica"):
             await cluster.deploy(spec, timeout=READY_DEADLINE_S)
-        with console.status(f"tokenbus: {opts.concurrency} streams for {opts.duration:.0f} s"):
-            return await _bench(cluster.proxy_url, opts)
+        return await _bench("tokenbus", cluster.proxy_url, opts, console)
     finally:
         cluster.stop()
 
@@ -107,8 +96,7 @@ async def bench_vllm_server(opts: argparse.Namespace, state_dir: Path, console: 
         url = f"http://127.0.0.1:{port}"
         with console.status("vLLM server: waiting for /health"):
             await wait_http_ok(f"{url}/health", time.monotonic() + READY_DEADLINE_S, children)
-        with console.status(f"vLLM server: {opts.concurrency} streams for {opts.duration:.0f} s"):
-            return await _bench(url, opts)
+        return await _bench("vLLM server", url, opts, console)
     finally:
         children.stop_all()
 
@@ -145,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=VLLM_DEMO_ARGS["max_model_len"])
+    add_quiet_args(p)
     opts = p.parse_args(argv)
     console = Console(stderr=True)
     rows = asyncio.run(compare(opts, console))
