@@ -7,8 +7,8 @@ tests) straight into the sink: no task per request or per token. The timers are 
 steps all its running requests at once: every token due within the same `coalesce_ms` window (1 ms by default,
 the resolution of uvloop's clock and timers) is emitted by one timer callback at the window's end, so one loop
 wake-up and one timer serve them all; a token is never early and at most a window late (0: a timer per distinct
-due time). Within a window, tokens go out in the order they were scheduled. Requests beyond the capacity wait in a
-FIFO queue and start when a place frees.
+due time). Within a window, tokens go out in the order they were scheduled, and the streams they ended finish after
+all of them. Requests beyond the capacity wait in a FIFO queue and start when a place frees.
 
 Text: token i is one word with a leading space, drawn with `random.Random` seeded from (engine seed, request
 seed), or (engine seed, prompt) when the request has no seed, so the same request always reads the same.
@@ -232,14 +232,25 @@ class SimEngine:
             del self._slots[when]
 
     def _fire(self, when: float) -> None:
-        """Emits the next token of every stream of the slot: one callback for all the tokens due in its window."""
+        """Emits the next token of every stream of the slot, then ends the streams that are done.
+
+        One callback for all the tokens due in the window, and the sink gets them together, as one engine step's
+        outputs, with the step's finishes after them (a finish does not cut the batch of tokens in two).
+        """
         streams = self._slots.pop(when).streams
+        done: list[tuple[_Stream, FinishReason]] = []
         for stream in streams.values():
             if stream.slot == when:  # else an output of this same slot aborted it
                 stream.slot = None
-                self._emit(stream)
+                reason = self._emit(stream)
+                if reason is not None:
+                    done.append((stream, reason))
+        for stream, reason in done:
+            if self._running.get(stream.request.id) is stream:  # else aborted since its last token
+                self._end(stream, reason)
 
-    def _emit(self, stream: _Stream) -> None:
+    def _emit(self, stream: _Stream) -> FinishReason | None:
+        """Emits the stream's next token and schedules the one after; the reason to end it when that was its last."""
         stream.generated += 1
         self._emitted += 1
         if not self._emitted & STEP_SAMPLE_MASK:  # the sim's step: its token period, plus how late this token is
@@ -249,14 +260,14 @@ class SimEngine:
         if not stops:
             self._sink.tokens(stream.request.id, word, 1)
         elif self._emit_checking_stops(stream, word, stops):
-            return
+            return "stop"
         if stream.generated >= stream.limit:
-            self._end(stream, "length")
-        else:
-            self._schedule_next(stream)
+            return "length"
+        self._schedule_next(stream)
+        return None
 
     def _emit_checking_stops(self, stream: _Stream, word: str, stops: tuple[str, ...]) -> bool:
-        """Send what can no longer be part of a stop string; True when a stop string ended the stream.
+        """Send what can no longer be part of a stop string; True when a stop string ends the stream.
 
         Keeping back the last (longest stop - 1) characters means any stop string that ends in the new word
         starts inside `held`, so it is never partly sent already.
@@ -269,7 +280,6 @@ class SimEngine:
             if text:
                 self._sink.tokens(stream.request.id, text, stream.held_tokens)
             stream.held, stream.held_tokens = "", 0
-            self._end(stream, "stop")
             return True
         keep = max(map(len, stops)) - 1
         cut = len(stream.held) - keep

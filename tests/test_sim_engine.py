@@ -278,8 +278,8 @@ def test_queue_beyond_capacity_is_fifo_and_starts_when_a_slot_frees() -> None:
     clock.advance()
     assert sink.tokens_of(3)[0][4] == 0.03
     assert sink.tokens_of(4)[0][4] == 0.04  # after 3 finished at 0.03
-    # 4 and the last token of 2 are both due at 0.04; 4 was scheduled first
-    assert [e[1] for e in sink.events if e[0] == "finish"] == [1, 3, 4, 2]
+    # 4 and the last token of 2 are both due at 0.04; 2 was scheduled first (before 3's end admitted 4)
+    assert [e[1] for e in sink.events if e[0] == "finish"] == [1, 3, 2, 4]
     assert engine.stats().running == 0 and engine.stats().kv_usage == 0.0
 
 
@@ -428,3 +428,34 @@ def test_a_due_time_a_float_hair_past_its_millisecond_is_emitted_at_that_millise
     engine.submit(req(1, max_tokens=7))
     clock.advance()
     assert [e[4] for e in sink.tokens_of(1)] == [1.12, 1.14, 1.16, 1.18, 1.2, 1.22, 1.24]
+
+
+def test_a_slots_finishes_come_after_all_its_tokens() -> None:
+    engine, sink, clock = make(token_delay_ms=10)
+    engine.submit(req(1, max_tokens=1))
+    engine.submit(req(2, max_tokens=2))
+    engine.submit(req(3, max_tokens=30, stop=(" ",)))  # every word starts with one: its first token stops it
+    engine.submit(req(4, max_tokens=1))
+    clock.advance(0.01)
+    assert [e[:2] for e in sink.events] == [
+        ("tokens", 1),
+        ("tokens", 2),
+        ("tokens", 4),
+        ("finish", 1),
+        ("finish", 3),
+        ("finish", 4),
+    ]
+    assert sink.finish_of(3)[2:5] == ("stop", 3, 1)
+    clock.advance()
+    assert sink.finish_of(2)[2:5] == ("length", 3, 2)
+
+
+def test_a_stream_aborted_after_its_last_token_ends_once() -> None:
+    engine, sink, clock = make(token_delay_ms=10)
+    engine.submit(req(1, max_tokens=1))
+    engine.submit(req(2, max_tokens=1))
+    sink.on_tokens = lambda rid: engine.abort(1) if rid == 2 else None  # between 1's last token and its end
+    clock.advance()
+    assert sink.finish_of(1)[2:5] == ("abort", 3, 1)
+    assert sink.finish_of(2)[2:5] == ("length", 3, 1)
+    assert engine.stats().running == 0
