@@ -34,6 +34,10 @@ class FakeReplica::Writer final : public grpc::ServerWriteReactor<v1::GenerateCh
       add("one ", 1);
       add("two ", 1);
       end_status_ = grpc::Status(grpc::StatusCode::UNAVAILABLE, "replica died");
+    } else if (text == "big") {
+      const std::uint32_t n = request.params().max_tokens() == 0 ? 8 : request.params().max_tokens();
+      for (std::uint32_t i = 0; i < n; ++i) add(std::string(kFakeBigChunkBytes, static_cast<char>('a' + i % 26)), 1);
+      finish(v1::FINISH_REASON_LENGTH, n);
     } else if (text == "quote") {
       add(kFakeQuoteText, 1);
       finish(v1::FINISH_REASON_STOP, 1);

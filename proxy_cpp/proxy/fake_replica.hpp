@@ -9,6 +9,8 @@
 //   "error400"  a final chunk with finish_reason "error", error_code 400, error_message "prompt too long"
 //   "fail-mid"  two chunks, then the call fails with UNAVAILABLE
 //   "quote"     one chunk holding characters JSON must escape, then a final "stop" chunk
+//   "big"       max_tokens chunks (8 when 0) of kFakeBigChunkBytes each, the i-th all of letter 'a' + i % 26,
+//               then a final "length" chunk
 //   otherwise   max_tokens chunks (8 when 0) "tok0 ", "tok1 ", ..., then a final "length" chunk with usage
 // With stamp_first_token(true), the first chunk with text carries first_token_times, stamped (wall clock) in
 // hop order as the call is taken, as a replica does.
@@ -24,6 +26,7 @@
 namespace tokenbus::proxy::testing {
 
 inline constexpr std::uint32_t kFakePromptTokens = 3;
+inline constexpr std::size_t kFakeBigChunkBytes = 64 * 1024;
 inline constexpr const char* kFakeQuoteText = "he said \"hi\"\n\t\\ ok \xc3\xa9";
 
 class FakeReplica final : public v1::Replica::CallbackService {

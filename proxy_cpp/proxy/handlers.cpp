@@ -169,6 +169,15 @@ class ChunkFrame {
   const std::size_t start_;
 };
 
+// Writes as much of `bytes` to the client as its socket takes now, without waiting (the socket is in
+// non-blocking mode): a streamed chunk usually goes out whole here, on this thread, with no timer, handler or
+// suspension. Returns the bytes written; `ec` is set only when the client is gone.
+std::size_t write_now(Connection& c, std::string_view bytes, error_code& ec) {
+  const std::size_t written = c.stream.socket().write_some(net::buffer(bytes), ec);
+  if (ec == net::error::would_block || ec == net::error::try_again) ec = {};
+  return written;
+}
+
 // Ends a chunked body, with the timing trailer when it is given.
 void append_last_chunk(std::string& out, bool chunked, std::string_view timing = {}) {
   if (!chunked) return;
@@ -645,11 +654,13 @@ net::awaitable<void> Handlers::attempts(Connection& c, Stream& s, ChunkWriter& w
   };
   std::vector<const ReplicaHandle*> tried;
   metrics_.stream_started();
+  error_code ec;
+  c.stream.socket().non_blocking(true, ec);  // for write_now; asynchronous operations are not affected
   ClientWatch watch(c);
   bool text_seen = false;  // some text came from a replica: from here on, no retry
   std::optional<Clock::time_point> last_text_write;  // of a streamed response: the base of the next inter-token gap
+  InterTokenGaps gaps;
   RetryBudget::Retry retry;  // the budget slot of the retry running, if any
-  error_code ec;
 
   for (;;) {  // one pass per attempt
     bool final_seen = false;
@@ -712,8 +723,14 @@ net::awaitable<void> Handlers::attempts(Connection& c, Stream& s, ChunkWriter& w
                     s.attempts);
       call.read_next();  // the replica sends the next message while this one is written
       if (!c.out.empty()) {
-        c.stream.expires_after(kIoTimeout);
-        co_await net::async_write(c.stream, net::buffer(c.out), net::redirect_error(net::use_awaitable, ec));
+        // The next chunk is taken only once this one is written: one chunk in flight, so a slow client holds
+        // its own stream only. What the socket does not take at once waits for room within the I/O timeout.
+        const std::size_t written = write_now(c, c.out, ec);
+        if (!ec && written < c.out.size()) {
+          c.stream.expires_after(kIoTimeout);
+          co_await net::async_write(c.stream, net::buffer(c.out.data() + written, c.out.size() - written),
+                                    net::redirect_error(net::use_awaitable, ec));
+        }
         if (ec) {
           s.client_gone = true;
           break;
@@ -721,7 +738,7 @@ net::awaitable<void> Handlers::attempts(Connection& c, Stream& s, ChunkWriter& w
         if (has_text) {
           const Clock::time_point now = Clock::now();
           if (last_text_write) {
-            s.series.observe_inter_token(std::chrono::duration<double>(now - *last_text_write).count());
+            gaps.observe(std::chrono::duration<double>(now - *last_text_write).count());
           }
           last_text_write = now;
         }
@@ -798,6 +815,7 @@ net::awaitable<void> Handlers::attempts(Connection& c, Stream& s, ChunkWriter& w
   }
 
   co_await watch.stop();
+  s.series.observe_inter_token(gaps);
   metrics_.stream_ended();
 }
 

@@ -113,6 +113,44 @@ TEST_F(ProxyTest, PlainChatStreamsTheTokensInOrder) {
   EXPECT_EQ(again.body, expected_tokens(64));
 }
 
+// A client that does not read a long stream: the proxy's socket buffer and its own fill, the rest of its chunks
+// wait for room (the write path's asynchronous side), and meanwhile streams of other clients, on each I/O thread,
+// complete. Once it reads, it gets the whole stream, in order.
+TEST_F(ProxyTest, AClientThatDoesNotReadHoldsOnlyItsOwnStream) {
+  inject_snapshot();
+  constexpr std::size_t kChunks = 200;  // 12.5 MiB: more than both sockets' buffers hold
+  net::io_context io;
+  tcp::socket slow(io);
+  slow.open(tcp::v4());
+  slow.set_option(net::socket_base::receive_buffer_size(4096));
+  slow.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), port_));
+  const std::string request = "POST /v1/chat/demo?max_tokens=" + std::to_string(kChunks) +
+                              " HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
+                              "Content-Length: 3\r\n\r\nbig";
+  net::write(slow, net::buffer(request));
+
+  for (int i = 0; i < 2; ++i) {  // connections go to the I/O threads in turn: one of these shares the slow one's
+    Client fast(port_);
+    const Reply r = fast.send(http::verb::post, "/v1/chat/demo?max_tokens=3", "hi", "text/plain");
+    EXPECT_EQ(r.status, 200) << r.error;
+    EXPECT_EQ(r.body, expected_tokens(3));
+  }
+
+  beast::flat_buffer buffer;
+  http::response_parser<http::string_body> parser;
+  parser.body_limit(kChunks * testing::kFakeBigChunkBytes + 1);
+  boost::system::error_code ec;
+  http::read(slow, buffer, parser, ec);
+  ASSERT_FALSE(ec) << ec.message();
+  const std::string& body = parser.get().body();
+  ASSERT_EQ(body.size(), kChunks * testing::kFakeBigChunkBytes);
+  for (std::size_t i = 0; i < kChunks; ++i) {
+    const std::string_view chunk = std::string_view(body).substr(i * testing::kFakeBigChunkBytes,
+                                                                 testing::kFakeBigChunkBytes);
+    ASSERT_EQ(chunk.find_first_not_of(static_cast<char>('a' + i % 26)), std::string_view::npos) << "chunk " << i;
+  }
+}
+
 TEST_F(ProxyTest, ChatCompletionStreamsSse) {
   inject_snapshot();
   Client client(port_);

@@ -6,6 +6,7 @@
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
 
+#include <algorithm>
 #include <chrono>
 #include <vector>
 
@@ -20,10 +21,7 @@ constexpr std::array kEndpointNames = {"chat_completions", "completions", "chat_
 // them is lock-free.
 constexpr std::array kStatuses = {200, 400, 401, 404, 405, 413, 414, 429, 431, 499, 500, 502, 503, 504};
 
-// Token-scale latencies: a hop inside a node takes tens of microseconds, a first token up to seconds.
-prometheus::Histogram::BucketBoundaries fine_buckets() {
-  return {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
-}
+prometheus::Histogram::BucketBoundaries fine_buckets() { return {kFineBuckets.begin(), kFineBuckets.end()}; }
 
 // Whole requests: up to minutes of generation.
 prometheus::Histogram::BucketBoundaries request_buckets() {
@@ -51,7 +49,20 @@ void DeploymentMetrics::observe_first_token(const FirstTokenStamps& stamps) {
 }
 
 void DeploymentMetrics::observe_e2e(double seconds) { e2e_->Observe(seconds); }
-void DeploymentMetrics::observe_inter_token(double seconds) { inter_token_->Observe(seconds); }
+
+// The bucket prometheus-cpp's Observe picks: the first bound not below the value.
+void InterTokenGaps::observe(double seconds) {
+  const auto bound = std::lower_bound(kFineBuckets.begin(), kFineBuckets.end(), seconds);
+  ++counts_[static_cast<std::size_t>(bound - kFineBuckets.begin())];
+  sum_ += seconds;
+  empty_ = false;
+}
+
+void DeploymentMetrics::observe_inter_token(const InterTokenGaps& gaps) {
+  if (gaps.empty_) return;
+  inter_token_->ObserveMultiple(std::vector<double>(gaps.counts_.begin(), gaps.counts_.end()), gaps.sum_);
+}
+
 void DeploymentMetrics::observe_queue_wait(double seconds) { queue_wait_->Observe(seconds); }
 void DeploymentMetrics::count_tokens(std::uint64_t tokens) { tokens_->Increment(static_cast<double>(tokens)); }
 

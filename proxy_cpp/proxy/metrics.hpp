@@ -43,6 +43,26 @@ inline constexpr std::array<std::string_view, kStampCount - 1> kHopNames = {
 // Wall-clock nanoseconds now: the clock every process stamps with, so that stamps of one node line up.
 std::uint64_t wall_clock_ns();
 
+// Bucket bounds of token-scale latencies, in seconds: a hop inside a node takes tens of microseconds, a first
+// token up to seconds.
+inline constexpr std::array<double, 17> kFineBuckets = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                                                        0.01,   0.025,   0.05,   0.1,   0.25,   0.5,
+                                                        1,      2.5,     5,      10,    30};
+
+// The gaps between the chunks of one stream, counted here and added to the deployment's histogram once, when
+// the stream ends (DeploymentMetrics::observe_inter_token): one lock of the shared histogram per stream
+// instead of one per token. Used by one coroutine at a time.
+class InterTokenGaps {
+ public:
+  void observe(double seconds);
+
+ private:
+  friend class DeploymentMetrics;
+  std::array<std::uint32_t, kFineBuckets.size() + 1> counts_{};  // the last: over every bound
+  double sum_ = 0.0;
+  bool empty_ = true;
+};
+
 // The series of one deployment that a request updates, resolved once per request so that nothing per token
 // looks labels up. Owned by Metrics, valid as long as it.
 class DeploymentMetrics {
@@ -51,8 +71,8 @@ class DeploymentMetrics {
   // nodes apart) is observed as 0 and counted as skew.
   void observe_first_token(const FirstTokenStamps& stamps);
   void observe_e2e(double seconds);
-  // The gap between two consecutive chunks written to the client.
-  void observe_inter_token(double seconds);
+  // The gaps between consecutive chunks written to the client of one stream, at its end.
+  void observe_inter_token(const InterTokenGaps& gaps);
   // Time the request waited for a slot in the deployment's queue (0: it did not wait).
   void observe_queue_wait(double seconds);
   void count_tokens(std::uint64_t tokens);

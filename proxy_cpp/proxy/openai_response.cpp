@@ -1,5 +1,7 @@
 #include "proxy/openai_response.hpp"
 
+#include <simdjson.h>
+
 #include <nlohmann/json.hpp>
 
 namespace tokenbus::proxy {
@@ -30,9 +32,10 @@ ordered usage_json(Usage usage) {
 
 }  // namespace
 
-// JSON string escaping by nlohmann's serializer, writing into a reused buffer through a reused string
-// value: no allocation per token once the buffers have grown. Invalid UTF-8 becomes U+FFFD rather than
-// an exception.
+// JSON string escaping straight into the output buffer: no copy, no JSON value, no allocation per token once
+// the buffer has grown. Escapes as nlohmann's serializer does (so every body the proxy writes reads the same);
+// text that is not valid UTF-8 (a replica's bug) goes through that serializer, which makes it U+FFFD rather
+// than an exception.
 class CompletionFormatter::Escaper {
  public:
   Escaper()
@@ -42,10 +45,37 @@ class CompletionFormatter::Escaper {
 
   // Appends `text` as a quoted JSON string.
   void append(std::string& out, std::string_view text) {
-    value_.get_ref<std::string&>().assign(text);
-    escaped_.clear();
-    serializer_.dump(value_, false, false, 0);
-    out.append(escaped_);
+    if (!simdjson::validate_utf8(text.data(), text.size())) {
+      value_.get_ref<std::string&>().assign(text);
+      escaped_.clear();
+      serializer_.dump(value_, false, false, 0);
+      out.append(escaped_);
+      return;
+    }
+    out += '"';
+    std::size_t plain = 0;  // start of the run of bytes copied as they are
+    for (std::size_t i = 0; i < text.size(); ++i) {
+      const auto c = static_cast<unsigned char>(text[i]);
+      if (c >= 0x20 && c != '"' && c != '\\') continue;
+      out.append(text.data() + plain, i - plain);
+      plain = i + 1;
+      switch (c) {
+        case '"': out += "\\\""; break;
+        case '\\': out += "\\\\"; break;
+        case '\b': out += "\\b"; break;
+        case '\f': out += "\\f"; break;
+        case '\n': out += "\\n"; break;
+        case '\r': out += "\\r"; break;
+        case '\t': out += "\\t"; break;
+        default: {
+          static constexpr char kHex[] = "0123456789abcdef";
+          const char escape[] = {'\\', 'u', '0', '0', kHex[c >> 4], kHex[c & 0xF]};
+          out.append(escape, sizeof(escape));
+        }
+      }
+    }
+    out.append(text.data() + plain, text.size() - plain);
+    out += '"';
   }
 
  private:

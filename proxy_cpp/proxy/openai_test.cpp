@@ -260,6 +260,19 @@ TEST(CompletionFormatter, ChatEventsAreOpenAiChunks) {
   EXPECT_EQ(e[4], "[DONE]");
 }
 
+TEST(CompletionFormatter, EscapesTextAsTheJsonSerializerDoes) {
+  std::vector<std::string> texts;
+  for (int c = 0; c < 0x80; ++c) texts.push_back("a" + std::string(1, static_cast<char>(c)) + "b");
+  texts.push_back("say \"hi\"\n\t\\ \x01\x1f\x7f \xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 end");
+  texts.push_back("");
+  for (const std::string& text : texts) {
+    CompletionFormatter f(ApiFlavor::kCompletion, "cmpl-1", "demo", 1);
+    std::string out;
+    f.append_event(out, text, "");
+    EXPECT_NE(out.find("\"text\":" + json(text).dump() + ","), std::string::npos) << out;
+  }
+}
+
 TEST(CompletionFormatter, InvalidUtf8IsReplacedNotFatal) {
   CompletionFormatter f(ApiFlavor::kCompletion, "cmpl-1", "demo", 1);
   std::string out;
