@@ -164,6 +164,9 @@ async def measure(
         "tokens_per_request": {"min": min(tokens, default=0), "max": max(tokens, default=0)},
         "ttft_ms": overall["ttft_ms"],
         "e2e_ms": overall["e2e_ms"],
+        # tokenbus's first token, hop by hop, from the proxy's stamps (the references send none)
+        "hops_ms": overall["hops_ms"],
+        "proxy_ttft_ms": overall["proxy_ttft_ms"],
         "cpu_pct": {k: round(v * 100, 1) for k, v in cores["by_kind"].items()},
         "cpu_total_pct": round(cores["total"] * 100, 1),
         "processes": cores["processes"],
