@@ -1,7 +1,9 @@
 #pragma once
 // Every limit and default of the proxy, stated once. `tokenbus-proxy` flags override the ones marked (flag);
 // the rest are fixed. Per-deployment limits (context length, time to first token, idle time between tokens)
-// come with the routing snapshot instead (schemas/README.md section 2).
+// come with the routing snapshot instead (schemas/README.md section 2); those of a request's body (messages, stop
+// strings, sampling ranges and defaults) are schemas/request_limits.json's, shared with the worker, read through
+// the header CMake generates from it (proxy/request_limits.hpp).
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
