@@ -45,7 +45,8 @@ def test_three_systems_measured_with_every_token_and_the_cpu_of_every_group(tmp_
         for group, at_least in GROUPS[system].items():
             assert s["processes"][group] >= at_least, (system, s["processes"])
         assert set(s["cpu_pct"]) == set(GROUPS[system]), system
-        assert s["cpu_total_pct"] > 0, system
+        assert s["cpu_total_pct"] > 0 and s["cpu_us_per_token"]["total"] > 0, system
+        assert set(s["cpu_us_per_token"]) == set(GROUPS[system]) | {"total"}, system
         assert s["client_cpu_pct"] > 0 and isinstance(s["others_cpu_pct"], float), system
     for system in SYSTEMS[1:]:
         for metric in ("ttft_ms", "e2e_ms"):

@@ -154,6 +154,10 @@ async def measure(
     tokens = [r.tokens for r in run.results if r.ok]
     system_s, client_s = cores["total"] * run.duration_s, run.client_cpu_s + own
     overall = res["overall"]
+
+    def per_token_us(cores_used: float) -> float | None:
+        return round(cores_used * 1e6 / overall["tokens_per_s"], 1) if overall["tokens_per_s"] else None
+
     return {
         "client": client,
         "quiet": quiet,
@@ -170,6 +174,8 @@ async def measure(
         "cpu_pct": {k: round(v * 100, 1) for k, v in cores["by_kind"].items()},
         "cpu_total_pct": round(cores["total"] * 100, 1),
         "processes": cores["processes"],
+        # CPU per token received by the client, by group and in all: a figure other load disturbs less than tails
+        "cpu_us_per_token": {k: per_token_us(v) for k, v in {**cores["by_kind"], "total": cores["total"]}.items()},
         # the loadgen and this process, which reads its output
         "client_cpu_pct": round(client_s / wall * 100, 1),
         # whatever else ran meanwhile (a shared machine): all cores' busy time but the system's and the client's
