@@ -26,10 +26,10 @@ CORPUS = Path(__file__).resolve().parent / "corpus"
 
 # The worker's response records (model_worker/worker.py _send), one of each kind and shape.
 RESPONSE_RECORDS: list[list[Any]] = [
-    [records.TOKENS, 7, "Hello", 1],
-    [records.TOKENS, 7, "Hello", 1, 1764500000000000000],  # a first TOKENS record: the engine-produced stamp
-    [records.TOKENS, 7, " wörld ✓", 2],
-    [records.TOKENS, 2**40, "", 0],
+    # TOKENS: groups of (id, text, n_tokens, produced_ns), produced_ns set on a request's first group only
+    [records.TOKENS, 7, "Hello", 1, 1764500000000000000],
+    [records.TOKENS, 7, " wörld ✓", 2, 0],
+    [records.TOKENS, 7, " more", 1, 0, 8, "Hi", 1, 1764500000000000001, 2**40, "", 0, 0],
     [records.FINISH, 7, "stop", 3, 5, 0, ""],
     [records.FINISH, 8, "length", 12, 64, 0, ""],
     [records.FINISH, 9, "abort", 3, 1, 0, ""],
@@ -121,7 +121,7 @@ def framed_ring_images() -> list[bytes]:
         try:
             producer = _ring.Producer(fds.mem, fds.data, fds.space)
             consumer = _ring.Consumer(fds.mem, fds.data, fds.space)
-            filler = msgpack.packb([records.TOKENS, 1, "x" * 300, 1])
+            filler = msgpack.packb([records.TOKENS, 1, "x" * 300, 1, 0])
             for _ in range(consumed_before):
                 assert producer.try_write(filler, wake=False)
                 assert consumer.read() is not None
