@@ -9,9 +9,9 @@ For each scenario (streams, token interval) three systems are measured one after
 Before each measurement the tool waits for a quiet machine (the share of all cores busy, from /proc/stat, below
 `--quiet-busy` over 2 s; after `--quiet-deadline` it measures anyway, with a warning), and it measures the CPU of
 every process group from /proc/PID/stat over the client's run, in % of one core, with the client's and what
-other processes used meanwhile (a shared machine shows there). The table shows the direct
-run's latencies and, for nginx and tokenbus, their overhead over it; `--json` writes the same numbers. Every
-process is started and stopped here, by PID; each wait has a deadline.
+other processes used meanwhile (a shared machine shows there). The table shows the direct run's latencies and,
+for nginx and tokenbus, their overhead over it; `--json` writes the same numbers, CPU per token and tokenbus's
+first-token hops too. Every process is started and stopped here, by PID; each wait has a deadline.
 """
 
 from __future__ import annotations

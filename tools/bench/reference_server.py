@@ -8,7 +8,9 @@ SSE events the proxy writes (proxy_cpp/proxy/openai_response.cpp: a role on the 
 the finish event, the usage event when stream_options.include_usage asks, [DONE]), chunked, on keep-alive
 connections. Token k (1-based) of a request read at `start` is written at start + prefill + k * T on the event
 loop's clock, as model_worker/sim_engine.py schedules its tokens: absolute deadlines (a late wake-up never
-delays the next token), one timer per stream at a time, the sim's words. GET /healthz answers 200.
+delays the next token), one timer per stream at a time, the sim's words. (The sim also emits the tokens due
+within one millisecond from one callback; both stay within a millisecond of the schedule.) GET /healthz
+answers 200.
 
 Besides its own port (nginx's upstream), it listens with SO_REUSEPORT on `--shared-port`, which its twin also
 binds: the kernel spreads the direct run's connections over the two, so one client URL reaches both.
@@ -131,7 +133,10 @@ class _Connection(asyncio.Protocol):
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"content-length":
-                length = int(value.strip() or b"0")
+                if not value.strip().isdigit():
+                    self._refuse(400, "Bad Request", "Content-Length is not a number")
+                    return
+                length = int(value)
         if length > MAX_BODY:
             self._refuse(413, "Payload Too Large", "request body too long")
             return
