@@ -205,9 +205,11 @@ async def open_and_running(replicas: list[str]) -> tuple[int, int]:
 
 async def test_client_disconnect_frees_the_engine_within_a_second(cluster: tuple[LocalCluster, list[str]]) -> None:
     # 16,000 tokens take the tiny model ~30 s (~2 ms a token on 2 cores; CI once saw 2,000 end before the check
-    # below, with vLLM's front end seconds behind its engine core): only a cancellation ends the request within 1 s. The stream is read with one aiohttp response held open by hand: an SDK's layered async
-    # generators can be finalized (and the connection closed) by the loop before the open-call check below.
-    body = {"model": "demo", "prompt": PROMPT, "max_tokens": 16000, "stream": True, "temperature": 0, "ignore_eos": True}
+    # below, with vLLM's front end seconds behind its engine core): only a cancellation ends the request within
+    # 1 s. The stream is read with one aiohttp response held open by hand: an SDK's layered async generators can
+    # be finalized (and the connection closed) by the loop before the open-call check below.
+    body = {"model": "demo", "prompt": PROMPT, "max_tokens": 16000, "stream": True, "temperature": 0}
+    body["ignore_eos"] = True
     local, _ = cluster
     async with aiohttp.ClientSession() as session:
         resp = await session.post(local.proxy_url + "/v1/completions", json=body)
