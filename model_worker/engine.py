@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypedDict, get_args
 
+from schemas.ring import SubmitParams
+
 FinishReason = Literal["stop", "length", "abort", "error"]
 FINISH_REASONS: tuple[FinishReason, ...] = get_args(FinishReason)
 
@@ -28,16 +30,8 @@ class EngineInfo(TypedDict):
     max_model_len: int
 
 
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    max_tokens: int = 0  # 0: the engine's default
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    ignore_eos: bool = False
+# A request's sampling parameters are SUBMIT's params, as declared once with the ring records.
+SamplingParams = SubmitParams
 
 
 @dataclass(frozen=True, slots=True)

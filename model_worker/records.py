@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from model_worker.engine import Request, SamplingParams
+from model_worker.engine import Request
 from schemas import request_limits
 from schemas.ring import (
     CANCEL,
@@ -63,22 +63,7 @@ def decode_submit(record: list[Any]) -> Request:
     if not isinstance(submit, Submit):
         raise RecordError(f"not a SUBMIT record: kind {record[0]!r}", request_id_of(record))
     _check_limits(submit)
-    params = submit.params
-    return Request(
-        submit.id,
-        submit.prompt,
-        submit.messages,
-        SamplingParams(
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            seed=params.seed,
-            stop=params.stop,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            ignore_eos=params.ignore_eos,
-        ),
-    )
+    return Request(submit.id, submit.prompt, submit.messages, submit.params)
 
 
 def decode_cancel(record: list[Any]) -> int:
