@@ -98,10 +98,11 @@ TEST(RingRecordsTest, TheGoldenSubmitCarriesEveryParam) {
 }
 
 TEST(RingRecordsTest, ATokensRecordOfManyGroupsIteratesThemInOrder) {
+  const std::string long_text(300, 'x');  // outlives `sent`, whose groups hold views of their texts
   const std::vector<TokensGroup> sent = {{7, "Hello", 1, 1'700'000'000'123'456'789},
                                          {1ull << 40, "", 0, 0},
                                          {7, " wörld", 2, 0},
-                                         {3, std::string(300, 'x'), 70000, 5}};
+                                         {3, long_text, 70000, 5}};
   std::string record;
   encode_tokens(record, sent);
   const auto decoded = decode_response(bytes_of(record));
