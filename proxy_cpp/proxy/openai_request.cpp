@@ -88,6 +88,7 @@ std::optional<RequestError> read_messages(dom::element value, v1::GenerateReques
   if (messages.size() > request_limits::kMaxMessages) {
     return field_error("messages", "has more than " + std::to_string(request_limits::kMaxMessages) + " entries");
   }
+  out.clear_messages();  // a key given twice: the last one holds (as in Python's json), never both
   for (dom::element m : messages) {
     dom::object obj;
     if (m.get_object().get(obj)) return field_error("messages", "entries must be objects");
@@ -138,6 +139,7 @@ std::optional<RequestError> read_stop_string(dom::element value, v1::SamplingPar
 }
 
 std::optional<RequestError> read_stop(dom::element value, v1::SamplingParams& params) {
+  params.clear_stop();  // a key given twice: the last one holds, so the count limit holds too
   if (value.is_string()) return read_stop_string(value, params);
   dom::array list;
   if (value.get_array().get(list)) return field_error("stop", "must be a string or an array of strings");

@@ -208,6 +208,25 @@ TEST(OpenAiRequest, EveryLimitHoldsJustInsideAndIsRefusedJustOutside) {
   }
 }
 
+TEST(OpenAiRequest, AKeyGivenTwiceHoldsItsLastValueSoTheLimitsStillHold) {
+  std::string stops;
+  for (std::size_t i = 0; i < request_limits::kMaxStopStrings; ++i) {
+    stops += (i ? ",\"s" : "\"s") + std::to_string(i) + "\"";
+  }
+  std::string messages;
+  for (std::size_t i = 0; i < request_limits::kMaxMessages; ++i) {
+    messages += std::string(i ? "," : "") + R"({"role": "user", "content": "m"})";
+  }
+  // found by the fuzzer: every occurrence used to add its entries, past the limits checked per occurrence
+  const std::string body = R"({"model": "demo", "stop": [)" + stops + R"(], "messages": [)" + messages +
+                           R"(], "stop": [)" + stops + R"(], "messages": [)" + messages + "]}";
+  OpenAiRequest r;
+  const auto error = parse_openai_request(body, ApiFlavor::kChat, r);
+  ASSERT_FALSE(error) << error->message;
+  EXPECT_EQ(static_cast<std::size_t>(r.generate.params().stop_size()), request_limits::kMaxStopStrings);
+  EXPECT_EQ(static_cast<std::size_t>(r.generate.messages_size()), request_limits::kMaxMessages);
+}
+
 TEST(OpenAiRequest, DefaultsAreTheSchemas) {
   OpenAiRequest r;
   ASSERT_FALSE(parse_openai_request(R"({"model": "demo", "prompt": "a"})", ApiFlavor::kCompletion, r));
