@@ -219,7 +219,7 @@ async def test_replicas_outlive_a_killed_agent_and_the_restarted_agent_readopts_
                 first.proc.wait()
                 while (chunk := await call.read()) is not grpc.aio.EOF:
                     chunks.append(chunk)
-            assert chunks[-1].finish_reason == "length" and sum(c.tokens for c in chunks) == 100
+            assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH and sum(c.tokens for c in chunks) == 100
             assert all(alive(pid) for pid in pids.values())
 
         registers = sum(isinstance(m, Register) for m in head.received)
